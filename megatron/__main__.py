@@ -1,0 +1,5 @@
+import sys
+
+from megatron.cli import main
+
+sys.exit(main())

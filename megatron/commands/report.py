@@ -1,0 +1,9 @@
+"""``megatron report``."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="(being built)")
+    p.set_defaults(func=lambda args: print("megatron report: not built yet") or 1)

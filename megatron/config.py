@@ -1,0 +1,187 @@
+"""The experiment configuration: pydantic v2 models, ``extra='forbid'``, loaded from YAML with CLI overrides.
+
+A misspelt key is an error naming the key path and the model. Plugin ``options`` dicts are validated against
+the plugin's own ``Options`` model by :func:`validate_plugin_options` once the plugin manager is known.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from megatron.errors import ConfigError
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetSpec(_Model):
+    """One dataset plugin instance; it yields one or more tasks."""
+
+    plugin: str = Field(description="dataset plugin name (see `megatron plugins`)")
+    options: dict[str, Any] = Field(default_factory=dict, description="the plugin's options")
+
+
+class DataConfig(_Model):
+    datasets: list[DatasetSpec] = Field(
+        default_factory=lambda: [DatasetSpec(plugin="medsynth")],
+        description="dataset plugins to load; their tasks make up the task set",
+    )
+    target: str = Field("eit", description="name of the few-shot target task")
+    sources: list[str] | None = Field(None, description="source task names (default: every task but the target)")
+    shots: int = Field(20, ge=1, description="K: images in the target's few-shot training pool (the method: 20 or 40)")
+    eval_images: int | None = Field(None, ge=1, description="held-out target images for evaluation (default: all the rest)")
+    input_size: int = Field(256, ge=32, description="square detector input size in pixels (letterbox)")
+    clahe: bool = Field(False, description="apply CLAHE to grayscale images before resizing")
+    augment: bool = Field(True, description="training augmentations (flips, small rotations, scale/translate, brightness/contrast)")
+    cache_dir: Path | None = Field(None, description="where generated/decoded data is cached (default ~/.cache/megatron)")
+
+
+class DetectorConfig(_Model):
+    name: str = Field("yolox", description="detector plugin name")
+    options: dict[str, Any] = Field(default_factory=dict, description="the plugin's options (e.g. size: tiny)")
+    checkpoint: Path | None = Field(None, description="local checkpoint to start from (mmdet, torchvision or `megatron pretrain`)")
+    freeze: Literal["none", "backbone", "backbone+neck"] = Field("none", description="parameter groups frozen while fine-tuning on the target")
+
+
+class LearnerConfig(_Model):
+    name: str = Field("reptile", description="learner plugin name")
+    options: dict[str, Any] = Field(default_factory=dict, description="the learner's own options")
+
+
+class EpisodeConfig(_Model):
+    support_size: int = Field(4, ge=1, description="images in an episode's support batch")
+    query_size: int = Field(4, ge=1, description="images in an episode's query batch")
+    n_way: int | None = Field(None, ge=1, description="N-way episodes: classes per episode, labels remapped to 0..N-1 (default: image-level K-shot, all classes)")
+    k_shot: int | None = Field(None, ge=1, description="with n_way: annotated images per class in the support set")
+
+
+class TrainingConfig(_Model):
+    meta_epochs: int = Field(4, ge=1, description="meta-epochs (each: source training, target fine-tuning, evaluation)")
+    source_epochs: int = Field(1, ge=1, description="M: passes over the source tasks per meta-epoch (method: 10)")
+    finetune_epochs: int = Field(3, ge=0, description="F: fine-tuning epochs on the target pool per meta-epoch (method: 5)")
+    steps_per_epoch: int | None = Field(None, ge=1, description="outer steps per source epoch (default: enough to see each source image once)")
+    meta_batch: int = Field(2, ge=1, description="tasks (episodes) per outer step")
+    inner_steps: int = Field(1, ge=1, description="inner-loop adaptation steps per episode")
+    inner_lr: float = Field(0.01, gt=0, description="inner-loop (fast adaptation) learning rate")
+    outer_lr: float = Field(0.001, gt=0, description="outer (meta) learning rate")
+    outer_optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    finetune_lr: float = Field(0.001, gt=0, description="learning rate when fine-tuning on the target pool")
+    batch_size: int = Field(8, ge=1, description="images per batch when fine-tuning / evaluating")
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(10.0, description="gradient-norm clip (None: off)")
+    compute_budget: int | None = Field(None, ge=1, description="stop every learner after this many image passes (forward + backward)")
+    amp: Literal["off", "bf16", "fp16"] = Field("off", description="mixed precision (autocast; fp16 adds a gradient scaler)")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's)")
+
+
+class EvaluationConfig(_Model):
+    score_threshold: float = Field(0.3, ge=0, le=1, description="detections at or above this score count for precision/recall/F1")
+    iou_threshold: float = Field(0.5, gt=0, lt=1, description="IoU for a true positive in precision/recall/F1")
+    max_detections: int = Field(100, ge=1)
+
+
+class SimilarityConfig(_Model):
+    metrics: list[str] = Field(default_factory=lambda: ["wasserstein", "embedding", "label_aware"])
+    select_sources: int | None = Field(None, ge=1, description="meta-train on the K source tasks closest to the target")
+    metric: str = Field("wasserstein", description="the metric used by select_sources")
+    sample_size: int = Field(50, ge=1, description="images sampled per dataset")
+    options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-metric options, by metric name")
+
+
+class OutputConfig(_Model):
+    dir: Path = Field(Path("runs"), description="parent folder of run directories")
+    name: str | None = Field(None, description="run directory name (default: <learner>-<detector>-<seed>)")
+    compare_baseline: bool = Field(True, description="also run the `finetune` baseline at the same compute and compare")
+    plots: bool = True
+
+
+class ExperimentConfig(_Model):
+    data: DataConfig = Field(default_factory=DataConfig)
+    detector: DetectorConfig = Field(default_factory=DetectorConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    episodes: EpisodeConfig = Field(default_factory=EpisodeConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    similarity: SimilarityConfig = Field(default_factory=SimilarityConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    seed: int = Field(0, description="drives Python, NumPy and torch generators")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ExperimentConfig":
+        if self.episodes.k_shot is not None and self.episodes.n_way is None:
+            raise ValueError("episodes.k_shot needs episodes.n_way (N-way K-shot episodes)")
+        return self
+
+
+def format_validation_error(exc: ValidationError, source: str = "config") -> str:
+    lines = [f"{source}: {exc.error_count()} error(s) in {exc.title}"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (misspelt?); see `megatron config show` for the valid keys"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def set_dotted(data: dict, dotted: str, value: Any) -> None:
+    """``set_dotted(d, "training.meta_epochs", 3)`` — how CLI overrides are applied to the YAML dict."""
+    keys = dotted.split(".")
+    cur = data
+    for k in keys[:-1]:
+        nxt = cur.get(k)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            cur[k] = nxt
+        cur = nxt
+    cur[keys[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read YAML (``safe_load``), apply dotted ``overrides`` (CLI wins), validate. Errors: :class:`ConfigError`."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {p} not found") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {' '.join(str(exc).split())}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections (data, detector, learner, ...)")
+        data = loaded
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            set_dotted(data, key, value)
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def validate_plugin_options(plugin_cls: type, options: dict[str, Any], where: str) -> BaseModel:
+    """Validate ``options`` against ``plugin_cls.Options``; errors name the key path (``where`` + key)."""
+    try:
+        return plugin_cls.Options.model_validate(options)
+    except ValidationError as exc:
+        lines = [f"{where}: {exc.error_count()} error(s) in the options of {plugin_cls.PLUGIN_NAME!r}"]
+        valid = ", ".join(plugin_cls.Options.model_fields) or "(none)"
+        for err in exc.errors():
+            loc = ".".join([where, *(str(p) for p in err["loc"])])
+            msg = err["msg"] if err["type"] != "extra_forbidden" else f"unknown option (valid: {valid})"
+            lines.append(f"  {loc}: {msg}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def dump_config(config: ExperimentConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Core data handling: reading images and annotations, preprocessing, episodes."""

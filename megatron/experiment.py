@@ -1,0 +1,91 @@
+"""From a validated config to live objects: tasks, detector, learner. Used by every command."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from megatron.config import ExperimentConfig, validate_plugin_options
+from megatron.errors import ConfigError, DataError, PluginError
+from megatron.pluginmanager import PluginManager
+from megatron.types import Task, TaskSet
+
+
+@dataclass
+class ValidatedOptions:
+    datasets: list[BaseModel]
+    detector: BaseModel
+    learner: BaseModel
+    similarity: dict[str, BaseModel]
+
+
+def validate_experiment_plugins(cfg: ExperimentConfig, pm: PluginManager) -> ValidatedOptions:
+    """Check every plugin name exists and every plugin's options are valid; errors name the key path."""
+    regs = pm.registers
+    datasets = []
+    for i, spec in enumerate(cfg.data.datasets):
+        cls = _get(regs["dataset"], spec.plugin, f"data.datasets.{i}.plugin")
+        datasets.append(validate_plugin_options(cls, spec.options, f"data.datasets.{i}.options"))
+    det_cls = _get(regs["detector"], cfg.detector.name, "detector.name")
+    detector = validate_plugin_options(det_cls, cfg.detector.options, "detector.options")
+    learner_cls = _get(regs["learner"], cfg.learner.name, "learner.name")
+    learner = validate_plugin_options(learner_cls, cfg.learner.options, "learner.options")
+    similarity = {}
+    for name in {*cfg.similarity.metrics, cfg.similarity.metric} if cfg.similarity.select_sources else set(cfg.similarity.options):
+        cls = _get(regs["similarity"], name, "similarity.metric")
+        opts = dict(cfg.similarity.options.get(name, {}))
+        if "sample_size" in cls.Options.model_fields:
+            opts.setdefault("sample_size", cfg.similarity.sample_size)
+        similarity[name] = validate_plugin_options(cls, opts, f"similarity.options.{name}")
+    return ValidatedOptions(datasets, detector, learner, similarity)
+
+
+def _get(register, name: str, where: str):
+    try:
+        return register.get(name)
+    except KeyError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def load_tasks(cfg: ExperimentConfig, pm: PluginManager) -> list[Task]:
+    """Every task of every configured dataset plugin, names unique."""
+    tasks: list[Task] = []
+    for i, spec in enumerate(cfg.data.datasets):
+        cls = _get(pm.registers["dataset"], spec.plugin, f"data.datasets.{i}.plugin")
+        opts = validate_plugin_options(cls, _with_cache_dir(cls, spec.options, cfg), f"data.datasets.{i}.options")
+        try:
+            loaded = cls(opts).load()
+        except (DataError, ConfigError):
+            raise
+        except Exception as exc:
+            raise PluginError(f"dataset plugin {spec.plugin!r} failed to load: {type(exc).__name__}: {exc}") from exc
+        tasks.extend(loaded)
+    names = [t.name for t in tasks]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"data.datasets: task names must be unique, these repeat: {', '.join(dupes)} "
+                          "(give each dataset a distinct `name` option)")
+    return tasks
+
+
+def _with_cache_dir(cls: type, options: dict[str, Any], cfg: ExperimentConfig) -> dict[str, Any]:
+    if cfg.data.cache_dir is not None and "cache_dir" in cls.Options.model_fields and "cache_dir" not in options:
+        return {**options, "cache_dir": str(cfg.data.cache_dir)}
+    return options
+
+
+def build_taskset(cfg: ExperimentConfig, tasks: list[Task]) -> TaskSet:
+    by_name = {t.name: t for t in tasks}
+    if cfg.data.target not in by_name:
+        raise ConfigError(f"data.target: no task named {cfg.data.target!r}; tasks loaded: {', '.join(by_name)}")
+    source_names = cfg.data.sources if cfg.data.sources is not None else [n for n in by_name if n != cfg.data.target]
+    unknown = [n for n in source_names if n not in by_name]
+    if unknown:
+        raise ConfigError(f"data.sources: unknown task(s) {', '.join(unknown)}; tasks loaded: {', '.join(by_name)}")
+    if cfg.data.target in source_names:
+        raise ConfigError(f"data.sources: the target {cfg.data.target!r} cannot also be a source task")
+    for n in [*source_names, cfg.data.target]:
+        if len(by_name[n]) == 0:
+            raise DataError(f"task {n!r} ({by_name[n].source}) holds no images; check its annotation file and image folder")
+    return TaskSet(sources=[by_name[n] for n in source_names], target=by_name[cfg.data.target])

@@ -1,0 +1,160 @@
+"""The interface every learner plugin implements (meta-learners and the transfer-learning baselines alike).
+
+The runner owns the loops, devices, mixed precision, checkpoints and logging; a learner owns one outer
+update (:meth:`MetaLearner.meta_step`) and fast adaptation (:meth:`MetaLearner.adapt`).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Iterable, Iterator
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from megatron.compute import ComputeAccount
+from megatron.detector import Detector
+from megatron.types import Batch, Episode, Task
+
+
+class LearnerOptions(BaseModel):
+    """Options every learner understands; a plugin subclasses this to add its own (``extra='forbid'``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class LearnerContext:
+    """What the runner lends a learner: device, precision, the compute account and training settings."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    amp: str = "off"  # off | bf16 | fp16
+    compute: ComputeAccount = field(default_factory=ComputeAccount)
+    inner_steps: int = 1
+    inner_lr: float = 0.01
+    outer_lr: float = 0.001
+    outer_optimizer: str = "adam"  # adam | sgd | adamw
+    weight_decay: float = 0.0
+    finetune_lr: float = 0.001
+    grad_clip: float | None = 10.0
+    # set by the runner for distributed runs: averages a list of tensors over ranks in place
+    all_reduce_mean: Callable[[list[torch.Tensor]], None] | None = None
+    scaler: "torch.amp.GradScaler | None" = None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp == "off":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+
+def make_optimizer(name: str, params: Iterable[torch.Tensor], lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; choose adam, adamw or sgd")
+
+
+class MetaLearner:
+    """Abstract learner.
+
+    Subclasses set ``PLUGIN_NAME``, ``Options`` and ``PAPER`` and implement :meth:`meta_step`. The default
+    :meth:`adapt` is plain fine-tuning of a copy of the detector with the context's ``finetune_lr``;
+    learners whose evaluation needs something else (prototypes, head-only adaptation) override it.
+    """
+
+    PLUGIN_NAME: ClassVar[str]
+    PAPER: ClassVar[str] = ""
+    Options: ClassVar[type[LearnerOptions]] = LearnerOptions
+
+    def __init__(self, detector: Detector, options: LearnerOptions | None, ctx: LearnerContext):
+        self.detector = detector
+        self.options = options if options is not None else self.Options()
+        self.ctx = ctx
+
+    # --- the two operations ---------------------------------------------------------------------
+    def meta_step(self, episodes: list[Episode]) -> dict[str, float]:
+        """One outer update of ``self.detector`` from a meta-batch of episodes; returns scalar stats
+        (at least ``"loss"``)."""
+        raise NotImplementedError
+
+    def adapt(self, batches: Iterable[Batch], freeze: str = "none") -> Detector:
+        """A copy of the detector fine-tuned on ``batches`` (the target's few-shot pool); the meta-parameters
+        are left untouched."""
+        adapted = copy.deepcopy(self.detector)
+        adapted.freeze(freeze)
+        adapted.train()
+        opt = make_optimizer("adam", adapted.parameters(), self.ctx.finetune_lr, self.ctx.weight_decay)
+        for batch in batches:
+            self.train_step(adapted, opt, batch)
+        return adapted
+
+    # --- what schedules the source tasks (incremental transfer overrides it) ----------------------
+    def source_tasks(self, meta_epoch: int, meta_epochs: int, tasks: list[Task]) -> list[Task]:
+        """The source tasks episodes are drawn from in ``meta_epoch`` (0-based). Default: all of them."""
+        return tasks
+
+    # --- helpers shared by learners ---------------------------------------------------------------
+    def loss(self, detector: Detector, batch: Batch, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The detector's total loss under the context's autocast, charged to the compute account."""
+        batch = batch.to(self.ctx.device)
+        with self.ctx.autocast():
+            out = detector.loss(batch, params=params)
+        self.ctx.compute.forward(len(batch))
+        loss = out["loss"].float()
+        check_finite(loss, detector)
+        return loss
+
+    def train_step(self, detector: Detector, optimizer: torch.optim.Optimizer, batch: Batch) -> float:
+        """One plain optimiser step (forward, backward, clip, step) — used by baselines and fine-tuning."""
+        optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(detector, batch)
+        self.backward_and_step(loss, optimizer, detector.parameters())
+        return float(loss.detach())
+
+    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> None:
+        scaler = self.ctx.scaler
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        self.ctx.compute.backward()
+        if self.ctx.all_reduce_mean is not None:
+            grads = [p.grad for p in params if p.grad is not None]
+            self.ctx.all_reduce_mean(grads)
+        if self.ctx.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], self.ctx.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+
+    def state_dict(self) -> dict:
+        """Learner state beyond the detector's weights (optimiser moments, schedules) for resume."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def check_finite(loss: torch.Tensor, detector: Detector | None = None) -> None:
+    if not torch.isfinite(loss):
+        from megatron.errors import TrainingError
+
+        raise TrainingError(
+            f"the training loss became {float(loss)} (not finite). The run stops here; the last good "
+            "checkpoint is kept. Lower the learning rates (training.inner_lr / outer_lr / finetune_lr), "
+            "enable gradient clipping (training.grad_clip) or switch --amp off."
+        )
+
+
+def iterate_forever(batches: Iterable[Batch]) -> Iterator[Batch]:
+    while True:
+        yield from batches

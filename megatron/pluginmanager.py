@@ -1,0 +1,230 @@
+"""The plugin manager: built-ins and third-party plugins through one door.
+
+Built-in plugins (the modules listed in :data:`BUILTIN_PLUGINS`) are registered with the same
+``pm.register(module, name)`` call as third-party ones, which come from the entry-point group ``megatron``.
+
+Environment:
+- ``MEGATRON_DISABLE_PLUGIN_AUTOLOAD=1`` skips the entry-point group (built-ins are still registered).
+- ``MEGATRON_BLOCK_PLUGINS=name1,name2`` blocks plugins by name (built-in or third-party).
+
+A plugin whose import, registration or hook raises is recorded in :attr:`PluginManager.failures` (name,
+package, one-line reason) and logged; the other plugins keep working.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata as md
+import logging
+import os
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Iterable
+
+import pluggy
+
+from megatron import hookspecs
+from megatron.datasets import DatasetPlugin
+from megatron.detector import Detector
+from megatron.errors import DuplicateNameError, PluginError
+from megatron.learner import MetaLearner
+from megatron.registry import Register
+from megatron.similarity import SimilarityMetric
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "megatron"
+ENV_DISABLE_AUTOLOAD = "MEGATRON_DISABLE_PLUGIN_AUTOLOAD"
+ENV_BLOCK = "MEGATRON_BLOCK_PLUGINS"
+
+BUILTIN_PLUGINS: tuple[str, ...] = (
+    "megatron_plugins.datasets.coco",
+    "megatron_plugins.datasets.yolo",
+    "megatron_plugins.datasets.medsynth",
+    "megatron_plugins.detectors.yolox",
+    "megatron_plugins.detectors.faster_rcnn",
+    "megatron_plugins.detectors.retinanet",
+    "megatron_plugins.learners.maml",
+    "megatron_plugins.learners.reptile",
+    "megatron_plugins.learners.anil",
+    "megatron_plugins.learners.proto",
+    "megatron_plugins.learners.finetune",
+    "megatron_plugins.learners.incremental",
+    "megatron_plugins.similarity.wasserstein",
+    "megatron_plugins.similarity.embedding",
+    "megatron_plugins.similarity.label_aware",
+)
+
+# kind -> (registration hook, base class)
+KINDS: dict[str, tuple[str, type]] = {
+    "dataset": ("megatron_register_datasets", DatasetPlugin),
+    "detector": ("megatron_register_detectors", Detector),
+    "learner": ("megatron_register_learners", MetaLearner),
+    "similarity": ("megatron_register_similarity_metrics", SimilarityMetric),
+}
+
+
+@dataclass(frozen=True)
+class PluginFailure:
+    plugin: str
+    package: str
+    reason: str  # one line
+
+    def __str__(self) -> str:
+        return f"plugin {self.plugin!r} (package {self.package}) failed: {self.reason}"
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    name: str
+    package: str
+    version: str
+    builtin: bool
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if not isinstance(exc, PluginError) else text
+
+
+def _megatron_version() -> str:
+    from megatron import __version__
+
+    return __version__
+
+
+class PluginManager(pluggy.PluginManager):
+    """pluggy's manager plus megatron's typed registers and failure reporting."""
+
+    def __init__(self) -> None:
+        super().__init__("megatron")
+        self.add_hookspecs(hookspecs)
+        self.failures: list[PluginFailure] = []
+        self.info: dict[str, PluginInfo] = {}
+        self._registers: dict[str, Register] | None = None
+
+    # --- loading -------------------------------------------------------------------------------
+    def register_plugin(self, plugin: Any, name: str, package: str, version: str, builtin: bool = False) -> bool:
+        """Register ``plugin`` under ``name``; a validation error is recorded as a failure, not raised."""
+        if self.is_blocked(name):
+            return False
+        try:
+            self.register(plugin, name=name)
+        except (pluggy.PluginValidationError, ValueError) as exc:
+            self._fail(name, package, exc)
+            return False
+        self.info[name] = PluginInfo(name, package, version, builtin)
+        self._registers = None
+        return True
+
+    def load_builtins(self, modules: Iterable[str] = BUILTIN_PLUGINS) -> None:
+        version = _megatron_version()
+        for modname in modules:
+            name = modname.rsplit(".", 1)[-1]
+            if self.is_blocked(name):
+                continue
+            try:
+                module = importlib.import_module(modname)
+            except Exception as exc:  # a broken built-in must not take the others down
+                self._fail(name, "megatron", exc)
+                continue
+            self.register_plugin(module, name, "megatron", version, builtin=True)
+
+    def load_entrypoints(self, group: str = ENTRY_POINT_GROUP) -> None:
+        for dist in md.distributions():
+            for ep in dist.entry_points:
+                if ep.group != group or self.is_blocked(ep.name) or self.has_plugin(ep.name):
+                    continue
+                package = dist.metadata["name"] or "?"
+                try:
+                    plugin = ep.load()
+                except Exception as exc:
+                    self._fail(ep.name, package, exc)
+                    continue
+                self.register_plugin(plugin, ep.name, package, dist.version)
+
+    def check(self) -> None:
+        """``check_pending()``: a hook implementation whose name no hookspec has is an error (misspelt hook)."""
+        try:
+            self.check_pending()
+        except pluggy.PluginValidationError as exc:
+            plugin_name = self.get_name(exc.plugin) or "?"
+            package = self.info.get(plugin_name, PluginInfo(plugin_name, "?", "?", False)).package
+            raise PluginError(
+                f"plugin {plugin_name!r} (package {package}) implements a hook megatron does not have: "
+                f"{_one_line(exc)}. Hook names start with 'megatron_'; see registry_docs/hooks/."
+            ) from None
+
+    def is_blocked(self, name: str) -> bool:
+        blocked = {n.strip() for n in os.environ.get(ENV_BLOCK, "").split(",") if n.strip()}
+        return name in blocked or super().is_blocked(name)
+
+    def _fail(self, name: str, package: str, exc: BaseException) -> None:
+        failure = PluginFailure(name, package, _one_line(exc))
+        self.failures.append(failure)
+        log.info("%s", failure)  # the CLI prints failures; library code only logs
+
+    # --- registers ----------------------------------------------------------------------------
+    @property
+    def registers(self) -> dict[str, Register]:
+        if self._registers is None:
+            self._registers = self._collect()
+        return self._registers
+
+    def register_of(self, kind: str) -> Register:
+        return self.registers[kind]
+
+    def _collect(self) -> dict[str, Register]:
+        registers: dict[str, Register] = {}
+        for kind, (hook_name, base) in KINDS.items():
+            reg: Register = Register(kind, base)
+            # call each implementation on its own so one plugin's exception does not hide the others'
+            for impl in reversed(getattr(self.hook, hook_name).get_hookimpls()):
+                try:
+                    classes = impl.function() or []
+                    for cls in classes:
+                        reg.add(cls, owner=impl.plugin_name)
+                except DuplicateNameError:
+                    raise
+                except Exception as exc:
+                    package = self.info.get(impl.plugin_name, PluginInfo(impl.plugin_name, "?", "?", False)).package
+                    self._fail(impl.plugin_name, package, exc)
+            registers[kind] = reg
+        return registers
+
+    def plugins_table(self) -> list[dict[str, Any]]:
+        """One row per registered plugin class: kind, name, plugin, package, version, hooks."""
+        rows = []
+        hooks_of: dict[str, list[str]] = {}
+        for plugin_name, plugin in self.list_name_plugin():
+            hooks_of[plugin_name] = sorted(h.name for h in self.get_hookcallers(plugin) or [])
+        for kind, reg in self.registers.items():
+            for name in reg.names():
+                owner = reg.owner(name)
+                info = self.info.get(owner, PluginInfo(owner, "?", "?", False))
+                rows.append(
+                    dict(kind=kind, name=name, plugin=owner, package=info.package, version=info.version,
+                         builtin=info.builtin, hooks=hooks_of.get(owner, []))
+                )
+        # plugins that register no class (loggers, callbacks) still deserve a row
+        listed = {r["plugin"] for r in rows}
+        for plugin_name, info in self.info.items():
+            if plugin_name not in listed and self.has_plugin(plugin_name):
+                rows.append(dict(kind="hooks", name=plugin_name, plugin=plugin_name, package=info.package,
+                                 version=info.version, builtin=info.builtin, hooks=hooks_of.get(plugin_name, [])))
+        return rows
+
+
+def get_plugin_manager(*, builtins: bool = True, autoload: bool | None = None, extra: Iterable[tuple[str, Any]] = ()) -> PluginManager:
+    """A fresh plugin manager with built-ins, entry-point plugins (unless disabled) and ``extra`` plugins
+    (``(name, module_or_object)`` pairs, for tests)."""
+    pm = PluginManager()
+    if builtins:
+        pm.load_builtins()
+    if autoload is None:
+        autoload = not os.environ.get(ENV_DISABLE_AUTOLOAD)
+    if autoload:
+        pm.load_entrypoints()
+    for name, plugin in extra:
+        pm.register_plugin(plugin, name, getattr(plugin, "__package__", None) or "?", "?")
+    pm.check()
+    return pm

@@ -1,0 +1,66 @@
+"""One typed register per plugin kind (datasets, detectors, learners, similarity metrics)."""
+from __future__ import annotations
+
+from typing import Generic, Iterator, TypeVar
+
+from megatron.errors import DuplicateNameError, PluginError, UnknownNameError
+
+T = TypeVar("T")
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+class Register(Generic[T]):
+    """Plugin classes of one kind, by ``PLUGIN_NAME``.
+
+    A second class with a name already taken is an error naming both classes (and their modules); an unknown
+    name is an error listing the known ones.
+    """
+
+    def __init__(self, kind: str, base: type[T]):
+        self.kind = kind
+        self.base = base
+        self._classes: dict[str, type[T]] = {}
+        self._owners: dict[str, str] = {}  # name -> plugin (pluggy) name that registered it
+
+    def add(self, cls: type[T], owner: str = "?") -> None:
+        name = getattr(cls, "PLUGIN_NAME", None)
+        if not isinstance(name, str) or not name:
+            raise PluginError(f"{self.kind} class {_qualname(cls)} (from plugin {owner!r}) has no PLUGIN_NAME string")
+        if not (isinstance(cls, type) and issubclass(cls, self.base)):
+            raise PluginError(
+                f"{self.kind} {name!r} from plugin {owner!r} is {cls!r}, not a subclass of {_qualname(self.base)}"
+            )
+        if name in self._classes and self._classes[name] is not cls:
+            other = self._classes[name]
+            raise DuplicateNameError(
+                f"two {self.kind} plugins are named {name!r}: {_qualname(other)} (plugin {self._owners[name]!r}) "
+                f"and {_qualname(cls)} (plugin {owner!r}). Rename one PLUGIN_NAME or block one plugin with "
+                "MEGATRON_BLOCK_PLUGINS."
+            )
+        self._classes[name] = cls
+        self._owners[name] = owner
+
+    def get(self, name: str) -> type[T]:
+        try:
+            return self._classes[name]
+        except KeyError:
+            known = ", ".join(sorted(self._classes)) or "(none registered)"
+            raise UnknownNameError(f"unknown {self.kind} {name!r}; known {self.kind}s: {known}") from None
+
+    def owner(self, name: str) -> str:
+        return self._owners[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._classes)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._classes
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._classes)
