@@ -48,7 +48,7 @@ class Register(Generic[T]):
             return self._classes[name]
         except KeyError:
             known = ", ".join(sorted(self._classes)) or "(none registered)"
-            raise UnknownNameError(f"unknown {self.kind} {name!r}; known {self.kind}s: {known}") from None
+            raise UnknownNameError(f"unknown {self.kind} {name!r}; known: {known}") from None
 
     def owner(self, name: str) -> str:
         return self._owners[name]
