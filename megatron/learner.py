@@ -40,6 +40,8 @@ class LearnerContext:
     grad_clip: float | None = 10.0
     # set by the runner for distributed runs: averages a list of tensors over ranks in place
     all_reduce_mean: Callable[[list[torch.Tensor]], None] | None = None
+    # processes sharing each meta-batch (1: not distributed); data-parallel learners size their steps by it
+    world_size: int = 1
     scaler: "torch.amp.GradScaler | None" = None
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -98,6 +100,10 @@ class MetaLearner:
     def source_tasks(self, meta_epoch: int, meta_epochs: int, tasks: list[Task]) -> list[Task]:
         """The source tasks episodes are drawn from in ``meta_epoch`` (0-based). Default: all of them."""
         return tasks
+
+    def set_progress(self, fraction_done: float) -> None:
+        """How far the run is, 0 (start) .. 1 (end); the runner calls it before every outer step. Learners
+        with a schedule (Reptile's annealed outer step size) override it; the default ignores it."""
 
     # --- helpers shared by learners ---------------------------------------------------------------
     def loss(self, detector: Detector, batch: Batch, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
