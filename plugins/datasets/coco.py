@@ -1,0 +1,49 @@
+"""``coco``: one detection task from a COCO annotation file and an image folder (read through pycocotools)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from megatron import hookimpl
+from megatron.data.coco import default_image_dir, default_task_name, read_coco_task
+from megatron.data.problems import raise_for_errors
+from megatron.datasets import DatasetOptions, DatasetPlugin
+from megatron.types import Task
+
+
+class CocoDataset(DatasetPlugin):
+    """A COCO-format detection dataset as one task (8/16-bit grayscale or RGB images).
+
+    Example (config)::
+
+        data:
+          datasets:
+            - plugin: coco
+              options: {annotation_file: data/eit/annotations.json, image_dir: data/eit/images, name: eit}
+    """
+
+    PLUGIN_NAME = "coco"
+
+    class Options(DatasetOptions):
+        annotation_file: Path = Field(description="COCO detection JSON (images, annotations, categories)")
+        image_dir: Path | None = Field(None, description="folder the images' file_name paths are relative to "
+                                       "(default: `images/` next to the annotation file if it exists, else its folder)")
+        name: str | None = Field(None, description="task name (default: the name of the folder holding the annotation file)")
+        modality: str = Field("", description="imaging modality, informative (e.g. `mri`, `eit`)")
+        categories: list[str] | None = Field(None, description="category names to keep, in label order "
+                                             "(default: all, ordered by COCO id)")
+
+    def load(self) -> list[Task]:
+        o = self.options
+        ann = Path(o.annotation_file).expanduser()
+        image_dir = Path(o.image_dir).expanduser() if o.image_dir else default_image_dir(ann)
+        task, problems = read_coco_task(ann, image_dir, name=o.name or default_task_name(ann),
+                                        modality=o.modality, categories=o.categories)
+        raise_for_errors(problems, str(ann))
+        return [task]
+
+
+@hookimpl
+def megatron_register_datasets() -> list[type]:
+    return [CocoDataset]

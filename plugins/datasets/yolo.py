@@ -1,0 +1,44 @@
+"""``yolo``: one detection task from the YOLO txt layout (images/, labels/, class-names file)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from megatron import hookimpl
+from megatron.data.problems import raise_for_errors
+from megatron.data.yolo import read_yolo_task
+from megatron.datasets import DatasetOptions, DatasetPlugin
+from megatron.types import Task
+
+
+class YoloDataset(DatasetPlugin):
+    """A YOLO-layout detection dataset as one task; normalised ``cx cy w h`` become pixel xyxy boxes.
+
+    Example (config)::
+
+        data:
+          datasets:
+            - plugin: yolo
+              options: {root: data/xray_yolo, split: train, name: chest_xray}
+    """
+
+    PLUGIN_NAME = "yolo"
+
+    class Options(DatasetOptions):
+        root: Path = Field(description="folder holding images/, labels/ and classes.txt or data.yaml (`names`)")
+        name: str | None = Field(None, description="task name (default: the root folder's name)")
+        split: str | None = Field(None, description="sub-folder of images/ and labels/ to read (e.g. `train`); default: all of them")
+        modality: str = Field("", description="imaging modality, informative")
+
+    def load(self) -> list[Task]:
+        o = self.options
+        root = Path(o.root).expanduser()
+        task, problems = read_yolo_task(root, name=o.name or root.resolve().name, split=o.split, modality=o.modality)
+        raise_for_errors(problems, str(root))
+        return [task]
+
+
+@hookimpl
+def megatron_register_datasets() -> list[type]:
+    return [YoloDataset]
