@@ -1,9 +1,36 @@
-"""``megatron report``."""
+"""``megatron report``: rebuild results and report of one or more benchmark directories from their records."""
 from __future__ import annotations
 
 import argparse
 
+from megatron.errors import ConfigError
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="(being built)")
-    p.set_defaults(func=lambda args: print("megatron report: not built yet") or 1)
+    p = sub.add_parser(
+        "report", help="rebuild results.csv/json, report.md and plots from cell records (merges several dirs)",
+        description="Reads DIR/cells/*/run.json (+ cell.json) of every DIR (benchmark outputs, shards, or run "
+        "directories), counts identical cells once, and writes results.csv, results.json, report.md and plots/ "
+        "into --out (default: the single DIR).")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="benchmark output directories")
+    p.add_argument("--out", help="where to write (required with several DIRs)")
+    p.add_argument("--epoch", type=int, help="the epoch of the fixed-epoch bar chart (default: the last all reached)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from megatron.report import build_report
+
+    if len(args.dirs) > 1 and not args.out:
+        raise ConfigError("megatron report: with several directories give --out (where the merged report goes)")
+    out = args.out or args.dirs[0]
+    res = build_report(args.dirs, out, epoch=args.epoch)
+    console = Console()
+    n_done = sum(r["status"] == "complete" for r in res.rows)
+    console.print(f"{n_done} complete cell(s) of {len(res.rows)}; {len(res.plots)} plot(s)")
+    for w in res.warnings:
+        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+    console.print(f"report: {res.out}/report.md")
+    return 0

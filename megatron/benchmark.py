@@ -1,0 +1,533 @@
+"""The benchmark grid: learners x seeds x number of source tasks N x shots K (x learning rates) (x source selection).
+
+Every cell is one ordinary run (:func:`megatron.runner.run_experiment`) in ``<out>/cells/<cell-id>/``, at the same
+compute budget (image passes) as every other cell, without the runner's own baseline comparison: the ``finetune``
+baseline is a learner of the grid like any other, so each setting has its own baseline cells to pair with.
+
+Which source tasks a cell with ``N`` < all uses (``selection``):
+
+- ``random`` (default): a subset of size N drawn from the seed and N (``numpy.random.default_rng([seed, N])``),
+  the same for every learner of that seed, so paired differences compare like with like; recorded per cell.
+- ``closest``: the N tasks closest to the target by ``similarity.metric`` (the runner's source selection,
+  ``similarity.select_sources = N``); the runner records the choice and the distances.
+- ``all``: every source task (N is then ignored and recorded as the number of tasks).
+
+Resume: a cell whose ``run.json`` says ``complete`` is not run again; a cell with a ``run.json`` in any other state
+(killed mid-run) is resumed through the runner's ``resume=True``. ``cell.json`` pins the cell's definition; a
+changed definition under the same directory is an error rather than a silent mix of two experiments.
+
+Parallel: ``workers > 1`` runs cells in a spawn-context process pool, each process using ``cores // workers``
+torch threads. Across machines: ``shard=(i, n)`` keeps the cells whose index in the full grid is ``i`` mod ``n``
+(see examples/benchmarks/README.md); ``megatron report DIR1 DIR2 ...`` merges the results.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import copy
+import json
+import logging
+import multiprocessing
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from megatron.checkpoint import atomic_write_json, atomic_write_text
+from megatron.config import ExperimentConfig, format_validation_error, set_dotted
+from megatron.errors import ConfigError, MegatronError
+
+log = logging.getLogger(__name__)
+
+BASELINE = "finetune"
+CELLS_DIR = "cells"
+CELL_FILE = "cell.json"
+RECORD_FILE = "run.json"
+Selection = Literal["random", "closest", "all"]
+LR_KEYS = ("outer_lr", "inner_lr", "finetune_lr")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LearnerVariant(_Model):
+    """A learner of the grid: a plugin name plus options, under a label (two variants of one plugin, e.g.
+    ``incremental`` with and without freezing, need two labels)."""
+
+    name: str = Field(description="learner plugin name")
+    label: str | None = Field(None, description="name in the results and plots (default: the plugin name)")
+    options: dict[str, Any] = Field(default_factory=dict, description="the learner's options (learner.options)")
+
+    @property
+    def id(self) -> str:
+        return self.label or self.name
+
+
+class GridSpec(_Model):
+    learners: list[LearnerVariant] = Field(
+        default_factory=lambda: [LearnerVariant(name="reptile"), LearnerVariant(name=BASELINE)],
+        description="learners (plugin names, or {name, label, options}); `finetune` is added when missing",
+    )
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="seeds: the replicates")
+    n_sources: list[int | None] = Field(
+        default_factory=lambda: [None], min_length=1,
+        description="numbers of source tasks N (null: all); with N < all, `selection` says which")
+    shots: list[int] | None = Field(None, description="target shots K (default: data.shots of the base config)")
+    lrs: list[float] | None = Field(None, description="learning rates to sweep (default: the base config's)")
+    lr_keys: list[Literal["outer_lr", "inner_lr", "finetune_lr"]] = Field(
+        default_factory=lambda: ["outer_lr", "finetune_lr"],
+        description="which training learning rates a swept `lrs` value sets")
+    selection: list[Selection] = Field(default_factory=lambda: ["random"], min_length=1,
+                                       description="how N < all source tasks are chosen: random | closest | all")
+    detector: str | None = Field(None, description="detector plugin (default: the base config's)")
+    budget: int | None = Field(None, ge=1, description="compute budget per cell in image passes "
+                               "(default: training.compute_budget, else derived from the config)")
+
+    @field_validator("learners", mode="before")
+    @classmethod
+    def _names_to_variants(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return [{"name": x} if isinstance(x, str) else x for x in v]
+        return v
+
+    @field_validator("n_sources", mode="before")
+    @classmethod
+    def _all_is_none(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return [None if isinstance(x, str) and x.lower() == "all" else x for x in v]
+        return v
+
+
+class BenchmarkConfig(_Model):
+    """A benchmark YAML: ``base`` (an experiment config mapping, or a path to one relative to this file) and
+    ``grid``."""
+
+    base: dict[str, Any] | str = Field(default_factory=dict, description="experiment config (mapping or YAML path)")
+    grid: GridSpec = Field(default_factory=GridSpec)
+    description: str = Field("", description="what this benchmark shows (copied into the report)")
+
+
+def load_benchmark_config(path: str | Path | None = None, grid_overrides: dict[str, Any] | None = None,
+                          base_overrides: dict[str, Any] | None = None) -> tuple[BenchmarkConfig, dict[str, Any]]:
+    """Read a benchmark YAML, apply CLI overrides; returns (config, resolved base experiment dict)."""
+    data: dict[str, Any] = {}
+    source = "benchmark defaults"
+    root = Path.cwd()
+    if path is not None:
+        p = Path(path)
+        source, root = str(p), p.parent
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"benchmark file {p} not found") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {' '.join(str(exc).split())}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping with `base:` and `grid:` sections")
+        data = loaded
+    grid = dict(data.get("grid") or {})
+    grid.update({k: v for k, v in (grid_overrides or {}).items() if v is not None})
+    data["grid"] = grid
+    try:
+        bcfg = BenchmarkConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+    base = bcfg.base
+    if isinstance(base, str):
+        bp = (root / base) if not Path(base).is_absolute() else Path(base)
+        try:
+            base = yaml.safe_load(bp.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: base: experiment config {bp} not found") from None
+        if not isinstance(base, dict):
+            raise ConfigError(f"{bp}: the top level must be a mapping of sections (data, detector, ...)")
+    base = copy.deepcopy(base)
+    for key, value in (base_overrides or {}).items():
+        if value is not None:
+            set_dotted(base, key, value)
+    _validate_experiment(base, f"{source}: base")
+    return bcfg, base
+
+
+def _validate_experiment(data: dict[str, Any], where: str) -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, where)) from None
+
+
+# ----------------------------------------------------------------------------------------------------------- cells
+@dataclass(frozen=True)
+class Cell:
+    index: int  # position in the full grid (shards use it)
+    learner: str  # the variant label
+    learner_name: str  # the plugin
+    learner_options: dict
+    seed: int
+    n_sources: int | None  # requested N (None: all)
+    shots: int
+    lr: float | None
+    selection: str
+    sources: tuple[str, ...] | None  # fixed subset (random / all); None: chosen by the runner (closest)
+    budget: int
+    detector: str
+
+    @property
+    def id(self) -> str:
+        parts = [_slug(self.learner), f"n{self.n_sources if self.n_sources is not None else 'all'}",
+                 f"k{self.shots}"]
+        if self.lr is not None:
+            parts.append(f"lr{self.lr:g}")
+        parts += [self.selection, f"s{self.seed}"]
+        return "__".join(parts)
+
+    def setting(self) -> dict:
+        """What a paired comparison holds fixed (everything but learner and seed)."""
+        return {"n_sources": self.n_sources, "shots": self.shots, "lr": self.lr, "selection": self.selection}
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["sources"] = list(self.sources) if self.sources is not None else None
+        d["id"] = self.id
+        return d
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "-", s).strip("-") or "x"
+
+
+def derive_budget(base: ExperimentConfig, shots: int) -> tuple[int, str]:
+    """A compute budget (image passes) from the training schedule, and the formula in words for the report.
+
+    ``2 x meta_epochs x (source_epochs x steps_per_epoch x meta_batch x (support + query) + finetune_epochs x K)``:
+    one forward and one backward per image of the method's schedule, independent of the learner and of N (an outer
+    step sees ``meta_batch`` episodes whatever the number of tasks), at the largest K of the grid.
+    """
+    t, e = base.training, base.episodes
+    if t.steps_per_epoch is None:
+        raise ConfigError("benchmark: no compute budget: give grid.budget (or --budget, image passes per cell), "
+                          "training.compute_budget, or training.steps_per_epoch so one can be derived")
+    per_meta_epoch = t.source_epochs * t.steps_per_epoch * t.meta_batch * (e.support_size + e.query_size) \
+        + t.finetune_epochs * shots
+    budget = 2 * t.meta_epochs * per_meta_epoch
+    formula = (f"derived: 2 (forward+backward) x {t.meta_epochs} meta-epochs x ({t.source_epochs} source epochs x "
+               f"{t.steps_per_epoch} steps x {t.meta_batch} episodes x {e.support_size + e.query_size} images + "
+               f"{t.finetune_epochs} fine-tuning epochs x {shots} target images) = {budget:,} image passes")
+    return budget, formula
+
+
+def source_task_names(base: dict[str, Any], pm=None) -> list[str]:
+    """The source task names of the base config: ``data.sources`` when given, else every loaded task but the
+    target (this loads the datasets once)."""
+    cfg = _validate_experiment(base, "base")
+    if cfg.data.sources is not None:
+        return list(cfg.data.sources)
+    from megatron.experiment import build_taskset, load_tasks
+
+    if pm is None:
+        from megatron import get_plugin_manager
+
+        pm = get_plugin_manager()
+    return [t.name for t in build_taskset(cfg, load_tasks(cfg, pm)).sources]
+
+
+def random_subset(names: list[str], n: int, seed: int) -> tuple[str, ...]:
+    """``n`` of ``names`` drawn from (seed, n): the same for every learner of a seed, different across seeds."""
+    rng = np.random.default_rng([int(seed), int(n)])
+    pick = rng.choice(len(names), size=n, replace=False)
+    return tuple(sorted(names[i] for i in pick))
+
+
+@dataclass
+class Plan:
+    cells: list[Cell]
+    budget: int
+    budget_note: str
+    all_sources: list[str]
+    base: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+
+def expand_grid(bcfg: BenchmarkConfig, base: dict[str, Any], all_sources: list[str] | None = None, pm=None) -> Plan:
+    """All cells of the grid in a fixed order (learner, n, shots, lr, selection, seed)."""
+    g = bcfg.grid
+    base_cfg = _validate_experiment(base, "base")
+    notes: list[str] = []
+    learners = list(g.learners)
+    ids = [v.id for v in learners]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise ConfigError(f"grid.learners: labels must be unique, these repeat: {', '.join(dupes)} "
+                          "(give variants of one plugin distinct `label`s)")
+    if BASELINE not in ids:
+        learners.append(LearnerVariant(name=BASELINE))
+        notes.append(f"added the `{BASELINE}` baseline to the learners: every comparison is paired against it")
+    shots_list = list(g.shots) if g.shots else [base_cfg.data.shots]
+    lrs: list[float | None] = list(g.lrs) if g.lrs else [None]
+    if all_sources is None:
+        all_sources = source_task_names(base, pm)
+    for n in g.n_sources:
+        if n is not None and not 1 <= n <= len(all_sources):
+            raise ConfigError(f"grid.n_sources: N={n} is outside 1..{len(all_sources)} "
+                              f"(the source tasks are {', '.join(all_sources)})")
+    if g.budget is not None:
+        budget, note = g.budget, f"given: {g.budget:,} image passes per cell (grid.budget / --budget)"
+    elif base_cfg.training.compute_budget is not None:
+        budget = base_cfg.training.compute_budget
+        note = f"given: {budget:,} image passes per cell (training.compute_budget)"
+    else:
+        budget, note = derive_budget(base_cfg, max(shots_list))
+    detector = g.detector or base_cfg.detector.name
+    cells: list[Cell] = []
+    seen: set[str] = set()
+    for v in learners:
+        for n in g.n_sources:
+            full = n is None or n >= len(all_sources)
+            for k in shots_list:
+                for lr in lrs:
+                    for sel in g.selection:
+                        # with every task there is nothing to choose: one `all` cell, not one per strategy
+                        sel_eff = "all" if full else sel
+                        for seed in g.seeds:
+                            if sel_eff == "all":
+                                sources: tuple[str, ...] | None = tuple(all_sources)
+                            elif sel_eff == "random":
+                                sources = random_subset(all_sources, n, seed)
+                            else:
+                                sources = None
+                            cell = Cell(len(cells), v.id, v.name, dict(v.options), int(seed),
+                                        None if full else n, int(k), lr, sel_eff, sources, budget, detector)
+                            if cell.id in seen:
+                                continue
+                            seen.add(cell.id)
+                            cells.append(cell)
+    return Plan(cells, budget, note, list(all_sources), base, notes)
+
+
+def cell_config(cell: Cell, base: dict[str, Any], out_dir: Path, lr_keys: list[str]) -> ExperimentConfig:
+    """The experiment config of one cell (validated)."""
+    d = copy.deepcopy(base)
+    set_dotted(d, "learner.name", cell.learner_name)
+    set_dotted(d, "learner.options", dict(cell.learner_options))
+    set_dotted(d, "detector.name", cell.detector)
+    set_dotted(d, "seed", cell.seed)
+    set_dotted(d, "data.shots", cell.shots)
+    set_dotted(d, "training.compute_budget", cell.budget)
+    if cell.lr is not None:
+        for key in lr_keys:
+            set_dotted(d, f"training.{key}", cell.lr)
+    if cell.sources is not None:
+        set_dotted(d, "data.sources", list(cell.sources))
+        set_dotted(d, "similarity.select_sources", None)
+    else:  # closest: the runner ranks the base config's source tasks (default: all) and keeps N
+        set_dotted(d, "similarity.select_sources", cell.n_sources)
+    set_dotted(d, "output.dir", str(Path(out_dir) / CELLS_DIR))
+    set_dotted(d, "output.name", cell.id)
+    set_dotted(d, "output.compare_baseline", False)
+    return _validate_experiment(d, f"cell {cell.id}")
+
+
+# --------------------------------------------------------------------------------------------------------- running
+def _default_runner(cfg: ExperimentConfig, run_dir: Path, pm=None, resume: bool = False,
+                    progress: bool = False) -> dict:
+    from megatron import runner
+
+    return runner.run_experiment(cfg, run_dir, pm=pm, resume=resume, progress=progress)
+
+
+#: the function that runs one cell; tests replace it (or pass ``runner=`` to :func:`run_benchmark`)
+run_cell_experiment: Callable[..., dict] = _default_runner
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as exc:
+        raise MegatronError(f"{path}: not valid JSON ({exc}); delete the file to re-run that cell") from None
+
+
+def cell_state(cell_dir: Path) -> str:
+    """``complete`` | ``partial`` (a record exists but is not complete: the runner resumes it from its last
+    checkpoint) | ``new`` (no record: killed before the runner wrote one, so there is nothing to resume)."""
+    rec = read_json(cell_dir / RECORD_FILE)
+    if rec is None:
+        return "new"
+    return "complete" if rec.get("status") == "complete" else "partial"
+
+
+def _set_threads(n_threads: int) -> None:
+    """Pin this (worker) process to ``n_threads`` so parallel cells do not oversubscribe the cores."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(n_threads)
+    import torch
+
+    torch.set_num_threads(n_threads)
+
+
+def _run_one(runner: Callable[..., dict] | None, cfg_json: dict, run_dir: str, resume: bool, pm=None,
+             prune: bool = False) -> dict:
+    """Run one cell (in this process or a worker); returns its record, also written to ``run_dir/run.json``.
+    ``prune``: delete the cell's checkpoints once it is complete (a complete cell is never resumed)."""
+    runner = runner or run_cell_experiment
+    cfg = ExperimentConfig.model_validate(cfg_json)
+    t0 = time.perf_counter()
+    record = runner(cfg, Path(run_dir), pm=pm, resume=resume, progress=False)
+    record = dict(record)
+    record.setdefault("wall_s", time.perf_counter() - t0)
+    atomic_write_json(Path(run_dir) / RECORD_FILE, record)
+    (Path(run_dir) / "error.txt").unlink(missing_ok=True)  # an earlier failure of this cell is history now
+    if prune and record.get("status") == "complete":
+        shutil.rmtree(Path(run_dir) / "checkpoints", ignore_errors=True)
+    return record
+
+
+def _check_cell_file(cell: Cell, cell_dir: Path) -> None:
+    path = cell_dir / CELL_FILE
+    existing = read_json(path)
+    mine = cell.to_dict()
+    if existing is None:
+        atomic_write_json(path, mine)
+        return
+    # the index may move when a grid gains a learner; the cell itself is what must not change
+    drop = lambda d: {k: v for k, v in d.items() if k != "index"}  # noqa: E731
+    if drop(existing) != drop(mine):
+        diff = sorted(k for k in mine if k != "index" and existing.get(k) != mine.get(k))
+        raise ConfigError(f"{path}: this cell was started with a different definition ({', '.join(diff)} differ); "
+                          "use a fresh --out directory, or delete that cell folder to re-run it")
+
+
+@dataclass
+class BenchmarkResult:
+    out_dir: Path
+    plan: Plan
+    ran: list[str]
+    skipped: list[str]
+    failed: dict[str, str]
+
+
+def run_benchmark(bcfg: BenchmarkConfig, base: dict[str, Any], out_dir: str | Path, *, workers: int = 1,
+                  shard: tuple[int, int] = (0, 1), resume: bool = True, pm=None, progress: bool = True,
+                  runner: Callable[..., dict] | None = None, all_sources: list[str] | None = None,
+                  report: bool = True, cores: int | None = None, prune_checkpoints: bool = False
+                  ) -> BenchmarkResult:
+    """Run (or resume) the grid's cells into ``out_dir/cells/``, then write results and report.
+
+    ``runner``: the function run per cell (default :data:`run_cell_experiment`); with ``workers > 1`` it must be a
+    picklable top-level function. A failed cell is recorded and the others go on. ``prune_checkpoints``: delete
+    each cell's checkpoints once it is complete (tens of MB per cell; only a killed cell needs them).
+    """
+    out = Path(out_dir)
+    i_shard, n_shard = shard
+    if not (n_shard >= 1 and 0 <= i_shard < n_shard):
+        raise ConfigError(f"--shard {i_shard}/{n_shard}: expected i/n with 0 <= i < n")
+    if workers < 1:
+        raise ConfigError("--workers must be at least 1")
+    plan = expand_grid(bcfg, base, all_sources=all_sources, pm=pm)
+    for note in plan.notes:
+        log.info(note)
+    mine = [c for c in plan.cells if c.index % n_shard == i_shard]
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "benchmark.json", {
+        "description": bcfg.description, "grid": bcfg.grid.model_dump(mode="json"), "base": plan.base,
+        "budget": plan.budget, "budget_note": plan.budget_note, "all_sources": plan.all_sources,
+        "n_cells": len(plan.cells), "notes": plan.notes, "shard": f"{i_shard}/{n_shard}"})
+
+    todo: list[tuple[Cell, dict, Path, bool]] = []
+    skipped: list[str] = []
+    for cell in mine:
+        cdir = out / CELLS_DIR / cell.id
+        _check_cell_file(cell, cdir)
+        state = cell_state(cdir)
+        if state == "complete" and resume:
+            skipped.append(cell.id)
+            continue
+        if not resume and state != "new":  # --no-resume: this cell starts over, its old results go
+            (cdir / RECORD_FILE).unlink(missing_ok=True)
+            shutil.rmtree(cdir / "checkpoints", ignore_errors=True)
+            state = "new"
+        cfg = cell_config(cell, plan.base, out, bcfg.grid.lr_keys)
+        todo.append((cell, cfg.model_dump(mode="json"), cdir, state == "partial"))
+
+    ran: list[str] = []
+    failed: dict[str, str] = {}
+    bar = _progress(progress, len(todo))
+    try:
+        if workers == 1 or len(todo) <= 1:
+            for cell, cfg_json, cdir, res in todo:
+                bar.describe(cell.id)
+                try:
+                    _run_one(runner, cfg_json, str(cdir), res, pm, prune_checkpoints)
+                    ran.append(cell.id)
+                except Exception as exc:  # one broken cell must not lose the rest of the grid
+                    failed[cell.id] = f"{type(exc).__name__}: {exc}"
+                    log.error("cell %s failed: %s", cell.id, failed[cell.id], exc_info=log.isEnabledFor(logging.DEBUG))
+                    atomic_write_text(cdir / "error.txt", failed[cell.id] + "\n")
+                bar.advance()
+        else:
+            n_cores = cores or os.cpu_count() or 1
+            threads = max(1, n_cores // workers)
+            ctx = multiprocessing.get_context("spawn")
+            with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_set_threads,
+                                        initargs=(threads,)) as pool:
+                futures = {pool.submit(_run_one, runner, cfg_json, str(cdir), res, None, prune_checkpoints): cell
+                           for cell, cfg_json, cdir, res in todo}
+                for fut in cf.as_completed(futures):
+                    cell = futures[fut]
+                    try:
+                        fut.result()
+                        ran.append(cell.id)
+                    except Exception as exc:  # a worker's error must not lose the other cells
+                        failed[cell.id] = f"{type(exc).__name__}: {exc}"
+                        log.error("cell %s failed: %s", cell.id, failed[cell.id])
+                        atomic_write_text(out / CELLS_DIR / cell.id / "error.txt", failed[cell.id] + "\n")
+                    bar.describe(cell.id)
+                    bar.advance()
+    finally:
+        bar.close()
+    if report:
+        from megatron.report import build_report
+
+        build_report([out], out)  # shards report what they hold; `megatron report` merges them
+    return BenchmarkResult(out, plan, ran, skipped, failed)
+
+
+class _progress:
+    """A rich progress bar over cells (or nothing, for tests and workers)."""
+
+    def __init__(self, enabled: bool, total: int):
+        self._p = None
+        if enabled and total:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._p = Progress(TextColumn("benchmark"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                               TextColumn("{task.description}"))
+            self._p.start()
+            self._task = self._p.add_task("", total=total)
+
+    def describe(self, text: str) -> None:
+        if self._p:
+            self._p.update(self._task, description=text)
+
+    def advance(self) -> None:
+        if self._p:
+            self._p.advance(self._task)
+
+    def close(self) -> None:
+        if self._p:
+            self._p.stop()
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text or "")
+    if not m:
+        raise ConfigError(f"--shard {text!r}: expected i/n, e.g. 0/4 (cells whose index mod n == i)")
+    return int(m.group(1)), int(m.group(2))

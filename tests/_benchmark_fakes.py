@@ -1,0 +1,79 @@
+"""A stand-in for megatron.runner.run_experiment: records with chosen metrics, instantly (top-level, picklable)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from megatron.checkpoint import atomic_write_json
+
+SOURCES = ["brain_mri", "breast_mri", "chest_xray", "mammography", "pneumonia", "ultrasound"]
+# learner -> added mAP50 (fraction); finetune is the reference
+EFFECT = {"finetune": 0.0, "reptile": 0.05, "maml": 0.0, "incremental": 0.01, "incremental-frozen": -0.02}
+# seed -> shared offset (same for every learner: what pairing removes)
+SEED_OFFSET = {0: 0.0, 1: 0.08, 2: -0.04, 3: 0.02}
+# learner -> seed -> extra noise (not shared), so some comparisons are undecided
+NOISE = {"maml": {0: 0.03, 1: -0.04, 2: 0.02, 3: -0.01}}
+CALLS: list[tuple[str, bool]] = []
+
+
+def final_map50(learner: str, seed: int, n_sources: int, shots: int, lr: float) -> float:
+    return round(0.30 + EFFECT.get(learner, 0.0) + SEED_OFFSET.get(seed, 0.0) + NOISE.get(learner, {}).get(seed, 0.0)
+                 + 0.01 * n_sources + 0.001 * shots - 10 * abs(lr - 0.001), 6)
+
+
+def fake_runner(cfg, run_dir, pm=None, resume=False, progress=False, learners=None):
+    run_dir = Path(run_dir)
+    CALLS.append((run_dir.name, resume))
+    label = cfg.learner.options.get("label_for_fake") or cfg.learner.name
+    if not cfg.similarity.select_sources:
+        sources = list(cfg.data.sources)
+        selection = None
+    else:
+        sources = SOURCES[-cfg.similarity.select_sources:]  # "closest": the last N
+        selection = {"metric": cfg.similarity.metric, "k": cfg.similarity.select_sources, "chosen": sources}
+    final = final_map50(label, cfg.seed, len(sources), cfg.data.shots, cfg.training.outer_lr)
+    budget = cfg.training.compute_budget
+    epochs = []
+    for e in (1, 2, 3):
+        m = final * e / 3
+        epochs.append({"meta_epoch": e, "train_loss": 1.0 / e, "steps": 4, "wall_s": 0.01,
+                       "compute": {"images_forward": budget * e // 6, "images_backward": budget * e // 6,
+                                   "spent": 2 * (budget * e // 6)},
+                       "metrics": {"mAP50": m, "mAP50_95": m / 2, "precision": m + 0.1, "recall": m + 0.05,
+                                   "F1": m + 0.07, "per_class_AP50": {"lesion": m}}})
+    lrec = {"epochs": epochs, "final": epochs[-1]["metrics"], "compute": {**epochs[-1]["compute"], "budget": budget},
+            "stopped_by": "budget", "baseline_equivalent_epochs": 3 * (cfg.training.source_epochs
+                                                                      + cfg.training.finetune_epochs)}
+    record = {"megatron_version": "0.1.0", "status": "complete", "config": cfg.model_dump(mode="json"),
+              "versions": {"python": "3.x", "torch": "2.x", "platform": "test", "cpu": "fake", "device": "cpu",
+                           "threads": 1},
+              "seed": cfg.seed, "target": cfg.data.target, "sources": sources, "shots": cfg.data.shots,
+              "selection": selection, "learners": {cfg.learner.name: lrec}}
+    atomic_write_json(run_dir / "run.json", record)  # as the real runner does
+    ckpt = run_dir / "checkpoints" / cfg.learner.name
+    ckpt.mkdir(parents=True, exist_ok=True)
+    (ckpt / "last.pt").write_bytes(b"weights")
+    return record
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: not an Exception, so the benchmark does not catch it as a cell failure."""
+
+
+def killing_runner(cfg, run_dir, pm=None, resume=False, progress=False, learners=None):
+    """Runs cells normally until the cell named `KILL_AT`, where it leaves a 'running' record and dies."""
+    run_dir = Path(run_dir)
+    if run_dir.name == KILL_AT[0]:
+        CALLS.append((run_dir.name, resume))
+        atomic_write_json(run_dir / "run.json", {"status": "running", "config": cfg.model_dump(mode="json"),
+                                                 "learners": {}})
+        raise Killed()
+    return fake_runner(cfg, run_dir, pm, resume, progress)
+
+
+KILL_AT = [""]
+
+
+def failing_runner(cfg, run_dir, pm=None, resume=False, progress=False, learners=None):
+    if cfg.seed == 1 and cfg.learner.name == "reptile":
+        raise RuntimeError("loss became nan")
+    return fake_runner(cfg, run_dir, pm, resume, progress)
