@@ -60,6 +60,19 @@ class EpisodeConfig(_Model):
 
 
 class TrainingConfig(_Model):
+    """Meta-epochs, learning rates, compute budget, precision and device.
+
+    A meta-epoch is ``source_epochs`` (M) epochs of outer steps over the source tasks, then
+    ``finetune_epochs`` (F) fine-tuning epochs on the target pool and an evaluation on the held-out split;
+    it is worth M + F baseline epochs (the method: M = 10, F = 5, 20 meta-epochs ~ 300 baseline epochs;
+    see examples/configs/gpu.yaml). The defaults (4 meta-epochs of M = 1, F = 3, meta-batch 2 of 4 + 4
+    images) are sized so that `megatron run --learner reptile --detector yolox` (reptile, then finetune at
+    the same compute) finishes in about 10 minutes on a 2-core CPU: measured 1.4-1.75 CPU-s per outer step
+    (YOLOX-tiny, 256 px, 16 images) on one thread, 45 steps per source epoch for the built-in suite; the
+    projection of benchmarks/bench_runner.py is ~570 CPU-s for both learners (plus ~50 s to generate the
+    suite on first use). Second-order MAML costs several times more per step (cap it with --budget).
+    """
+
     meta_epochs: int = Field(4, ge=1, description="meta-epochs (each: source training, target fine-tuning, evaluation)")
     source_epochs: int = Field(1, ge=1, description="M: passes over the source tasks per meta-epoch (method: 10)")
     finetune_epochs: int = Field(3, ge=0, description="F: fine-tuning epochs on the target pool per meta-epoch (method: 5)")
@@ -73,7 +86,8 @@ class TrainingConfig(_Model):
     batch_size: int = Field(8, ge=1, description="images per batch when fine-tuning / evaluating")
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float | None = Field(10.0, description="gradient-norm clip (None: off)")
-    compute_budget: int | None = Field(None, ge=1, description="stop every learner after this many image passes (forward + backward)")
+    compute_budget: int | None = Field(None, ge=1, description="train every learner until it has spent this many image passes (forward + backward, target fine-tuning included); default: the learner runs meta_epochs and the baseline gets what it spent")
+    max_meta_epochs: int | None = Field(None, ge=1, description="under a compute budget, the most meta-epochs a learner may run (default: 10 x meta_epochs)")
     amp: Literal["off", "bf16", "fp16"] = Field("off", description="mixed precision (autocast; fp16 adds a gradient scaler)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's)")

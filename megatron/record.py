@@ -1,0 +1,142 @@
+"""The run record: one self-describing JSON file per run (``run.json``) that reports and benchmarks read.
+
+It holds the effective config, the software and hardware versions, the seed, the task set, the source
+selection (when one was made), and per learner the metrics of every evaluation, the compute spent and why
+training stopped. All metrics are fractions in ``0..1``. The file is written atomically, so a killed run
+leaves the last complete version behind.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron.checkpoint import atomic_write_json
+from megatron.errors import DataError
+
+RECORD_FILE = "run.json"
+CONFIG_FILE = "config.yaml"
+SUMMARY_FILE = "summary.md"
+CURVE_FILE = "map50_curve.png"
+
+# the metrics shown in tables, in order, with their display names
+TABLE_METRICS: tuple[tuple[str, str], ...] = (
+    ("mAP50", "mAP50"),
+    ("mAP50_95", "mAP50:95"),
+    ("precision", "precision"),
+    ("recall", "recall"),
+    ("F1", "F1"),
+)
+
+_PACKAGES = ("torch", "torchvision", "mmdet", "mmcv", "mmengine", "numpy")
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    return str(device)
+
+
+def collect_versions(device: torch.device) -> dict[str, Any]:
+    """Python, the numeric/detection packages, the platform, the CPU, the device and torch's thread count."""
+    versions: dict[str, Any] = {"python": sys.version.split()[0]}
+    for package in _PACKAGES:
+        versions[package] = _version(package)
+    versions["platform"] = platform.platform()
+    versions["cpu"] = _cpu_name()
+    versions["device"] = describe_device(device)
+    versions["threads"] = torch.get_num_threads()
+    return versions
+
+
+def write_record(run_dir: Path, record: dict[str, Any]) -> Path:
+    path = Path(run_dir) / RECORD_FILE
+    atomic_write_json(path, record)
+    return path
+
+
+def load_record(path: str | Path) -> dict[str, Any]:
+    """Read a run record from ``path`` (the ``run.json`` file or its run directory)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RECORD_FILE
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: no run record here; run `megatron run` first or pass the run directory") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not a valid run record (JSON error at line {exc.lineno}: {exc.msg})") from None
+    if not isinstance(record, dict) or "learners" not in record:
+        raise DataError(f"{path}: not a megatron run record (no 'learners' section)")
+    return record
+
+
+def summary_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per learner: its final metrics, compute spent, meta-epochs run and baseline-equivalent epochs."""
+    rows = []
+    for name, lrec in record.get("learners", {}).items():
+        final = lrec.get("final") or {}
+        rows.append({
+            "learner": name,
+            **{key: final.get(key) for key, _ in TABLE_METRICS},
+            "compute": (lrec.get("compute") or {}).get("spent"),
+            "meta_epochs": len(lrec.get("epochs", [])),
+            "baseline_equivalent_epochs": lrec.get("baseline_equivalent_epochs"),
+            "stopped_by": lrec.get("stopped_by"),
+        })
+    return rows
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def summary_markdown(record: dict[str, Any]) -> str:
+    """The summary table as Markdown (also what ``megatron run`` prints, in rich form)."""
+    head = ["learner", *(title for _, title in TABLE_METRICS), "compute (image passes)", "meta-epochs",
+            "baseline-equiv. epochs", "stopped by"]
+    lines = [
+        f"# Run summary — target `{record.get('target')}`, K = {record.get('shots')} shots, seed {record.get('seed')}",
+        "",
+        f"Sources: {', '.join(record.get('sources', []))}",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for row in summary_rows(record):
+        cells = [row["learner"], *(_fmt(row[k]) for k, _ in TABLE_METRICS), _fmt(row["compute"]),
+                 _fmt(row["meta_epochs"]), _fmt(row["baseline_equivalent_epochs"]), _fmt(row["stopped_by"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    if record.get("comparison"):
+        lines += ["", f"Comparison: {record['comparison'].get('how', '')}"]
+    if record.get("selection"):
+        lines += ["", f"Source selection: {record['selection'].get('reason', '')}"]
+    lines += ["", "Metrics are on the target's held-out split (never used for training); fractions in 0..1."]
+    return "\n".join(lines) + "\n"
