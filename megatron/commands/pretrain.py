@@ -1,9 +1,57 @@
-"""``megatron pretrain``."""
+"""``megatron pretrain``: train the detector on the source tasks (merged label space) and write a checkpoint
+that ``megatron run --checkpoint PATH`` starts from."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from megatron.commands.common import add_config_arguments, config_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pretrain", help="(being built)")
-    p.set_defaults(func=lambda args: print("megatron pretrain: not built yet") or 1)
+    p = sub.add_parser(
+        "pretrain", conflict_handler="resolve",
+        help="pre-train the detector on the source tasks and write a checkpoint for `megatron run --checkpoint`",
+        description="Conventional pre-training (step 1 of the method): the detector is trained on every source "
+        "task of the config (the target is never seen) with the tasks' classes merged into one label space "
+        "('<task>/<category>'). The checkpoint is written atomically after every epoch. `megatron run "
+        "--checkpoint PATH` loads it and re-initialises only the classifier for the target's classes.",
+    )
+    add_config_arguments(p)
+    # replaces the config's --out (output.dir): this command writes one checkpoint file
+    p.add_argument("--out", dest="pretrain_out", metavar="PATH", required=True,
+                   help="checkpoint file to write, e.g. checkpoints/yolox-pretrained.pt")
+    p.add_argument("--epochs", type=int, default=10, help="passes over every source image (default: 10)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, AdamW with one-cycle schedule (default: 1e-3)")
+    p.add_argument("--batch-size", type=int, help="images per batch (default: training.batch_size)")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (quick trials)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from megatron import get_plugin_manager
+    from megatron.pretrain import PretrainSettings, pretrain
+
+    cfg = config_from_args(args)
+    pm = get_plugin_manager()
+    settings = PretrainSettings(
+        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size or cfg.training.batch_size,
+        weight_decay=cfg.training.weight_decay, grad_clip=cfg.training.grad_clip, max_steps=args.max_steps,
+    )
+    result = pretrain(cfg, pm, Path(args.pretrain_out), settings, progress=not args.no_progress)
+    console = Console()
+    table = Table(title=f"pretrained {cfg.detector.name} on {len(result.tasks)} source task(s)")
+    table.add_column("epoch", justify="right")
+    table.add_column("mean loss", justify="right")
+    for i, loss in enumerate(result.losses, 1):
+        table.add_row(str(i), f"{loss:.4f}")
+    console.print(table)
+    console.print(f"{len(result.categories)} classes ({', '.join(result.categories[:6])}"
+                  f"{', ...' if len(result.categories) > 6 else ''}); {result.steps} steps in {result.seconds:.0f} s")
+    console.print(f"checkpoint: [bold]{result.path}[/]  — start a run from it with "
+                  f"`megatron run --detector {cfg.detector.name} --checkpoint {result.path}`")
+    return 0

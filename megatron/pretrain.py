@@ -1,0 +1,214 @@
+"""Conventional pre-training on the source tasks (step 1 of the method), producing a detector checkpoint.
+
+Label space: the source tasks' classes are **merged** into one label space, each category name prefixed by its
+task (``"chest_xray/nodule"``), so classes that share a name in two modalities stay distinct and no task's
+annotations are read as another's background. The detector trains on batches of single tasks (the tasks are
+interleaved at random, each image seen once per epoch) with its labels shifted into the merged space. The
+checkpoint (:func:`megatron.weights.save_detector_checkpoint`) records the merged categories; ``megatron run
+--checkpoint PATH`` loads everything and re-initialises only the classifier for the target's classes
+(``Detector.set_num_classes``, done by :func:`megatron.weights.load_checkpoint`).
+
+Per-task heads were the alternative; they would make the checkpoint depend on the task list and give the
+runner several classifiers to choose from, while a merged classifier is discarded anyway for a new target.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from megatron.config import ExperimentConfig
+from megatron.errors import ConfigError, TrainingError
+from megatron.types import Batch, Task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PretrainSettings:
+    epochs: int = 10
+    lr: float = 1e-3
+    batch_size: int = 8
+    weight_decay: float = 1e-4
+    grad_clip: float | None = 10.0
+    max_steps: int | None = None  # stop early after this many optimiser steps (quick runs, tests)
+
+
+@dataclass
+class PretrainResult:
+    path: Path
+    categories: list[str]
+    tasks: list[str]
+    epochs: int
+    steps: int
+    losses: list[float] = field(default_factory=list)  # mean loss per epoch
+    seconds: float = 0.0
+
+
+def merged_categories(tasks: list[Task]) -> tuple[list[str], dict[str, int]]:
+    """``["<task>/<category>", ...]`` over all tasks, and each task's label offset in that list."""
+    categories: list[str] = []
+    offsets: dict[str, int] = {}
+    for task in tasks:
+        offsets[task.name] = len(categories)
+        categories.extend(f"{task.name}/{c}" for c in task.categories)
+    return categories, offsets
+
+
+def shift_labels(batch: Batch, offset: int) -> Batch:
+    return Batch(images=batch.images, boxes=batch.boxes, labels=[lab + offset for lab in batch.labels], meta=batch.meta)
+
+
+def interleaved_batches(tasks: list[Task], batch_size: int, pre, rng: np.random.Generator) -> Iterator[tuple[Task, Batch]]:
+    """One epoch: every image of every task once, in single-task batches, tasks interleaved at random in
+    proportion to their remaining batches."""
+    from megatron.data.episodes import iterate_batches
+
+    iters = {t.name: iterate_batches(t, batch_size, pre, rng, shuffle=True) for t in tasks}
+    remaining = {t.name: math.ceil(len(t) / batch_size) for t in tasks}
+    by_name = {t.name: t for t in tasks}
+    while any(remaining.values()):
+        names = [n for n, r in remaining.items() if r > 0]
+        weights = np.array([remaining[n] for n in names], dtype=float)
+        name = names[int(rng.choice(len(names), p=weights / weights.sum()))]
+        remaining[name] -= 1
+        yield by_name[name], next(iters[name])
+
+
+def pretrain(cfg: ExperimentConfig, pm, out: str | Path, settings: PretrainSettings | None = None,
+             progress: bool = True, on_step: Callable[[int, float], None] | None = None) -> PretrainResult:
+    """Train ``cfg.detector`` on ``cfg``'s source tasks (merged label space) and write a checkpoint to ``out``.
+
+    Uses ``cfg.data`` (datasets, target, sources, input size, CLAHE, augmentation), ``cfg.detector`` (name,
+    options, an optional starting ``checkpoint``), ``cfg.training`` (device, amp, num_threads) and ``cfg.seed``.
+    The target task is never trained on.
+    """
+    from megatron.data.preprocess import Preprocessor
+    from megatron.config import validate_plugin_options
+    from megatron.experiment import build_taskset, load_tasks
+    from megatron.runner import resolve_amp, resolve_device, seed_everything
+    from megatron.weights import load_checkpoint, save_detector_checkpoint
+
+    s = settings or PretrainSettings()
+    if s.epochs < 1:
+        raise ConfigError(f"pretrain: epochs must be >= 1, got {s.epochs}")
+    out = Path(out)
+    try:
+        det_cls = pm.registers["detector"].get(cfg.detector.name)
+    except KeyError as exc:
+        raise ConfigError(f"detector.name: {exc}") from None
+    det_options = validate_plugin_options(det_cls, cfg.detector.options, "detector.options")
+    taskset = build_taskset(cfg, load_tasks(cfg, pm))
+    sources = taskset.sources
+    if not sources:
+        raise ConfigError("pretrain: no source tasks (data.sources is empty, or the target is the only task)")
+    categories, offsets = merged_categories(sources)
+
+    device = resolve_device(cfg.training.device)
+    amp = resolve_amp(cfg.training.amp, device)
+    seed_everything(cfg.seed)
+    detector = det_cls(len(categories), cfg.data.input_size, det_options)
+    if cfg.detector.checkpoint is not None:
+        log.info("%s", load_checkpoint(detector, cfg.detector.checkpoint))
+    detector.to(device).train()
+
+    params = [p for p in detector.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    steps_per_epoch = sum(math.ceil(len(t) / s.batch_size) for t in sources)
+    total = steps_per_epoch * s.epochs if s.max_steps is None else min(s.max_steps, steps_per_epoch * s.epochs)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=s.lr, total_steps=max(total, 1),
+                                                    pct_start=min(0.3, 50 / max(total, 1)))  # warm-up: 50 steps at most
+    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+                if amp != "off" else contextlib.nullcontext())
+    pre = Preprocessor(cfg.data.input_size, clahe=cfg.data.clahe, augment=cfg.data.augment)
+    rng = np.random.default_rng(cfg.seed)
+
+    result = PretrainResult(path=out, categories=categories, tasks=[t.name for t in sources], epochs=0, steps=0)
+    start = time.perf_counter()
+    with _progress_bar(progress) as bar:
+        job = bar.add_task("pretrain", total=total) if bar is not None else None
+        for epoch in range(s.epochs):
+            epoch_losses = []
+            for task, batch in interleaved_batches(sources, s.batch_size, pre, rng):
+                batch = shift_labels(batch, offsets[task.name]).to(device)
+                optimiser.zero_grad(set_to_none=True)
+                with autocast:
+                    loss = detector.loss(batch)["loss"]
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"pretrain: the loss became {float(loss)} at step {result.steps} (task {task.name!r}); "
+                        f"lower the learning rate (now {s.lr}) or check that task's boxes"
+                    )
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimiser)
+                else:
+                    loss.backward()
+                if s.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+                if scaler is not None:
+                    scaler.step(optimiser)
+                    scaler.update()
+                else:
+                    optimiser.step()
+                scheduler.step()
+                result.steps += 1
+                epoch_losses.append(float(loss.detach()))
+                if on_step is not None:
+                    on_step(result.steps, epoch_losses[-1])
+                if bar is not None:
+                    bar.update(job, advance=1, description=f"pretrain epoch {epoch + 1}/{s.epochs} loss {epoch_losses[-1]:.3f}")
+                if s.max_steps is not None and result.steps >= s.max_steps:
+                    break
+            result.epochs = epoch + 1
+            result.losses.append(float(np.mean(epoch_losses)) if epoch_losses else float("nan"))
+            log.info("pretrain epoch %d/%d: mean loss %.4f", epoch + 1, s.epochs, result.losses[-1])
+            meta = _meta(cfg, result, s)
+            save_detector_checkpoint(detector, out, meta)  # after every epoch: an interrupted run keeps its work
+            if s.max_steps is not None and result.steps >= s.max_steps:
+                break
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _meta(cfg: ExperimentConfig, result: PretrainResult, s: PretrainSettings) -> dict[str, Any]:
+    from megatron import __version__
+
+    return {
+        "kind": "pretrain",
+        "megatron_version": __version__,
+        "categories": list(result.categories),
+        "tasks": list(result.tasks),
+        "epochs": int(result.epochs),
+        "steps": int(result.steps),
+        "losses": [float(x) for x in result.losses],
+        "seed": int(cfg.seed),
+        "input_size": int(cfg.data.input_size),
+        "lr": float(s.lr),
+        "batch_size": int(s.batch_size),
+    }
+
+
+@contextlib.contextmanager
+def _progress_bar(enabled: bool):
+    if not enabled:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield None
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=console, transient=True) as bar:
+        yield bar

@@ -1,0 +1,279 @@
+"""Loading detector weights from local files, and writing megatron's own detector checkpoints.
+
+Model-agnostic: works on any :class:`~megatron.detector.Detector` through its ``state_dict``. Three formats
+are read by :func:`load_checkpoint`:
+
+- **megatron** checkpoints (written by :func:`save_detector_checkpoint`, e.g. by ``megatron pretrain``): the
+  detector's own ``state_dict`` plus a small header. When the checkpoint's number of classes differs from the
+  detector's, the classifier is loaded at the checkpoint's size and then re-initialised for the detector's
+  classes (``Detector.set_num_classes``): every other weight is kept.
+- **mmdet / mmengine** checkpoints (``{"state_dict": ..., "meta": ...}``): keys are those of the mmdet model.
+- **plain state dicts**, including torchvision's: ``resnet18/34/50/101`` ImageNet weights (``conv1.*``,
+  ``layer1.*`` ...) map onto an mmdet ResNet backbone, torchvision detection models' ``backbone.body.*`` too.
+
+Files are read with ``torch.load(weights_only=True)`` (no code from the file runs). mmdet checkpoints often
+carry non-tensor objects in ``meta`` (mmengine message hubs, numpy values) that this refuses; then a
+:class:`CheckpointError` explains it, and ``allow_unsafe=True`` (or ``MEGATRON_ALLOW_UNSAFE_CHECKPOINTS=1``)
+opts in to full unpickling for a file you trust.
+
+Weights whose shape differs from the detector's are skipped and reported, never loaded half-way.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron.checkpoint import atomic_torch_save
+from megatron.errors import MegatronError
+
+log = logging.getLogger(__name__)
+
+FORMAT_TAG = "megatron-detector"
+FORMAT_VERSION = 1
+ENV_ALLOW_UNSAFE = "MEGATRON_ALLOW_UNSAFE_CHECKPOINTS"
+
+
+class CheckpointError(MegatronError):
+    """A checkpoint file that cannot be read or does not fit the detector."""
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_checkpoint` did. ``rich``-printable (a table), and ``str()`` gives a plain summary."""
+
+    path: Path
+    format: str  # "megatron" | "mmdet" | "torchvision" | "state_dict"
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # detector keys the file does not have (kept as they were)
+    unexpected: list[str] = field(default_factory=list)  # file keys the detector does not have (ignored)
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)  # (key, file, detector)
+    reinitialised_classifier: tuple[int, int] | None = None  # (checkpoint classes, detector classes)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        """Every detector weight came from the file (nothing missing or shape-mismatched)."""
+        return not self.missing and not self.mismatched
+
+    def summary(self) -> str:
+        parts = [f"{self.path} ({self.format}): loaded {len(self.loaded)} tensors"]
+        if self.reinitialised_classifier:
+            a, b = self.reinitialised_classifier
+            parts.append(f"classifier re-initialised for {b} classes (checkpoint: {a})")
+        if self.missing:
+            parts.append(f"{len(self.missing)} missing (kept at initialisation)")
+        if self.mismatched:
+            parts.append(f"{len(self.mismatched)} with a different shape (skipped)")
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} unexpected (ignored)")
+        return "; ".join(parts)
+
+    def __str__(self) -> str:
+        lines = [self.summary()]
+        for title, keys in (("missing", self.missing), ("unexpected", self.unexpected)):
+            if keys:
+                lines.append(f"  {title}: {_abbrev(keys)}")
+        if self.mismatched:
+            shown = ", ".join(f"{k} {tuple(a)} in file vs {tuple(b)}" for k, a, b in self.mismatched[:5])
+            more = f" (+{len(self.mismatched) - 5} more)" if len(self.mismatched) > 5 else ""
+            lines.append(f"  shape mismatch: {shown}{more}")
+        return "\n".join(lines)
+
+    def __rich__(self):
+        from rich.table import Table
+
+        table = Table(title=f"checkpoint {self.path} ({self.format})", show_lines=False)
+        table.add_column("", style="bold")
+        table.add_column("count", justify="right")
+        table.add_column("keys (first ones)")
+        table.add_row("[green]loaded", str(len(self.loaded)), "")
+        table.add_row("[yellow]missing", str(len(self.missing)), _abbrev(self.missing))
+        table.add_row("[yellow]shape mismatch", str(len(self.mismatched)),
+                      ", ".join(f"{k} {tuple(a)}->{tuple(b)}" for k, a, b in self.mismatched[:4]))
+        table.add_row("[dim]unexpected", str(len(self.unexpected)), _abbrev(self.unexpected))
+        if self.reinitialised_classifier:
+            a, b = self.reinitialised_classifier
+            table.caption = f"classifier re-initialised for {b} classes (checkpoint: {a})"
+        return table
+
+
+def _abbrev(keys: list[str], n: int = 4) -> str:
+    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+# --- reading ------------------------------------------------------------------------------------------
+def read_checkpoint_file(path: str | Path, allow_unsafe: bool = False) -> Any:
+    """``torch.load`` with ``weights_only=True``; clear :class:`CheckpointError` naming ``path`` on failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found (detector.checkpoint / --checkpoint expects a local file)")
+    allow_unsafe = allow_unsafe or os.environ.get(ENV_ALLOW_UNSAFE, "") not in ("", "0")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not allow_unsafe:
+            reason = " ".join(str(exc).split())[:300]
+            raise CheckpointError(
+                f"checkpoint {path} holds objects other than tensors, numbers and strings (typical of mmdet/mmengine "
+                f"checkpoints, whose 'meta' keeps training state), so the safe loader (torch.load weights_only=True) "
+                f"refused it: {reason}. Loading it fully runs code stored in the file: only if you trust where it "
+                f"came from, allow it with {ENV_ALLOW_UNSAFE}=1 (or load_checkpoint(..., allow_unsafe=True)); or "
+                "re-save just its weights: torch.save(torch.load(p, weights_only=False)['state_dict'], 'weights.pth')."
+            ) from None
+        log.warning("loading %s with weights_only=False (unsafe loading explicitly allowed)", path)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc2:  # noqa: BLE001 - any failure here means the file is unreadable
+            raise CheckpointError(f"checkpoint {path} cannot be read: {type(exc2).__name__}: {exc2}") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise CheckpointError(
+            f"checkpoint {path} is not a readable PyTorch file (truncated or corrupt?): "
+            f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        ) from None
+
+
+def _tensor_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _split(obj: Any, path: Path) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
+    """(format, state dict, header/meta) of a loaded checkpoint object."""
+    if isinstance(obj, dict) and obj.get("format") == FORMAT_TAG:
+        return "megatron", obj["state_dict"], {k: v for k, v in obj.items() if k != "state_dict"}
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+        return "mmdet", obj["state_dict"], meta
+    if isinstance(obj, dict) and _tensor_dict(obj.get("model")):
+        return "state_dict", obj["model"], {}
+    if _tensor_dict(obj):
+        keys = obj.keys()
+        if "conv1.weight" in keys and any(k.startswith("layer1.") for k in keys):
+            return "torchvision", obj, {}
+        if any(k.startswith("backbone.body.") for k in keys):
+            return "torchvision", obj, {}
+        return "state_dict", obj, {}
+    raise CheckpointError(
+        f"checkpoint {path}: not a recognised layout (expected a megatron checkpoint, an mmdet checkpoint with "
+        f"'state_dict', or a dict of tensors); top-level type {type(obj).__name__}"
+        + (f" with keys {sorted(map(str, obj))[:8]}" if isinstance(obj, dict) else "")
+    )
+
+
+def _map_keys(fmt: str, state: dict[str, torch.Tensor], target_keys: set[str]) -> dict[str, torch.Tensor]:
+    """Rename file keys to the detector's names (``model.`` + mmdet names)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        k = key[len("module."):] if key.startswith("module.") else key  # DataParallel / DDP wrappers
+        if fmt == "torchvision":
+            if k.startswith("backbone.body."):
+                k = "backbone." + k[len("backbone.body."):]
+            elif not k.startswith(("backbone.", "neck.", "rpn.", "roi_heads.", "head.")):
+                k = "backbone." + k  # ImageNet classification ResNet: its trunk is the mmdet ResNet backbone
+        if k not in target_keys and f"model.{k}" in target_keys or not k.startswith("model."):
+            k = f"model.{k}"  # the detector holds the mmdet model as ``self.model``
+        out[k] = value
+    return out
+
+
+def load_checkpoint(detector: torch.nn.Module, path: str | Path, *, allow_unsafe: bool = False) -> LoadReport:
+    """Load the weights in ``path`` into ``detector`` (in place); returns what was loaded, missing, skipped.
+
+    Raises :class:`CheckpointError` for a missing/corrupt file, an unsafe file without ``allow_unsafe``, a
+    megatron checkpoint of another detector, or a file none of whose weights fit the detector.
+    """
+    path = Path(path)
+    obj = read_checkpoint_file(path, allow_unsafe=allow_unsafe)
+    fmt, state, meta = _split(obj, path)
+    report = LoadReport(path=path, format=fmt, meta=dict(meta))
+
+    if fmt == "megatron":
+        name = getattr(detector, "PLUGIN_NAME", None)
+        if meta.get("detector") and name and meta["detector"] != name:
+            raise CheckpointError(
+                f"checkpoint {path} was written for detector {meta['detector']!r}, not {name!r}; "
+                f"set detector.name: {meta['detector']} (and the same detector.options: {meta.get('options', {})})"
+            )
+        ckpt_classes = int(meta.get("num_classes", getattr(detector, "num_classes", 0)))
+        det_classes = int(getattr(detector, "num_classes", ckpt_classes))
+        if ckpt_classes != det_classes and hasattr(detector, "set_num_classes"):
+            # load the classifier at its trained size, then re-initialise only it for the new label space
+            detector.set_num_classes(ckpt_classes)
+            _load_matching(detector, state, report)
+            detector.set_num_classes(det_classes)
+            report.reinitialised_classifier = (ckpt_classes, det_classes)
+            cls_names = set(detector.parameter_groups().get("head_cls", []))
+            report.loaded = [k for k in report.loaded if k not in cls_names]
+            return _finish(report, path)
+        _load_matching(detector, state, report)
+        return _finish(report, path)
+
+    target_keys = set(detector.state_dict())
+    _load_matching(detector, _map_keys(fmt, state, target_keys), report)
+    return _finish(report, path)
+
+
+def _load_matching(detector: torch.nn.Module, state: dict[str, torch.Tensor], report: LoadReport) -> None:
+    own = detector.state_dict()
+    to_load: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key not in own:
+            report.unexpected.append(key)
+        elif tuple(own[key].shape) != tuple(value.shape):
+            report.mismatched.append((key, tuple(value.shape), tuple(own[key].shape)))
+        else:
+            to_load[key] = value
+    report.missing = [k for k in own if k not in state]
+    if to_load:
+        detector.load_state_dict(to_load, strict=False)
+    report.loaded = sorted(to_load)
+
+
+def _finish(report: LoadReport, path: Path) -> LoadReport:
+    if not report.loaded:
+        raise CheckpointError(
+            f"checkpoint {path} ({report.format}): none of its {len(report.unexpected) + len(report.mismatched)} "
+            f"weights fit this detector (e.g. {_abbrev(report.unexpected or [m[0] for m in report.mismatched], 3)}); "
+            "is it a checkpoint of another model or backbone depth?"
+        )
+    log.info("%s", report.summary())
+    return report
+
+
+# --- writing ------------------------------------------------------------------------------------------
+def save_detector_checkpoint(detector: torch.nn.Module, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
+    """Write ``detector``'s weights and a header (detector name, classes, input size, options) atomically.
+
+    ``meta`` must hold only plain values (str, numbers, lists, dicts): the file stays loadable with
+    ``torch.load(weights_only=True)``.
+    """
+    options = getattr(detector, "options", None)
+    obj = {
+        "format": FORMAT_TAG,
+        "version": FORMAT_VERSION,
+        "detector": getattr(detector, "PLUGIN_NAME", type(detector).__name__),
+        "num_classes": int(getattr(detector, "num_classes", 0)),
+        "input_size": int(getattr(detector, "input_size", 0)),
+        "options": options.model_dump(mode="json") if hasattr(options, "model_dump") else {},
+        "meta": dict(meta or {}),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in detector.state_dict().items()},
+    }
+    path = Path(path)
+    atomic_torch_save(obj, path)
+    return path
+
+
+def read_checkpoint_header(path: str | Path) -> dict[str, Any]:
+    """The header of a megatron checkpoint (detector, num_classes, input_size, options, meta); ``{}`` for
+    other formats."""
+    obj = read_checkpoint_file(path)
+    if isinstance(obj, dict) and obj.get("format") == FORMAT_TAG:
+        return {k: v for k, v in obj.items() if k != "state_dict"}
+    return {}
