@@ -155,7 +155,7 @@ def check_finite(loss: torch.Tensor, detector: Detector | None = None) -> None:
         from megatron.errors import TrainingError
 
         raise TrainingError(
-            f"the training loss became {float(loss)} (not finite). The run stops here; the last good "
+            f"the training loss became {float(loss.detach())} (not finite). The run stops here; the last good "
             "checkpoint is kept. Lower the learning rates (training.inner_lr / outer_lr / finetune_lr), "
             "enable gradient clipping (training.grad_clip) or switch --amp off."
         )

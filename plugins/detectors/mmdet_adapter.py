@@ -108,7 +108,12 @@ class CosineClassifier(nn.Module):
     def __init__(self, prototypes: torch.Tensor, temperature: float, threshold: float, softmax_background: bool,
                  repeat: int = 1):
         super().__init__()
-        self.register_buffer("prototypes", F.normalize(prototypes.detach().float(), dim=1), persistent=False)
+        protos = F.normalize(prototypes.float(), dim=1)
+        if protos.requires_grad:
+            # keep the graph: meta-gradients reach the body through the support features (proto learner)
+            self.prototypes = protos
+        else:
+            self.register_buffer("prototypes", protos, persistent=False)
         self.temperature = float(temperature)
         self.softmax_background = softmax_background
         self.repeat = int(repeat)
@@ -116,7 +121,7 @@ class CosineClassifier(nn.Module):
         self.bias = nn.Parameter(torch.tensor(float(init), device=prototypes.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        protos = self.prototypes.to(x.dtype)
+        protos = self.prototypes.to(device=x.device, dtype=x.dtype)
         if x.dim() == 4:  # dense head: (N, D, H, W)
             cos = torch.einsum("ndhw,cd->nchw", F.normalize(x, dim=1), protos)
             logits = self.temperature * cos + self.bias
