@@ -6,6 +6,10 @@ Built-in plugins (the modules listed in :data:`BUILTIN_PLUGINS`) are registered 
 Environment:
 - ``MEGATRON_DISABLE_PLUGIN_AUTOLOAD=1`` skips the entry-point group (built-ins are still registered).
 - ``MEGATRON_BLOCK_PLUGINS=name1,name2`` blocks plugins by name (built-in or third-party).
+- ``MEGATRON_PLUGINS=module1,module2`` imports these modules and registers each as a plugin named by the
+  module's last component (pytest's ``-p`` analogue): plugins that are not installed packages — a module
+  on ``PYTHONPATH``, test plugins — reach every process of a distributed run this way. A module that
+  cannot be imported is a :class:`PluginError` (it was asked for by name).
 
 A plugin whose import, registration or hook raises is recorded in :attr:`PluginManager.failures` (name,
 package, one-line reason) and logged; the other plugins keep working.
@@ -35,6 +39,7 @@ log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "megatron"
 ENV_DISABLE_AUTOLOAD = "MEGATRON_DISABLE_PLUGIN_AUTOLOAD"
 ENV_BLOCK = "MEGATRON_BLOCK_PLUGINS"
+ENV_PLUGINS = "MEGATRON_PLUGINS"
 
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "megatron_plugins.datasets.coco",
@@ -226,5 +231,24 @@ def get_plugin_manager(*, builtins: bool = True, autoload: bool | None = None, e
         pm.load_entrypoints()
     for name, plugin in extra:
         pm.register_plugin(plugin, name, getattr(plugin, "__package__", None) or "?", "?")
+    load_env_plugins(pm)
     pm.check()
     return pm
+
+
+def load_env_plugins(pm: PluginManager) -> None:
+    """Import and register the modules named in ``MEGATRON_PLUGINS`` (comma-separated) not registered yet."""
+    for modname in (m.strip() for m in os.environ.get(ENV_PLUGINS, "").split(",")):
+        if not modname:
+            continue
+        name = modname.rsplit(".", 1)[-1]
+        if pm.get_plugin(name) is not None or pm.is_blocked(name):
+            continue
+        try:
+            module = importlib.import_module(modname)
+        except Exception as exc:
+            raise PluginError(
+                f"{ENV_PLUGINS}={os.environ[ENV_PLUGINS]!r}: cannot import {modname!r} ({type(exc).__name__}: {exc}). "
+                "Give importable module names; add their folder to PYTHONPATH if they are not installed."
+            ) from exc
+        pm.register_plugin(module, name, modname, "?")

@@ -34,6 +34,15 @@ What one run does (:func:`run_experiment`):
    record (``run.json``). ``resume=True`` continues from the last checkpoints and ends with exactly the
    metrics an uninterrupted run gives.
 
+Distributed (``torchrun --nproc_per_node N -m megatron run`` or ``megatron run --nproc N``; see
+:mod:`megatron.distributed`): every rank draws the same global meta-batch and runs ``meta_step`` on its
+:func:`~megatron.distributed.shard`; the learner combines the ranks' contributions through
+``LearnerContext.all_reduce_mean``; the per-step loss and image counts are summed over ranks, so budgets,
+schedules and the record see the whole run. Fine-tuning on the target pool is repeated by every rank (no
+communication); evaluation is divided over the ranks and gathered on rank 0. Rank 0 alone writes the run
+directory, checkpoints (after checking that every rank holds the same weights) and the record, calls the
+lifecycle hooks and shows progress.
+
 Lifecycle hooks (``megatron_run_start``, ``megatron_meta_step_end``, ``megatron_evaluation_end``,
 ``megatron_run_end``) fire for every registered plugin; one that raises stops the run with a
 :class:`~megatron.errors.PluginError` naming the plugin.
@@ -57,6 +66,7 @@ import numpy as np
 import torch
 
 from megatron import __version__
+from megatron import distributed as mdist
 from megatron.checkpoint import atomic_torch_save, atomic_write_text, safe_torch_load
 from megatron.compute import ComputeAccount
 from megatron.config import ExperimentConfig, dump_config
@@ -262,6 +272,8 @@ class _Setup:
     options: Any  # ValidatedOptions
     progress: Any  # rich Progress or None
     record: dict[str, Any] = field(default_factory=dict)
+    env: mdist.DistEnv = field(default_factory=mdist.DistEnv)
+    comm: mdist.CommStats = field(default_factory=mdist.CommStats)
 
 
 def _episode_images(cfg: ExperimentConfig) -> int:
@@ -334,20 +346,34 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path | None = None, pm: Plugi
     for name in names:
         if name not in pm.registers["learner"]:
             raise ConfigError(f"unknown learner {name!r}; known learners: {', '.join(pm.registers['learner'].names())}")
-    run_dir = resolve_run_dir(cfg, run_dir, resume)
     device = resolve_device(cfg.training.device)
+    env = mdist.init_from_env(device.type)  # a single-process DistEnv unless launched by torchrun
+    device = mdist.device_for(env, device)
     amp = resolve_amp(cfg.training.amp, device)
-    run_dir.mkdir(parents=True, exist_ok=True)
 
-    with _threads(cfg.training.num_threads), _deterministic(device), _progress(progress) as bar:
+    def make_run_dir() -> Path:
+        path = resolve_run_dir(cfg, run_dir, resume)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    run_dir = mdist.on_main(make_run_dir, env)
+
+    with _threads(cfg.training.num_threads), _deterministic(device), _progress(progress and env.is_main) as bar:
         seed_everything(cfg.seed)
-        record = _start_record(cfg, run_dir, resume, device)
+        record = mdist.on_main(lambda: _start_record(cfg, run_dir, resume, device), env)
+        if env.enabled:
+            record["distributed"] = {"world_size": env.world_size, "backend": env.backend}
+        # rank 0 loads first: a dataset plugin that builds a cache on first use (medsynth) builds it once
+        if not env.is_main:
+            mdist.barrier(env)
         tasks = load_tasks(cfg, pm)
+        if env.is_main:
+            mdist.barrier(env)
         taskset = build_taskset(cfg, tasks)
         sources = taskset.sources
         selection = None
         if cfg.similarity.select_sources:
-            selection = _select_sources(cfg, pm, taskset.target, sources, device, options)
+            selection = mdist.on_main(lambda: _select_sources(cfg, pm, taskset.target, sources, device, options), env)
             sources = [t for t in sources if t.name in selection["chosen"]]
         from megatron.data.episodes import split_target
 
@@ -360,9 +386,10 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path | None = None, pm: Plugi
         })
         record.setdefault("learners", {})
         setup = _Setup(cfg, pm, run_dir, device, amp, sources, pool, held_out, record["head_classes"], options,
-                       bar, record)
-        write_record(run_dir, record)
-        call_hook(pm, "megatron_run_start", config=cfg, run_dir=run_dir)
+                       bar, record, env)
+        if env.is_main:
+            write_record(run_dir, record)
+            call_hook(pm, "megatron_run_start", config=cfg, run_dir=run_dir)
 
         for i, name in enumerate(names):
             budget = _budget_for(cfg, name, i, names, record)
@@ -371,20 +398,26 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path | None = None, pm: Plugi
             except TrainingError as exc:
                 record["status"] = "failed"
                 record["error"] = f"{name}: {exc}"
-                write_record(run_dir, record)
+                if env.is_main:
+                    write_record(run_dir, record)
                 raise TrainingError(f"learner {name!r}: {exc} (run directory: {run_dir})") from exc
-            write_record(run_dir, record)
+            if env.enabled:
+                record["distributed"]["comm_s"] = round(setup.comm.seconds, 3)
+            if env.is_main:
+                write_record(run_dir, record)
         if len(names) > 1:
             record["comparison"] = _comparison(cfg, names, record)
         record["status"] = "complete"
-        write_record(run_dir, record)
-        atomic_write_text(run_dir / SUMMARY_FILE, summary_markdown(record))
-        if cfg.output.plots:
-            from megatron.plots import plot_map50_curve, plot_train_loss
+        if env.is_main:
+            write_record(run_dir, record)
+            atomic_write_text(run_dir / SUMMARY_FILE, summary_markdown(record))
+            if cfg.output.plots:
+                from megatron.plots import plot_map50_curve, plot_train_loss
 
-            plot_map50_curve(record, run_dir / CURVE_FILE)
-            plot_train_loss(record, run_dir / "train_loss.png")
-        call_hook(pm, "megatron_run_end", run_dir=run_dir, record=record)
+                plot_map50_curve(record, run_dir / CURVE_FILE)
+                plot_train_loss(record, run_dir / "train_loss.png")
+            call_hook(pm, "megatron_run_end", run_dir=run_dir, record=record)
+        mdist.barrier(env)  # nobody leaves before the record is written
     return record
 
 
@@ -490,10 +523,13 @@ def _build_learner(setup: _Setup, name: str, compute: ComputeAccount) -> MetaLea
     if cfg.detector.checkpoint is not None:
         load_start_checkpoint(detector, cfg.detector.checkpoint)
     detector.to(setup.device)
+    mdist.broadcast_module(detector, setup.env)  # rank 0's initial weights everywhere, whatever the init did
     scaler = torch.amp.GradScaler("cuda") if setup.amp == "fp16" else None
     ctx = LearnerContext(device=setup.device, amp=setup.amp, compute=compute, inner_steps=t.inner_steps,
                          inner_lr=t.inner_lr, outer_lr=t.outer_lr, outer_optimizer=t.outer_optimizer,
-                         weight_decay=t.weight_decay, finetune_lr=t.finetune_lr, grad_clip=t.grad_clip, scaler=scaler)
+                         weight_decay=t.weight_decay, finetune_lr=t.finetune_lr, grad_clip=t.grad_clip, scaler=scaler,
+                         all_reduce_mean=mdist.make_all_reduce_mean(setup.env, setup.comm),
+                         world_size=setup.env.world_size)
     if name == cfg.learner.name:
         learner_options = setup.options.learner
     else:
@@ -530,8 +566,13 @@ def _train_learner(setup: _Setup, name: str, budget: Budget, resume: bool) -> di
     }
     finetune_cost: int | None = None
     step_cost = 0
-    if resume and ckpt_path.exists():
-        state = safe_torch_load(ckpt_path)
+    env = setup.env
+    if env.enabled and t.meta_batch % env.world_size:
+        raise ConfigError(f"training.meta_batch = {t.meta_batch} cannot be split over {env.world_size} processes: "
+                          f"set it to a multiple of {env.world_size}")
+    # rank 0 reads the checkpoint and sends it: the other machines need not see the run directory to resume
+    state = mdist.on_main(lambda: safe_torch_load(ckpt_path) if resume and ckpt_path.exists() else None, env)
+    if state is not None:
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ConfigError(f"{ckpt_path}: checkpoint format {state.get('format')} is not {CHECKPOINT_FORMAT}")
         lrec = state["record"]
@@ -548,6 +589,10 @@ def _train_learner(setup: _Setup, name: str, budget: Budget, resume: bool) -> di
         log.info("resume: %s continues after meta-epoch %d", name, len(lrec["epochs"]))
 
     def save(finished: bool) -> None:
+        # every rank must hold the weights rank 0 writes (a TrainingError here keeps the previous checkpoint)
+        mdist.check_in_sync(learner.detector, env, name)
+        if not env.is_main:
+            return
         atomic_torch_save({
             "format": CHECKPOINT_FORMAT, "learner_name": name, "finished": finished,
             "meta_epoch": len(lrec["epochs"]), "detector": learner.detector.state_dict(),
@@ -584,15 +629,25 @@ def _train_learner(setup: _Setup, name: str, budget: Budget, resume: bool) -> di
             else:
                 learner.set_progress((e + step / total_steps) / t.meta_epochs)
             before = compute.spent
-            episodes = sampler.meta_batch(tasks, t.meta_batch)
+            counted = (compute.images_forward, compute.images_backward)
+            episodes = sampler.meta_batch(tasks, t.meta_batch)  # the same global meta-batch on every rank
             try:
-                stats = learner.meta_step(episodes)
+                stats = learner.meta_step(mdist.shard(episodes, env))
             except torch.OutOfMemoryError as exc:
                 raise TrainingError(f"out of memory in meta-epoch {e + 1}, step {step + 1}: lower "
                                     "episodes.support_size/query_size, training.meta_batch or data.input_size") from exc
             compute.discard()
-            step_cost = compute.spent - before
             loss = float(stats.get("loss", float("nan")))
+            if env.enabled:
+                # BatchNorm statistics of the ranks' shards averaged; loss and image passes summed over ranks,
+                # so every rank takes the same budget and schedule decisions
+                mdist.all_reduce_buffers_mean(learner.detector, env)
+                loss_sum, fwd, bwd = mdist.sync_step(
+                    [loss, compute.images_forward - counted[0], compute.images_backward - counted[1]], env)
+                loss = loss_sum / env.world_size
+                compute.images_forward, compute.images_backward = counted[0] + int(fwd), counted[1] + int(bwd)
+                stats = {**stats, "loss": loss}
+            step_cost = compute.spent - before
             if not math.isfinite(loss):
                 raise TrainingError(f"the outer loss became {loss} in meta-epoch {e + 1}, step {step + 1}; the last "
                                     f"good checkpoint ({ckpt_path if ckpt_path.exists() else 'none yet'}) is kept. "
@@ -600,8 +655,9 @@ def _train_learner(setup: _Setup, name: str, budget: Budget, resume: bool) -> di
             losses.append(loss)
             lrec["steps_done"] += 1
             lrec["source_epochs_done"] = round(lrec["source_epochs_done"] + 1.0 / steps, 6)
-            call_hook(setup.pm, "megatron_meta_step_end", learner=name, meta_epoch=e + 1, step=step + 1,
-                      stats={k: float(v) for k, v in stats.items()})
+            if env.is_main:
+                call_hook(setup.pm, "megatron_meta_step_end", learner=name, meta_epoch=e + 1, step=step + 1,
+                          stats={k: float(v) for k, v in stats.items()})
             if bar:
                 bar.update(step_task, advance=1, description=f"{name}: meta-epoch {e + 1} loss {loss:.3f}")
         if bar:
@@ -611,12 +667,13 @@ def _train_learner(setup: _Setup, name: str, budget: Budget, resume: bool) -> di
             break  # nothing new to evaluate
         t_source = time.perf_counter()
         before = compute.spent
-        adapted = _adapt(setup, learner, pre_train, e)
+        with mdist.local_context(learner.ctx):  # every rank fine-tunes the same copy; nothing to average
+            adapted = _adapt(setup, learner, pre_train, e)
         compute.discard()
         finetune_cost = compute.spent - before
         lrec["finetune_epochs_done"] += t.finetune_epochs
         t_finetune = time.perf_counter()
-        metrics = evaluate_detector(adapted, setup.held_out, pre_eval, cfg, setup.device, learner.ctx)
+        metrics = evaluate_detector(adapted, setup.held_out, pre_eval, cfg, setup.device, learner.ctx, env)
         del adapted
         t_eval = time.perf_counter()
         lrec["epochs"].append({
@@ -636,9 +693,10 @@ def _train_learner(setup: _Setup, name: str, budget: Budget, resume: bool) -> di
         lrec["baseline_equivalent_epochs"] = round(lrec["source_epochs_done"] + lrec["finetune_epochs_done"], 4)
         save(finished=False)
         setup.record["learners"][name] = lrec
-        write_record(setup.run_dir, setup.record)
-        call_hook(setup.pm, "megatron_evaluation_end", learner=name, meta_epoch=e + 1,
-                  metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        if env.is_main:
+            write_record(setup.run_dir, setup.record)
+            call_hook(setup.pm, "megatron_evaluation_end", learner=name, meta_epoch=e + 1,
+                      metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         if bar:
             bar.update(epoch_task, advance=1,
                        description=f"{name}: meta-epochs (mAP50 {100 * metrics['mAP50']:.1f}%)")
@@ -667,16 +725,25 @@ def _adapt(setup: _Setup, learner: MetaLearner, pre_train, meta_epoch: int):
 
 
 def evaluate_detector(detector, held_out: Task, pre_eval, cfg: ExperimentConfig, device: torch.device,
-                      ctx: LearnerContext | None = None) -> dict[str, Any]:
-    """Predict on every held-out image (no gradient, not charged) and score with the core evaluator."""
+                      ctx: LearnerContext | None = None, env: mdist.DistEnv | None = None) -> dict[str, Any]:
+    """Predict on every held-out image (no gradient, not charged) and score with the core evaluator.
+
+    Distributed: each rank predicts its share of the images; rank 0 gathers the detections, scores them and
+    sends the metrics to every rank."""
     from megatron.data.episodes import iterate_batches
     from megatron.evaluation import evaluate
 
+    env = env if env is not None else mdist.DistEnv()
+    mine = held_out
+    if env.enabled:
+        import dataclasses
+
+        mine = dataclasses.replace(held_out, records=mdist.shard_records(held_out.records, env))
     was_training = detector.training
     detector.eval()
     detections: list[Detections] = []
     with torch.no_grad(), (ctx.autocast() if ctx is not None else contextlib.nullcontext()):
-        for batch in iterate_batches(held_out, cfg.training.batch_size, pre_eval):
+        for batch in (iterate_batches(mine, cfg.training.batch_size, pre_eval) if mine.records else ()):
             preds = detector.predict(batch.to(device))
             for det, meta in zip(preds, batch.meta):
                 if det.image_id == -1:
@@ -687,8 +754,18 @@ def evaluate_detector(detector, held_out: Task, pre_eval, cfg: ExperimentConfig,
             detections.extend(preds)
     detector.train(was_training)
     ev = cfg.evaluation
-    return evaluate(detections, held_out.records, list(held_out.categories), score_threshold=ev.score_threshold,
-                    iou_threshold=ev.iou_threshold, max_detections=ev.max_detections)
+
+    def score() -> dict[str, Any]:
+        return evaluate(detections, held_out.records, list(held_out.categories), score_threshold=ev.score_threshold,
+                        iou_threshold=ev.iou_threshold, max_detections=ev.max_detections)
+
+    if not env.enabled:
+        return score()
+    parts = mdist.gather_objects(detections, env)
+    # back in the split's image order, as one process produces them (score ties are then broken alike)
+    position = {r.image_id: i for i, r in enumerate(held_out.records)}
+    detections = sorted((d for part in parts for d in part), key=lambda d: position.get(d.image_id, -1))
+    return mdist.on_main(score, env)
 
 
 # --- progress ------------------------------------------------------------------------------------------

@@ -27,6 +27,12 @@ second-order MAML costs several times more per outer step than Reptile (use --bu
 
 Compute is counted in image passes (forward + backward). By default the learner runs its meta-epochs and
 the baseline then trains until it has spent the same; --budget N instead trains every learner until N.
+
+Several processes (GPUs, or CPU processes with --device cpu): --nproc N starts N processes on this machine with
+torch's own launcher (torchrun), or launch it yourself, e.g. on several machines:
+`torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 -m megatron run ...`
+(examples/distributed/README.md). The tasks of every meta-batch are divided over the processes, so
+training.meta_batch must be a multiple of their number; rank 0 writes the run directory.
 """
 
 
@@ -46,11 +52,68 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in the run directory from its last checkpoints (same config)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=run_command)
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="train across N processes on this machine (torchrun underneath; backend nccl on CUDA, gloo "
+                        "on CPU); training.meta_batch must be a multiple of N")
+    p.set_defaults(func=run_command, run_parser=p)
+
+
+def relaunch_argv(args: argparse.Namespace) -> list[str]:
+    """The command line of ``args`` again (every option that differs from its default), without ``--nproc``:
+    what each process started by ``--nproc`` runs."""
+    argv = ["run"]
+    for action in args.run_parser._actions:
+        if not action.option_strings or action.dest in ("help", "nproc"):
+            continue
+        value = getattr(args, action.dest, None)
+        if value is None or value == action.default:
+            continue
+        flag = action.option_strings[-1]
+        if isinstance(action, argparse._StoreTrueAction):
+            argv.append(flag)
+        elif isinstance(action, argparse._AppendAction):
+            for item in value:
+                argv += [flag, str(item)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def launch_processes(args: argparse.Namespace) -> int:
+    """``--nproc N``: ``python -m megatron run ...`` in N processes through torch.distributed.run."""
+    from megatron import distributed as mdist
+    from megatron.errors import ConfigError
+
+    cfg = config_from_args(args, {})  # a bad config fails here, once, not in N processes
+    if cfg.training.meta_batch % args.nproc:
+        raise ConfigError(f"--nproc {args.nproc}: training.meta_batch = {cfg.training.meta_batch} must be a multiple "
+                          f"of the number of processes (e.g. --set training.meta_batch={args.nproc * max(1, cfg.training.meta_batch // args.nproc)})")
+    device = cfg.training.device
+    if device.startswith("cuda") or device == "auto":
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if device.startswith("cuda") and args.nproc > gpus:
+            raise ConfigError(f"--nproc {args.nproc} with training.device={device}: this machine has {gpus} GPU(s); "
+                              "start at most one process per GPU (or --device cpu)")
+        if device == "auto" and 0 < gpus < args.nproc:
+            raise ConfigError(f"--nproc {args.nproc}: this machine has {gpus} GPU(s); start at most one process per GPU, "
+                              "or pass --device cpu for CPU processes")
+    Console(stderr=True).print(f"[dim]starting {args.nproc} processes (torch.distributed.run)...[/]")
+    mdist.launch_local(args.nproc, relaunch_argv(args))
+    return 0
 
 
 def run_command(args: argparse.Namespace, pm=None) -> int:
+    from megatron import distributed as mdist
     from megatron.runner import run_experiment
+
+    if getattr(args, "nproc", None) is not None and args.nproc < 1:
+        from megatron.errors import ConfigError
+
+        raise ConfigError(f"--nproc must be at least 1, got {args.nproc}")
+    if (getattr(args, "nproc", None) or 1) > 1 and not mdist.launched_by_torchrun():
+        return launch_processes(args)
 
     extra = {
         "training.meta_epochs": args.meta_epochs,
@@ -67,8 +130,13 @@ def run_command(args: argparse.Namespace, pm=None) -> int:
         raise ConfigError("--similarity names the metric for --select-sources K; give --select-sources too")
     cfg = config_from_args(args, extra)
     console = Console()
-    record = run_experiment(cfg, run_dir=Path(args.run_dir) if args.run_dir else None, pm=pm,
-                            resume=args.resume, progress=not args.no_progress)
+    try:
+        record = run_experiment(cfg, run_dir=Path(args.run_dir) if args.run_dir else None, pm=pm,
+                                resume=args.resume, progress=not args.no_progress)
+    finally:
+        mdist.shutdown()
+    if not mdist.is_main_process():
+        return 0  # rank 0 prints the results
     console.print(results_table(record))
     if record.get("comparison"):
         console.print(f"[dim]Equal compute: {record['comparison']['how']}.[/]")
