@@ -93,7 +93,7 @@ def pretrain(cfg: ExperimentConfig, pm, out: str | Path, settings: PretrainSetti
     from megatron.data.preprocess import Preprocessor
     from megatron.config import validate_plugin_options
     from megatron.experiment import build_taskset, load_tasks
-    from megatron.runner import resolve_amp, resolve_device, seed_everything
+    from megatron.runner import progress_bars, resolve_amp, resolve_device, seed_everything
     from megatron.weights import load_checkpoint, save_detector_checkpoint
 
     s = settings or PretrainSettings()
@@ -133,7 +133,7 @@ def pretrain(cfg: ExperimentConfig, pm, out: str | Path, settings: PretrainSetti
 
     result = PretrainResult(path=out, categories=categories, tasks=[t.name for t in sources], epochs=0, steps=0)
     start = time.perf_counter()
-    with _progress_bar(progress) as bar:
+    with progress_bars(progress) as bar:
         job = bar.add_task("pretrain", total=total) if bar is not None else None
         for epoch in range(s.epochs):
             epoch_losses = []
@@ -197,18 +197,3 @@ def _meta(cfg: ExperimentConfig, result: PretrainResult, s: PretrainSettings) ->
     }
 
 
-@contextlib.contextmanager
-def _progress_bar(enabled: bool):
-    if not enabled:
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    console = Console(stderr=True)
-    if not console.is_terminal:
-        yield None
-        return
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=console, transient=True) as bar:
-        yield bar

@@ -358,7 +358,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path | None = None, pm: Plugi
 
     run_dir = mdist.on_main(make_run_dir, env)
 
-    with _threads(cfg.training.num_threads), _deterministic(device), _progress(progress and env.is_main) as bar:
+    with _threads(cfg.training.num_threads), _deterministic(device), progress_bars(progress and env.is_main) as bar:
         seed_everything(cfg.seed)
         record = mdist.on_main(lambda: _start_record(cfg, run_dir, resume, device), env)
         if env.enabled:
@@ -373,7 +373,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path | None = None, pm: Plugi
         sources = taskset.sources
         selection = None
         if cfg.similarity.select_sources:
-            selection = mdist.on_main(lambda: _select_sources(cfg, pm, taskset.target, sources, device, options), env)
+            selection = mdist.on_main(lambda: _select_sources(cfg, pm, taskset.target, sources, device), env)
             sources = [t for t in sources if t.name in selection["chosen"]]
         from megatron.data.episodes import split_target
 
@@ -484,13 +484,17 @@ def _comparison(cfg: ExperimentConfig, names: list[str], record: dict) -> dict[s
     return {"learners": names, "baseline": names[1] if len(names) > 1 else None, "how": how, "spent": spent}
 
 
-def _select_sources(cfg, pm, target: Task, sources: list[Task], device: torch.device, options) -> dict[str, Any]:
-    from megatron.similarity import SimilarityContext, build_metric, select_sources
+def detector_feature_extractor(cfg, pm, sources: list[Task], device: torch.device):
+    """``(make, description)``: ``make()`` builds the configured detector (checkpoint loaded, seeded) and
+    returns a function mapping a ``(B, 3, S, S)`` batch to its ``features``. Shared by ``megatron run
+    --select-sources`` and ``megatron similarity`` so both rank sources the same way."""
+    from megatron.config import validate_plugin_options
 
-    def feature_extractor():
+    def make():
         det_cls = pm.registers["detector"].get(cfg.detector.name)
+        options = validate_plugin_options(det_cls, cfg.detector.options, "detector.options")
         torch.manual_seed(derive_seed(cfg.seed, "similarity-features"))
-        det = det_cls(head_classes_for(cfg, sources), cfg.data.input_size, options.detector)
+        det = det_cls(head_classes_for(cfg, sources), cfg.data.input_size, options)
         if cfg.detector.checkpoint is not None:
             load_start_checkpoint(det, cfg.detector.checkpoint)
         det.to(device).eval()
@@ -502,8 +506,17 @@ def _select_sources(cfg, pm, target: Task, sources: list[Task], device: torch.de
 
         return embed
 
+    weights = f"weights from {cfg.detector.checkpoint}" if cfg.detector.checkpoint else \
+        "RANDOM initial weights (no detector.checkpoint): texture statistics only"
+    return make, f"{cfg.detector.name} detector features, {weights}"
+
+
+def _select_sources(cfg, pm, target: Task, sources: list[Task], device: torch.device) -> dict[str, Any]:
+    from megatron.similarity import SimilarityContext, build_metric, select_sources
+
+    make, description = detector_feature_extractor(cfg, pm, sources, device)
     ctx = SimilarityContext(seed=cfg.seed, device=device, input_size=cfg.data.input_size,
-                            make_feature_extractor=feature_extractor)
+                            make_feature_extractor=make, feature_extractor_desc=description)
     metric = build_metric(pm, cfg, cfg.similarity.metric, ctx)
     selection = select_sources(metric, target, sources, cfg.similarity.select_sources)
     log.info("%s", selection.reason)
@@ -771,18 +784,18 @@ def evaluate_detector(detector, held_out: Task, pre_eval, cfg: ExperimentConfig,
 # --- progress ------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _progress(enabled: bool) -> Iterator[Any]:
-    """Rich progress bars (meta-epochs and steps) on stderr when it is a terminal and ``enabled``."""
+def progress_bars(enabled: bool) -> Iterator[Any]:
+    """Rich progress bars (one row per loop) on stderr when it is a terminal and ``enabled``; else ``None``."""
     if not enabled:
         yield None
         return
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     console = Console(stderr=True)
     if not console.is_terminal:
         yield None
         return
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:
+                  TimeRemainingColumn(), console=console, transient=True) as bar:
         yield bar

@@ -36,41 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
 
-def _detector_extractor(cfg, pm, sources, device):
-    """The configured detector's ``features`` (the same extractor `megatron run --select-sources` uses)."""
-    import torch
-
-    from megatron.config import validate_plugin_options
-    from megatron.runner import derive_seed, head_classes_for, load_start_checkpoint
-    from megatron.types import Batch
-
-    def make():
-        det_cls = pm.registers["detector"].get(cfg.detector.name)
-        options = validate_plugin_options(det_cls, cfg.detector.options, "detector.options")
-        torch.manual_seed(derive_seed(cfg.seed, "similarity-features"))
-        det = det_cls(head_classes_for(cfg, sources), cfg.data.input_size, options)
-        if cfg.detector.checkpoint is not None:
-            load_start_checkpoint(det, cfg.detector.checkpoint)
-        det.to(device).eval()
-
-        def embed(images: torch.Tensor) -> torch.Tensor:
-            batch = Batch(images=images.to(device), boxes=[], labels=[], meta=[{} for _ in range(len(images))])
-            with torch.no_grad():
-                return det.features(batch)
-
-        return embed
-
-    weights = f"weights from {cfg.detector.checkpoint}" if cfg.detector.checkpoint else \
-        "RANDOM initial weights (no detector.checkpoint): texture statistics only"
-    return make, f"{cfg.detector.name} detector features, {weights}"
-
-
 def compute(cfg, pm, target_name: str, metric_names: list[str], progress=None) -> tuple[dict[str, Any], dict]:
     """Pairwise distances and the target's ranking per metric. Returns ``(result, metrics)``: the JSON-able
     result and the metric objects (their cached summaries feed the plots)."""
     from megatron.errors import ConfigError
     from megatron.experiment import load_tasks
-    from megatron.runner import resolve_device
+    from megatron.runner import detector_feature_extractor, resolve_device
     from megatron.similarity import SimilarityContext, build_metric, pairwise_distances
 
     tasks = load_tasks(cfg, pm)
@@ -85,7 +56,7 @@ def compute(cfg, pm, target_name: str, metric_names: list[str], progress=None) -
         raise ConfigError(f"there are no source tasks to compare with target {target_name!r}")
     ordered = [by_name[target_name], *(by_name[n] for n in source_names)]
     device = resolve_device(cfg.training.device)
-    make, desc = _detector_extractor(cfg, pm, ordered[1:], device)
+    make, desc = detector_feature_extractor(cfg, pm, ordered[1:], device)
     ctx = SimilarityContext(seed=cfg.seed, device=device, input_size=cfg.data.input_size,
                             make_feature_extractor=make, feature_extractor_desc=desc)
     result: dict[str, Any] = {"target": target_name, "sources": source_names, "metrics": {}}
