@@ -35,15 +35,22 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "training.device": getattr(args, "device", None),
         "output.dir": getattr(args, "out", None),
     }
-    for item in getattr(args, "set", []) or []:
+    o.update(parse_set_options(getattr(args, "set", []) or []))
+    return o
+
+
+def parse_set_options(items: list[str]) -> dict[str, Any]:
+    """``["a.b=3", "c=x"]`` -> ``{"a.b": 3, "c": "x"}`` (values parsed as YAML, else kept as text)."""
+    out: dict[str, Any] = {}
+    for item in items:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set training.meta_epochs=2")
         key, value = item.split("=", 1)
         try:
-            o[key.strip()] = yaml.safe_load(value)
+            out[key.strip()] = yaml.safe_load(value)
         except yaml.YAMLError:
-            o[key.strip()] = value
-    return o
+            out[key.strip()] = value
+    return out
 
 
 def config_from_args(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> ExperimentConfig:

@@ -6,13 +6,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from megatron.errors import ConfigError
+from megatron.commands.common import parse_set_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -109,19 +109,6 @@ def print_report(report, console: Console, show: int = 30) -> None:
     console.print(f"check: {verdict}, {len(report.warnings)} warning(s)")
 
 
-def _parse_sets(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set seed=1")
-        key, value = item.split("=", 1)
-        try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            out[key.strip()] = value
-    return out
-
-
 def _export(args: argparse.Namespace) -> int:
     from megatron import get_plugin_manager
     from megatron.config import validate_plugin_options
@@ -132,7 +119,7 @@ def _export(args: argparse.Namespace) -> int:
         cls = pm.registers["dataset"].get(args.name)
     except KeyError as exc:
         raise ConfigError(f"data export: {exc}") from None
-    options = validate_plugin_options(cls, _parse_sets(args.set), f"data export {args.name} --set")
+    options = validate_plugin_options(cls, parse_set_options(args.set), f"data export {args.name} --set")
     tasks = cls(options).load()
     out = Path(args.out)
     console = Console()
