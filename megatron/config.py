@@ -70,7 +70,9 @@ class TrainingConfig(_Model):
     the same compute) finishes in about 10 minutes on a 2-core CPU: measured 1.4-1.75 CPU-s per outer step
     (YOLOX-tiny, 256 px, 16 images) on one thread, 45 steps per source epoch for the built-in suite; the
     projection of benchmarks/bench_runner.py is ~570 CPU-s for both learners (plus ~50 s to generate the
-    suite on first use). Second-order MAML costs several times more per step (cap it with --budget).
+    suite on first use). Measured end to end with one thread while other jobs shared the machine: 16 min.
+    From random weights this budget ends near 0 mAP50: pre-train first (`megatron pretrain`, README).
+    Second-order MAML costs several times more per step (cap it with --budget).
     """
 
     meta_epochs: int = Field(4, ge=1, description="meta-epochs (each: source training, target fine-tuning, evaluation)")

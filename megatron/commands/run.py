@@ -15,8 +15,10 @@ Meta-train a detector on the source tasks, fine-tune it on the target's K-image 
 target's held-out split, and compare it with the `finetune` transfer-learning baseline at the same compute.
 
 With no config it runs the built-in medsynth suite (6 source modalities, the EIT-like target, K = 20 shots)
-on defaults sized to finish in about 10 minutes on a 2-core CPU; a config file scales it up
-(examples/configs/gpu.yaml has the method's full settings).
+on defaults sized to finish in about 10 minutes on an idle 2-core CPU (16 min measured on a busy one); from
+random weights that budget shows the machinery, not an answer: start from `megatron pretrain`'s checkpoint
+(--checkpoint) for numbers worth comparing. A config file scales it up (examples/configs/gpu.yaml has the
+method's full settings).
 
 Meta-epochs, as the method counts them: one meta-epoch = M source epochs (training.source_epochs; an epoch
 is enough outer steps for the meta-batches to see each source image about once, or
