@@ -281,13 +281,18 @@ def gather_objects(obj: T, env: DistEnv) -> list[T]:
 
 def all_reduce_sum_ints(values: Sequence[int], env: DistEnv) -> list[int]:
     """Element-wise sums of integer counters over ranks (e.g. images forwarded), exact (int64)."""
+    return [int(v) for v in _all_reduce_sum([int(v) for v in values], torch.int64, env)]
+
+
+def _all_reduce_sum(values: list, dtype: torch.dtype, env: DistEnv) -> list:
+    """One small all-reduce (SUM) of a list of numbers; on the GPU for nccl."""
     if not env.enabled:
-        return [int(v) for v in values]
-    t = torch.tensor([int(v) for v in values], dtype=torch.int64)
+        return values
+    t = torch.tensor(values, dtype=dtype)
     if env.backend == "nccl":
         t = t.cuda()
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return [int(v) for v in t.cpu().tolist()]
+    return t.cpu().tolist()
 
 
 def barrier(env: DistEnv) -> None:
@@ -365,13 +370,7 @@ def on_main(fn: Callable[[], T], env: DistEnv) -> T:
 def sync_step(values: Sequence[float], env: DistEnv) -> list[float]:
     """Element-wise sums over ranks of a few per-step numbers (loss, images forwarded/backwarded) in one
     small float64 all-reduce; float64 keeps image counts exact (up to 2**53)."""
-    if not env.enabled:
-        return [float(v) for v in values]
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
-    if env.backend == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return [float(v) for v in t.cpu().tolist()]
+    return [float(v) for v in _all_reduce_sum([float(v) for v in values], torch.float64, env)]
 
 
 def shard_records(records: Sequence[T], env: DistEnv) -> list[T]:

@@ -124,23 +124,15 @@ class MetaLearner:
         return float(loss.detach())
 
     def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> None:
-        scaler = self.ctx.scaler
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        self.ctx.compute.backward()
-        if self.ctx.all_reduce_mean is not None:
-            grads = [p.grad for p in params if p.grad is not None]
-            self.ctx.all_reduce_mean(grads)
-        if self.ctx.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], self.ctx.grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        """Backward (charged), gradients averaged over ranks in a distributed run, clip, step."""
+        params = list(params)
+
+        def after_backward() -> None:
+            self.ctx.compute.backward()
+            if self.ctx.all_reduce_mean is not None:
+                self.ctx.all_reduce_mean([p.grad for p in params if p.grad is not None])
+
+        optimizer_step(loss, optimizer, scaler=self.ctx.scaler, grad_clip=self.ctx.grad_clip, after_backward=after_backward)
 
     def state_dict(self) -> dict:
         """Learner state beyond the detector's weights (optimiser moments, schedules) for resume."""
@@ -148,6 +140,24 @@ class MetaLearner:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, *, scaler: "torch.amp.GradScaler | None" = None,
+                   grad_clip: float | None = None, after_backward: Callable[[], None] | None = None) -> None:
+    """Backward, optional ``after_backward()`` (accounting, all-reduce), gradient clipping over the optimiser's
+    parameters, step — with the fp16 gradient scaler when one is given (unscaled before clipping)."""
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if after_backward is not None:
+        after_backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
 
 
 def check_finite(loss: torch.Tensor, detector: Detector | None = None) -> None:

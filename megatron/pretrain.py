@@ -26,6 +26,7 @@ import torch
 
 from megatron.config import ExperimentConfig
 from megatron.errors import ConfigError, TrainingError
+from megatron.learner import optimizer_step
 from megatron.types import Batch, Task
 
 log = logging.getLogger(__name__)
@@ -147,18 +148,7 @@ def pretrain(cfg: ExperimentConfig, pm, out: str | Path, settings: PretrainSetti
                         f"pretrain: the loss became {float(loss)} at step {result.steps} (task {task.name!r}); "
                         f"lower the learning rate (now {s.lr}) or check that task's boxes"
                     )
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimiser)
-                else:
-                    loss.backward()
-                if s.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
-                if scaler is not None:
-                    scaler.step(optimiser)
-                    scaler.update()
-                else:
-                    optimiser.step()
+                optimizer_step(loss, optimiser, scaler=scaler, grad_clip=s.grad_clip)
                 scheduler.step()
                 result.steps += 1
                 epoch_losses.append(float(loss.detach()))

@@ -39,7 +39,7 @@ from pydantic import Field
 
 from megatron import hookimpl
 from megatron.detector import Detector
-from megatron.learner import LearnerContext, LearnerOptions, MetaLearner
+from megatron.learner import LearnerContext, LearnerOptions, MetaLearner, optimizer_step
 from megatron.types import Episode
 
 from megatron_plugins.learners._functional import check_episode_labels, concat_batches
@@ -85,23 +85,12 @@ class Reptile(MetaLearner):
             return torch.optim.Adam(params, lr=self.ctx.inner_lr, betas=(0.0, 0.999))
         return torch.optim.SGD(params, lr=self.ctx.inner_lr)
 
-    def _inner_step(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], batch) -> float:
+    def _inner_step(self, optimizer: torch.optim.Optimizer, batch) -> float:
         """One optimiser step on ``batch``; no cross-rank averaging (each rank adapts to its own tasks)."""
         ctx = self.ctx
         optimizer.zero_grad(set_to_none=True)
         loss = self.loss(self.detector, batch)
-        scaler = ctx.scaler
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        ctx.compute.backward()
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        if ctx.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, ctx.grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        optimizer_step(loss, optimizer, scaler=ctx.scaler, grad_clip=ctx.grad_clip, after_backward=ctx.compute.backward)
         return float(loss.detach())
 
     @torch.no_grad()
@@ -130,7 +119,7 @@ class Reptile(MetaLearner):
             batch = concat_batches([episode.support, episode.query])
             optimizer = self._inner_optimizer(params)
             for _ in range(self.ctx.inner_steps):
-                losses.append(self._inner_step(optimizer, params, batch))
+                losses.append(self._inner_step(optimizer, batch))
             with torch.no_grad():
                 for name, value in self.detector.state_dict(keep_vars=True).items():
                     delta[name] += value.detach().to(delta[name].dtype) - theta[name].to(delta[name].dtype)
