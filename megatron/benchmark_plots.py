@@ -221,17 +221,9 @@ def plot_ntasks(rows: list[dict], out: Path, epoch: int | None, fixed: str = "")
 
     e = fixed_epoch(rows, epoch)
     fig, ax = plt.subplots(figsize=(8, 4.8))
-    for j, learner in enumerate(learners):
-        xs, ms, errs = [], [], [[], []]
-        for i, n in enumerate(ns):
-            vals = [r["epochs"][e - 1]["mAP50"] * POINTS for r in rows if r["learner"] == learner and
-                    r["n_tasks"] == n and r["n_epochs"] >= e and r["epochs"][e - 1]["mAP50"] is not None]
-            if vals:
-                m, lo, hi = _ci(vals)
-                xs.append(i + (j - (len(learners) - 1) / 2) * width)
-                ms.append(m), errs[0].append(m - lo), errs[1].append(hi - m)
-        if xs:
-            ax.bar(xs, ms, width=width * 0.9, yerr=errs, capsize=4, color=colors[learner], alpha=0.8, label=learner)
+    _grouped_bars(ax, learners, ns, colors, width, lambda learner, n: [
+        r["epochs"][e - 1]["mAP50"] * POINTS for r in rows if r["learner"] == learner and
+        r["n_tasks"] == n and r["n_epochs"] >= e and r["epochs"][e - 1]["mAP50"] is not None])
     ax.set_xticks(range(len(ns)), [str(n) for n in ns])
     ax.set(xlabel="number of source tasks N", ylabel=Y_POINTS,
            title=f"mAP50 at epoch {e} vs number of source tasks{_title_suffix(rows, ('shots', 'lr'))}\n"
@@ -240,6 +232,20 @@ def plot_ntasks(rows: list[dict], out: Path, epoch: int | None, fixed: str = "")
     ax.legend()
     fig.tight_layout()
     return [p1, _save(fig, out / f"ntasks_bar{_suffix(fixed)}.png")]
+
+
+def _grouped_bars(ax, learners: list[str], groups: list, colors: dict, width: float, values) -> None:
+    """One bar per (group, learner): mean of ``values(learner, group)`` with its 95% CI as the error bar."""
+    for j, learner in enumerate(learners):
+        xs, ms, errs = [], [], [[], []]
+        for i, g in enumerate(groups):
+            vals = values(learner, g)
+            if vals:
+                m, lo, hi = _ci(vals)
+                xs.append(i + (j - (len(learners) - 1) / 2) * width)
+                ms.append(m), errs[0].append(m - lo), errs[1].append(hi - m)
+        if xs:
+            ax.bar(xs, ms, width=width * 0.9, yerr=errs, capsize=4, color=colors[learner], alpha=0.8, label=learner)
 
 
 def plot_selection(rows: list[dict], out: Path, fixed: str = "") -> list[Path]:
@@ -251,16 +257,8 @@ def plot_selection(rows: list[dict], out: Path, fixed: str = "") -> list[Path]:
     colors = _colors(learners)
     width = 0.8 / len(learners)
     fig, ax = plt.subplots(figsize=(max(7, 1.4 * len(groups)), 4.8))
-    for j, learner in enumerate(learners):
-        xs, ms, errs = [], [], [[], []]
-        for i, g in enumerate(groups):
-            vals = [r["mAP50"] * POINTS for r in rows if r["learner"] == learner and (r["selection"], r["n_tasks"]) == g]
-            if vals:
-                m, lo, hi = _ci(vals)
-                xs.append(i + (j - (len(learners) - 1) / 2) * width)
-                ms.append(m), errs[0].append(m - lo), errs[1].append(hi - m)
-        if xs:
-            ax.bar(xs, ms, width=width * 0.9, yerr=errs, capsize=4, color=colors[learner], alpha=0.8, label=learner)
+    _grouped_bars(ax, learners, groups, colors, width, lambda learner, g: [
+        r["mAP50"] * POINTS for r in rows if r["learner"] == learner and (r["selection"], r["n_tasks"]) == g])
     ax.set_xticks(range(len(groups)), [f"{s}\nN={n}" for s, n in groups])
     ax.set(xlabel="source-task choice", ylabel="final " + Y_POINTS,
            title="Source-task choice: closest by similarity vs random vs all" + _title_suffix(rows, ("shots", "lr"))
