@@ -39,10 +39,10 @@ def main() -> None:
     from megatron.config import load_config
     from megatron.data.episodes import EpisodeSampler, iterate_batches, split_target
     from megatron.data.preprocess import Preprocessor
-    from megatron.evaluation import evaluate
+    from megatron.evaluation.coco import evaluate
     from megatron.experiment import build_taskset, load_tasks, validate_experiment_plugins
     from megatron.learner import LearnerContext
-    from megatron.runner import run_experiment, steps_per_source_epoch
+    from megatron.training.runner import run_experiment, steps_per_source_epoch
 
     steps = 2 if args.quick else 6
     overrides = {"training.meta_epochs": 1, "training.steps_per_epoch": steps, "training.finetune_epochs": 1,

@@ -17,6 +17,9 @@ from megatron.compute import ComputeAccount
 from megatron.detector import Detector
 from megatron.types import Batch, Episode, Task
 
+#: the transfer-learning baseline every learner is compared with (a learner plugin like the others)
+BASELINE_LEARNER = "finetune"
+
 
 class LearnerOptions(BaseModel):
     """Options every learner understands; a plugin subclasses this to add its own (``extra='forbid'``)."""

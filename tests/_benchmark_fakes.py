@@ -1,4 +1,4 @@
-"""A stand-in for megatron.runner.run_experiment: records with chosen metrics, instantly (top-level, picklable)."""
+"""A stand-in for megatron.training.runner.run_experiment: records with chosen metrics, instantly (top-level, picklable)."""
 from __future__ import annotations
 
 from pathlib import Path

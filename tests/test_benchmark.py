@@ -1,4 +1,4 @@
-"""megatron.benchmark with a fake runner: grid expansion, cell configs, resume, workers, shards, CLI."""
+"""megatron.benchmark.grid with a fake runner: grid expansion, cell configs, resume, workers, shards, CLI."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import _benchmark_fakes as fakes
-from megatron import benchmark as bm
+from megatron.benchmark import grid as bm
 from megatron.cli import main
 from megatron.config import ExperimentConfig
 from megatron.errors import ConfigError
@@ -149,7 +149,7 @@ def test_workers_give_the_same_results_as_serial(tmp_path):
     grid = {"learners": ["reptile"], "seeds": [0, 1], "n_sources": [2, "all"], "budget": 600}
     bcfg, base = make(grid)
     bm.run_benchmark(bcfg, base, tmp_path / "serial", runner=fakes.fake_runner, progress=False, report=False)
-    from megatron.report import write_results, load_rows
+    from megatron.benchmark.report import write_results, load_rows
 
     write_results(load_rows([tmp_path / "serial"]).rows, tmp_path / "serial")
     res = bm.run_benchmark(bcfg, base, tmp_path / "par", runner=fakes.fake_runner, workers=2, progress=False,

@@ -404,7 +404,7 @@ def blob_task(n_images: int = 16, size: int = 160, seed: int = 0) -> Task:
 def _train_and_evaluate(det, task: Task, steps: int, lr: float) -> tuple[float, float, float, float]:
     from megatron.data.episodes import iterate_batches, load_batch
     from megatron.data.preprocess import Preprocessor
-    from megatron.evaluation import evaluate
+    from megatron.evaluation.coco import evaluate
 
     pre = Preprocessor(det.input_size)
     batch_all = load_batch(task, list(range(len(task))), pre)

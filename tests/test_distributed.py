@@ -1,4 +1,4 @@
-"""Distributed meta-training (megatron.distributed) on CPU: gloo, 2 processes on loopback, the tiny detector.
+"""Distributed meta-training (megatron.training.distributed) on CPU: gloo, 2 processes on loopback, the tiny detector.
 
 One 2-process session (module fixture; process start-up dominates the cost) trains every case of
 ``dist_workers.LEARNER_CASES`` for a few outer steps on the same global meta-batches a single process sees,
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import dist_workers
-from megatron import distributed as mdist
-from megatron.distributed import DistEnv
+from megatron.training import distributed as mdist
+from megatron.training.distributed import DistEnv
 from megatron.errors import ConfigError
 
 STEPS = 3

@@ -85,7 +85,7 @@ def test_two_processes_end_with_the_weights_of_one_process(two_process_run, tmp_
 
     import megatron
     from megatron.config import load_config
-    from megatron.runner import run_experiment
+    from megatron.training.runner import run_experiment
 
     run_dir, _ = two_process_run
     cfg_path = tmp_path / "cfg.yaml"

@@ -1,4 +1,4 @@
-"""Known-answer tests for megatron.evaluation (every number pinned by hand)."""
+"""Known-answer tests for megatron.evaluation.coco (every number pinned by hand)."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from megatron.errors import DataError, MegatronError
-from megatron.evaluation import box_iou, evaluate
+from megatron.evaluation.coco import box_iou, evaluate
 from megatron.types import Detections, ImageRecord
 
 CATS = ["lesion", "calcification"]

@@ -601,7 +601,7 @@ def test_every_learner_runs_end_to_end_through_the_runner(name, tmp_path):
     import megatron
     import tiny_detector  # the runner tests' tiny detector and `blobs` dataset
     from megatron.config import load_config
-    from megatron.runner import run_experiment
+    from megatron.training.runner import run_experiment
 
     cfg = load_config(None, {
         "data.datasets": [{"plugin": "blobs", "options": {"images_per_task": 16}}], "data.target": "target",

@@ -8,9 +8,9 @@ import torch
 from megatron import hookimpl
 from megatron.config import load_config
 from megatron.datasets import DatasetOptions, DatasetPlugin
-from megatron.pretrain import PretrainSettings, interleaved_batches, merged_categories, pretrain
+from megatron.training.pretrain import PretrainSettings, interleaved_batches, merged_categories, pretrain
 from megatron.types import ImageRecord, Task
-from megatron.weights import load_checkpoint, read_checkpoint_header
+from megatron.training.weights import load_checkpoint, read_checkpoint_header
 
 
 @pytest.fixture(autouse=True)

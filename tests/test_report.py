@@ -1,4 +1,4 @@
-"""megatron.report: statistics in words, rebuilding from records, merging, plots."""
+"""megatron.benchmark.report: statistics in words, rebuilding from records, merging, plots."""
 from __future__ import annotations
 
 import csv
@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 import _benchmark_fakes as fakes
-from megatron import benchmark as bm
+from megatron.benchmark import grid as bm
 from megatron.checkpoint import atomic_write_json
 from megatron.cli import main
-from megatron.report import ReportError, build_report, load_rows
+from megatron.benchmark.report import ReportError, build_report, load_rows
 
 BASE = {"data": {"sources": fakes.SOURCES}, "training": {"meta_epochs": 3, "source_epochs": 10, "finetune_epochs": 5}}
 FROZEN = {"name": "incremental", "label": "incremental-frozen",

@@ -17,7 +17,7 @@ from megatron import hookimpl  # noqa: E402
 from megatron.checkpoint import safe_torch_load  # noqa: E402
 from megatron.config import load_config  # noqa: E402
 from megatron.errors import ConfigError, PluginError, TrainingError  # noqa: E402
-from megatron.runner import derive_seed, run_experiment, steps_per_source_epoch  # noqa: E402
+from megatron.training.runner import derive_seed, run_experiment, steps_per_source_epoch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -274,7 +274,7 @@ def test_derived_seeds_are_stable_and_distinct():
 
 
 def test_runs_start_from_detector_checkpoint(tmp_path):
-    from megatron.weights import save_detector_checkpoint
+    from megatron.training.weights import save_detector_checkpoint
 
     torch.manual_seed(123)
     pretrained = tiny_detector.TinyDetector(3, 64)  # another class count: only the classifier is re-initialised

@@ -374,7 +374,7 @@ def test_embedding_ranks_the_targets_neighbours_first(suite):
 
 # ---------------------------------------------------------------------------------------------- t-SNE and plots
 def test_tsne_separates_two_well_separated_clusters():
-    from megatron.similarity_plots import tsne
+    from megatron.similarity.plots import tsne
 
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.normal(0, 1, (40, 30)), rng.normal(6, 1, (40, 30))])
@@ -389,7 +389,7 @@ def test_tsne_separates_two_well_separated_clusters():
 
 
 def test_plots_are_written(tmp_path):
-    from megatron.similarity_plots import plot_heatmap, plot_histograms, plot_tsne
+    from megatron.similarity.plots import plot_heatmap, plot_histograms, plot_tsne
 
     m = wass()
     sums = {n: m.summarize(make_task(n, noise_images(i, lo=50 + 30 * i, hi=120 + 30 * i))) for i, n in enumerate("abc")}

@@ -1,9 +1,9 @@
-"""megatron.stats against hand computations."""
+"""megatron.benchmark.stats against hand computations."""
 import math
 
 import pytest
 
-from megatron import stats
+from megatron.benchmark import stats
 
 
 def test_mean_ci_n3_matches_hand_computation():

@@ -1,4 +1,4 @@
-"""megatron.weights: checkpoints of every supported layout, with clear reports and errors."""
+"""megatron.training.weights: checkpoints of every supported layout, with clear reports and errors."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatron.errors import MegatronError
-from megatron.weights import CheckpointError, LoadReport, load_checkpoint, read_checkpoint_header, save_detector_checkpoint
+from megatron.training.weights import CheckpointError, LoadReport, load_checkpoint, read_checkpoint_header, save_detector_checkpoint
 from megatron_plugins.detectors.faster_rcnn import FasterRCNN
 from megatron_plugins.detectors.yolox import YOLOX
 

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from megatron.benchmark import expand_grid, load_benchmark_config, parse_shard, run_benchmark
+    from megatron.benchmark.grid import expand_grid, load_benchmark_config, parse_shard, run_benchmark
 
     console = Console()
     base_overrides = {}

@@ -34,7 +34,7 @@ def _run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from megatron import get_plugin_manager
-    from megatron.pretrain import PretrainSettings, pretrain
+    from megatron.training.pretrain import PretrainSettings, pretrain
 
     cfg = config_from_args(args)
     pm = get_plugin_manager()

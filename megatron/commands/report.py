@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from megatron.report import build_report
+    from megatron.benchmark.report import build_report
 
     if len(args.dirs) > 1 and not args.out:
         raise ConfigError("megatron report: with several directories give --out (where the merged report goes)")

@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from megatron.commands.common import add_config_arguments, config_from_args
-from megatron.record import CURVE_FILE, RECORD_FILE, TABLE_METRICS
+from megatron.training.record import CURVE_FILE, RECORD_FILE, TABLE_METRICS
 
 DESCRIPTION = """\
 Meta-train a detector on the source tasks, fine-tune it on the target's K-image pool, evaluate it on the
@@ -83,7 +83,7 @@ def relaunch_argv(args: argparse.Namespace) -> list[str]:
 
 def launch_processes(args: argparse.Namespace) -> int:
     """``--nproc N``: ``python -m megatron run ...`` in N processes through torch.distributed.run."""
-    from megatron import distributed as mdist
+    from megatron.training import distributed as mdist
     from megatron.errors import ConfigError
 
     cfg = config_from_args(args, {})  # a bad config fails here, once, not in N processes
@@ -107,8 +107,8 @@ def launch_processes(args: argparse.Namespace) -> int:
 
 
 def run_command(args: argparse.Namespace, pm=None) -> int:
-    from megatron import distributed as mdist
-    from megatron.runner import run_experiment
+    from megatron.training import distributed as mdist
+    from megatron.training.runner import run_experiment
 
     if getattr(args, "nproc", None) is not None and args.nproc < 1:
         from megatron.errors import ConfigError

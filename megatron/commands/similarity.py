@@ -41,7 +41,7 @@ def compute(cfg, pm, target_name: str, metric_names: list[str], progress=None) -
     result and the metric objects (their cached summaries feed the plots)."""
     from megatron.errors import ConfigError
     from megatron.experiment import load_tasks
-    from megatron.runner import detector_feature_extractor, resolve_device
+    from megatron.training.runner import detector_feature_extractor, resolve_device
     from megatron.similarity import SimilarityContext, build_metric, pairwise_distances
 
     tasks = load_tasks(cfg, pm)
@@ -77,7 +77,7 @@ def compute(cfg, pm, target_name: str, metric_names: list[str], progress=None) -
 
 def write_plots(result: dict[str, Any], metrics: dict, out: Path, seed: int) -> list[str]:
     from megatron.similarity import summarize_cached
-    from megatron.similarity_plots import plot_heatmap, plot_histograms, plot_tsne
+    from megatron.similarity.plots import plot_heatmap, plot_histograms, plot_tsne
 
     written = []
     for name, entry in result["metrics"].items():

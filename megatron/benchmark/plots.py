@@ -22,9 +22,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from megatron import stats  # noqa: E402
-from megatron.report import (BASELINE, METRIC_LABELS, POINTS, complete, fixed_epoch, setting_label,  # noqa: E402
-                             setting_of, slug, _skey)
+from megatron.benchmark import stats  # noqa: E402
+from megatron.benchmark.rows import (BASELINE, METRIC_LABELS, POINTS, complete, fixed_epoch, n_all,  # noqa: E402
+                                    setting_label, setting_of, slug, _skey)
 
 Y_POINTS = "mAP50 (points, ×100)"
 
@@ -271,16 +271,15 @@ def plot_selection(rows: list[dict], out: Path, fixed: str = "") -> list[Path]:
 
 def make_all(rows: list[dict], summary: dict, comparisons: list, out: Path, loaded, epoch: int | None = None
              ) -> list[Path]:
-    from megatron.report import _n_all
 
     out = Path(out)
     done = [r for r in complete(rows) if r["n_epochs"]]
     paths: list[Path] = []
     if not done:
         return paths
-    n_all = _n_all(loaded)
+    n_sources_all = n_all(loaded)
     src = (loaded.records[0].get("config") if loaded.records else None)
-    p = plot_paired(comparisons, out / "paired_differences.png", n_all)
+    p = plot_paired(comparisons, out / "paired_differences.png", n_sources_all)
     if p:
         paths.append(p)
     by_setting: dict[tuple, list[dict]] = defaultdict(list)
@@ -289,8 +288,8 @@ def make_all(rows: list[dict], summary: dict, comparisons: list, out: Path, load
     for setting in sorted(by_setting, key=_skey):
         rs = by_setting[setting]
         if len({r["learner"] for r in rs}) >= 1:
-            name = "curves_" + slug(setting_label(setting, n_all)) + ".png"
-            paths.append(plot_curves(rs, setting, out / name, n_all, src))
+            name = "curves_" + slug(setting_label(setting, n_sources_all)) + ".png"
+            paths.append(plot_curves(rs, setting, out / name, n_sources_all, src))
     # each study plot holds the other grid dimensions fixed: one figure per combination of them
     for fixed, rs in _partition(done, ("n_sources", "shots", "selection")):
         paths += plot_lr(rs, out, fixed)

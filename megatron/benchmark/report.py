@@ -4,7 +4,7 @@ Input: one or more benchmark directories (``<dir>/cells/<cell-id>/run.json`` + `
 directories (``<dir>/run.json``) or folders of them. Identical cells found in several directories (the same
 cell id with the same final metrics) are counted once, so separate runs of one grid (shards, machines) merge.
 
-Statistics (:mod:`megatron.stats`): per learner and setting, the mean over seeds with a 95% Student-t interval;
+Statistics (:mod:`megatron.benchmark.stats`): per learner and setting, the mean over seeds with a 95% Student-t interval;
 per learner, the paired difference against the ``finetune`` baseline of the same setting, with its interval and
 a verdict in words. Metrics are stored as fractions (0..1) and shown in mAP points (x100).
 """
@@ -14,194 +14,26 @@ import csv
 import io
 import json
 import logging
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from megatron import stats
+from megatron.benchmark import stats
 from megatron.checkpoint import atomic_write_json, atomic_write_text
-from megatron.errors import MegatronError
+from megatron.benchmark.rows import (  # noqa: F401 - re-exported for readers of the report
+    BASELINE, CSV_COLUMNS, METRIC_LABELS, METRICS, POINTS, UNIT, Loaded, ReportError, complete, fixed_epoch, load_rows,
+    n_all, setting_label, setting_of, slug, _skey,
+)
 
 log = logging.getLogger(__name__)
 
-BASELINE = "finetune"
-METRICS = ("mAP50", "mAP50_95", "precision", "recall", "F1")
-METRIC_LABELS = {"mAP50": "mAP50", "mAP50_95": "mAP50:95", "precision": "precision", "recall": "recall", "F1": "F1"}
-POINTS = 100.0  # fractions -> points
-UNIT = "points (x100 of a fraction in 0..1; 1 point = 0.01 mAP)"
-CSV_COLUMNS = ("cell_id", "learner", "learner_plugin", "seed", "n_sources", "n_tasks", "sources", "shots", "lr",
-               "selection", "detector", "target", "status", *METRICS, "compute_spent", "compute_budget",
-               "stopped_by", "baseline_equivalent_epochs", "n_epochs", "wall_s", "epochs")
 
 
-class ReportError(MegatronError):
-    """Records that cannot be turned into a report (none found, unreadable)."""
 
-
-# ------------------------------------------------------------------------------------------------------- loading
-def _read(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except json.JSONDecodeError as exc:
-        raise ReportError(f"{path}: not valid JSON ({exc}); re-run that cell or delete its folder") from None
-
-
-def _cell_dirs(root: Path) -> list[Path]:
-    root = Path(root)
-    if not root.exists():
-        raise ReportError(f"{root}: no such directory (expected a `megatron benchmark` --out folder)")
-    if (root / "run.json").exists() or (root / "cell.json").exists():
-        return [root]
-    base = root / "cells" if (root / "cells").is_dir() else root
-    return sorted(p for p in base.iterdir() if p.is_dir() and ((p / "run.json").exists() or (p / "cell.json").exists()))
-
-
-def _learner_record(rec: dict, plugin: str) -> dict | None:
-    learners = rec.get("learners") or {}
-    if plugin in learners:
-        return learners[plugin]
-    if len(learners) == 1:
-        return next(iter(learners.values()))
-    return None
-
-
-def _epochs(lrec: dict) -> list[dict]:
-    """Per-epoch metrics with cumulative compute (the record may hold per-epoch or cumulative counts)."""
-    eps = lrec.get("epochs") or []
-    spent = [float((e.get("compute") or {}).get("spent") or 0) for e in eps]
-    total = float((lrec.get("compute") or {}).get("spent") or 0)
-    cumulative = bool(spent) and abs(spent[-1] - total) <= max(1.0, 1e-6 * total) and all(
-        b >= a for a, b in zip(spent, spent[1:]))
-    out, acc = [], 0.0
-    for i, e in enumerate(eps):
-        acc = spent[i] if cumulative else acc + spent[i]
-        m = e.get("metrics") or {}
-        out.append({"meta_epoch": e.get("meta_epoch", i + 1), "compute_spent": acc, "train_loss": e.get("train_loss"),
-                    **{k: m.get(k) for k in METRICS}})
-    return out
-
-
-def row_from_record(cell_dir: Path, rec: dict | None, cell: dict | None) -> dict:
-    """One results row from a cell's record and (optional) cell definition."""
-    cfg = (rec or {}).get("config") or {}
-    plugin = (cell or {}).get("learner_name") or (cfg.get("learner") or {}).get("name") or "?"
-    label = (cell or {}).get("learner") or plugin
-    lrec = _learner_record(rec, plugin) if rec else None
-    final = (lrec or {}).get("final") or {}
-    sources = (rec or {}).get("sources")
-    if sources is None and cell:
-        sources = cell.get("sources")
-    selection = (cell or {}).get("selection") or ("closest" if (rec or {}).get("selection") else "given")
-    compute = (lrec or {}).get("compute") or {}
-    epochs = _epochs(lrec) if lrec else []
-    wall = (rec or {}).get("wall_s")
-    if wall is None and lrec:
-        wall = sum(float(e.get("wall_s") or 0) for e in lrec.get("epochs") or [])
-    status = (rec or {}).get("status") or ("failed" if (cell_dir / "error.txt").exists() else "not started")
-    if status == "complete" and not lrec:
-        status = "incomplete record"
-    return {
-        "cell_id": (cell or {}).get("id") or cell_dir.name,
-        "learner": label, "learner_plugin": plugin,
-        "seed": (cell or {}).get("seed", (rec or {}).get("seed", cfg.get("seed"))),
-        "n_sources": (cell or {}).get("n_sources") if cell else None,
-        "n_tasks": len(sources) if sources is not None else None,
-        "sources": list(sources) if sources is not None else None,
-        "shots": (cell or {}).get("shots", (rec or {}).get("shots", (cfg.get("data") or {}).get("shots"))),
-        "lr": (cell or {}).get("lr"),
-        "selection": selection,
-        "detector": (cell or {}).get("detector") or (cfg.get("detector") or {}).get("name"),
-        "target": (rec or {}).get("target") or (cfg.get("data") or {}).get("target"),
-        "status": status,
-        **{k: final.get(k) for k in METRICS},
-        "compute_spent": compute.get("spent"),
-        "compute_budget": compute.get("budget", (cell or {}).get("budget")),
-        "stopped_by": (lrec or {}).get("stopped_by"),
-        "baseline_equivalent_epochs": (lrec or {}).get("baseline_equivalent_epochs"),
-        "n_epochs": len(epochs),
-        "wall_s": wall,
-        "epochs": epochs,
-        "_dir": str(cell_dir),
-    }
-
-
-@dataclass
-class Loaded:
-    rows: list[dict]
-    warnings: list[str] = field(default_factory=list)
-    records: list[dict] = field(default_factory=list)  # one complete record, for versions/config
-    benchmark: list[dict] = field(default_factory=list)  # benchmark.json of each directory
-
-
-def load_rows(dirs: Iterable[str | Path]) -> Loaded:
-    """Every cell of every directory, identical cells counted once."""
-    loaded = Loaded([])
-    by_id: dict[str, dict] = {}
-    for d in dirs:
-        d = Path(d)
-        bj = _read(d / "benchmark.json") if d.is_dir() else None
-        if bj:
-            loaded.benchmark.append(bj)
-        for cdir in _cell_dirs(d):
-            rec = _read(cdir / "run.json")
-            cell = _read(cdir / "cell.json")
-            if cell is None and rec and len(rec.get("learners") or {}) > 1:
-                # a `megatron run` directory with its baseline: one row per learner
-                cells = [{"id": f"{cdir.name}:{name}", "learner": name, "learner_name": name}
-                         for name in rec["learners"]]
-            else:
-                cells = [cell]
-            for c in cells:
-                row = row_from_record(cdir, rec, c)
-                if rec and row["status"] == "complete" and not loaded.records:
-                    loaded.records.append(rec)
-                _merge(by_id, row, loaded.warnings)
-    loaded.rows = sorted(by_id.values(), key=lambda r: (r["learner"], _skey(setting_of(r)), str(r["seed"])))
-    if not loaded.rows:
-        raise ReportError(f"no cell records under {', '.join(map(str, dirs))} "
-                          "(expected <dir>/cells/<cell-id>/run.json from `megatron benchmark`)")
-    return loaded
-
-
-def _merge(by_id: dict[str, dict], row: dict, warnings: list[str]) -> None:
-    """Keep one row per cell id: a complete copy over an unfinished one; disagreeing copies are reported."""
-    prev = by_id.get(row["cell_id"])
-    if prev is None:
-        by_id[row["cell_id"]] = row
-    elif prev["status"] != "complete" and row["status"] == "complete":
-        by_id[row["cell_id"]] = row
-    elif prev["status"] == "complete" and row["status"] == "complete" and any(prev[k] != row[k] for k in METRICS):
-        warnings.append(f"cell {row['cell_id']} appears in {prev['_dir']} and {row['_dir']} with different results; "
-                        "kept the first (check that both ran the same grid)")
 
 
 # ----------------------------------------------------------------------------------------------------- statistics
-def setting_of(row: dict) -> tuple:
-    n = row["n_sources"] if row["n_sources"] is not None else "all"
-    return (n, row["shots"], row["lr"], row["selection"])
-
-
-def _skey(setting: tuple) -> tuple:
-    return tuple((0, v) if isinstance(v, (int, float)) else (1, str(v)) for v in setting)
-
-
-def setting_label(setting: tuple, n_all: int | None = None) -> str:
-    n, k, lr, sel = setting
-    ns = f"N=all ({n_all})" if n == "all" and n_all else f"N={n}"
-    parts = [ns if n == "all" else f"{ns} ({sel})", f"K={k}"]
-    if lr is not None:
-        parts.append(f"lr={lr:g}")
-    return ", ".join(parts)
-
-
-def complete(rows: Iterable[dict]) -> list[dict]:
-    return [r for r in rows if r["status"] == "complete" and r["mAP50"] is not None]
-
-
 @dataclass
 class Comparison:
     setting: tuple
@@ -278,7 +110,7 @@ def build_report(dirs: Iterable[str | Path], out: str | Path, epoch: int | None 
     out.mkdir(parents=True, exist_ok=True)
     write_results(rows, out)
     summary, comparisons = summarise(rows)
-    from megatron import benchmark_plots as _plots  # matplotlib only when a report is written
+    from megatron.benchmark import plots as _plots  # matplotlib only when a report is written
 
     plot_paths = _plots.make_all(rows, summary, comparisons, out / "plots", loaded, epoch=epoch)
     text = render_markdown(rows, summary, comparisons, loaded, dirs, [p.relative_to(out) for p in plot_paths])
@@ -286,16 +118,9 @@ def build_report(dirs: Iterable[str | Path], out: str | Path, epoch: int | None 
     return ReportResult(out, rows, summary, comparisons, plot_paths, loaded.warnings)
 
 
-def _n_all(loaded: Loaded) -> int | None:
-    for b in loaded.benchmark:
-        if b.get("all_sources"):
-            return len(b["all_sources"])
-    return None
-
-
 def render_markdown(rows: list[dict], summary: dict, comparisons: list[Comparison], loaded: Loaded,
                     dirs: list[Path], plots: list[Path]) -> str:
-    n_all = _n_all(loaded)
+    n_sources_all = n_all(loaded)
     done = complete(rows)
     L: list[str] = ["# megatron benchmark report", ""]
     desc = next((b.get("description") for b in loaded.benchmark if b.get("description")), "")
@@ -342,16 +167,16 @@ def render_markdown(rows: list[dict], summary: dict, comparisons: list[Compariso
         L += ["No comparison available: no setting has both a learner and `finetune` with complete cells.", ""]
     for c in mc:
         if c.diff is None:
-            L.append(f"- {c.learner}, {setting_label(c.setting, n_all)}: no seed in common with the baseline.")
+            L.append(f"- {c.learner}, {setting_label(c.setting, n_sources_all)}: no seed in common with the baseline.")
             continue
         iv = c.diff.interval
-        L.append(f"- **{c.learner}** vs finetune, {setting_label(c.setting, n_all)}: {_fmt(iv, signed=True)} "
+        L.append(f"- **{c.learner}** vs finetune, {setting_label(c.setting, n_sources_all)}: {_fmt(iv, signed=True)} "
                  f"mAP50 points over {iv.n} paired seed(s) → **{c.diff.verdict}**.")
     L.append("")
 
     L += ["## Results per setting", ""]
     for setting, per_learner in summary.items():
-        L += [f"### {setting_label(setting, n_all)}", "",
+        L += [f"### {setting_label(setting, n_sources_all)}", "",
               "| learner | seeds | " + " | ".join(METRIC_LABELS[m] for m in METRICS) + " | image passes | stopped by |",
               "|---|---|" + "---|" * len(METRICS) + "---|---|"]
         for learner, ivs in per_learner.items():
@@ -438,15 +263,4 @@ def selection_comparisons(rows: list[dict]) -> list[tuple]:
                 out.append((learner, n, "closest", other, stats.paired_difference(vals, ref)))
     return out
 
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
-
-
-def fixed_epoch(rows: list[dict], epoch: int | None) -> int | None:
-    """The epoch for "at a fixed epoch" plots: given, else the last epoch every complete cell reached."""
-    lens = [r["n_epochs"] for r in complete(rows) if r["n_epochs"]]
-    if not lens:
-        return None
-    return min(epoch, min(lens)) if epoch else min(lens)
 

@@ -4,9 +4,9 @@ Label space: the source tasks' classes are **merged** into one label space, each
 task (``"chest_xray/nodule"``), so classes that share a name in two modalities stay distinct and no task's
 annotations are read as another's background. The detector trains on batches of single tasks (the tasks are
 interleaved at random, each image seen once per epoch) with its labels shifted into the merged space. The
-checkpoint (:func:`megatron.weights.save_detector_checkpoint`) records the merged categories; ``megatron run
+checkpoint (:func:`megatron.training.weights.save_detector_checkpoint`) records the merged categories; ``megatron run
 --checkpoint PATH`` loads everything and re-initialises only the classifier for the target's classes
-(``Detector.set_num_classes``, done by :func:`megatron.weights.load_checkpoint`).
+(``Detector.set_num_classes``, done by :func:`megatron.training.weights.load_checkpoint`).
 
 Per-task heads were the alternative; they would make the checkpoint depend on the task list and give the
 runner several classifiers to choose from, while a merged classifier is discarded anyway for a new target.
@@ -94,8 +94,8 @@ def pretrain(cfg: ExperimentConfig, pm, out: str | Path, settings: PretrainSetti
     from megatron.data.preprocess import Preprocessor
     from megatron.config import validate_plugin_options
     from megatron.experiment import build_taskset, load_tasks
-    from megatron.runner import progress_bars, resolve_amp, resolve_device, seed_everything
-    from megatron.weights import load_checkpoint, save_detector_checkpoint
+    from megatron.training.runner import progress_bars, resolve_amp, resolve_device, seed_everything
+    from megatron.training.weights import load_checkpoint, save_detector_checkpoint
 
     s = settings or PretrainSettings()
     if s.epochs < 1:

@@ -18,7 +18,7 @@ What one run does (:func:`run_experiment`):
      of the meta-model whose head is resized to the target's classes (``detector.set_num_classes``; only
      when the class count differs, so a meta-learned classifier initialisation is kept when it fits),
      with the freeze policy ``detector.freeze``. The meta-model itself is never trained on the target.
-   - Evaluation of that adapted copy on the held-out split (:func:`megatron.evaluation.evaluate`).
+   - Evaluation of that adapted copy on the held-out split (:func:`megatron.evaluation.coco.evaluate`).
 
    One meta-epoch is worth M + F baseline epochs (the method: M = 10, F = 5, so 20 meta-epochs ≈ 300
    baseline epochs); the record states ``baseline_equivalent_epochs`` for every learner.
@@ -35,8 +35,8 @@ What one run does (:func:`run_experiment`):
    metrics an uninterrupted run gives.
 
 Distributed (``torchrun --nproc_per_node N -m megatron run`` or ``megatron run --nproc N``; see
-:mod:`megatron.distributed`): every rank draws the same global meta-batch and runs ``meta_step`` on its
-:func:`~megatron.distributed.shard`; the learner combines the ranks' contributions through
+:mod:`megatron.training.distributed`): every rank draws the same global meta-batch and runs ``meta_step`` on its
+:func:`~megatron.training.distributed.shard`; the learner combines the ranks' contributions through
 ``LearnerContext.all_reduce_mean``; the per-step loss and image counts are summed over ranks, so budgets,
 schedules and the record see the whole run. Fine-tuning on the target pool is repeated by every rank (no
 communication); evaluation is divided over the ranks and gathered on rank 0. Rank 0 alone writes the run
@@ -66,22 +66,21 @@ import numpy as np
 import torch
 
 from megatron import __version__
-from megatron import distributed as mdist
+from megatron.training import distributed as mdist
 from megatron.checkpoint import atomic_torch_save, atomic_write_text, safe_torch_load
 from megatron.compute import ComputeAccount
 from megatron.config import ExperimentConfig, dump_config
 from megatron.errors import ConfigError, MegatronError, PluginError, TrainingError
 from megatron.experiment import build_taskset, load_tasks, validate_experiment_plugins
-from megatron.learner import LearnerContext, MetaLearner
+from megatron.learner import BASELINE_LEARNER as BASELINE, LearnerContext, MetaLearner
 from megatron.pluginmanager import PluginManager
-from megatron.record import (
+from megatron.training.record import (
     CONFIG_FILE, CURVE_FILE, RECORD_FILE, SUMMARY_FILE, collect_versions, summary_markdown, write_record,
 )
 from megatron.types import Batch, Detections, Task
 
 log = logging.getLogger(__name__)
 
-BASELINE = "finetune"
 CHECKPOINT_FILE = "last.pt"
 CHECKPOINT_FORMAT = 1
 #: under a compute budget, a learner runs at most this many times ``training.meta_epochs`` meta-epochs
@@ -320,8 +319,8 @@ def _lent_detector(learner: MetaLearner, detector) -> Iterator[None]:
 
 def load_start_checkpoint(detector: torch.nn.Module, path: Path):
     """Load ``detector.checkpoint`` (megatron pretrain, mmdet or torchvision weights) through
-    :func:`megatron.weights.load_checkpoint`; returns its load report."""
-    from megatron.weights import load_checkpoint
+    :func:`megatron.training.weights.load_checkpoint`; returns its load report."""
+    from megatron.training.weights import load_checkpoint
 
     report = load_checkpoint(detector, path)
     log.info("%s", report)
@@ -412,7 +411,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path | None = None, pm: Plugi
             write_record(run_dir, record)
             atomic_write_text(run_dir / SUMMARY_FILE, summary_markdown(record))
             if cfg.output.plots:
-                from megatron.plots import plot_map50_curve, plot_train_loss
+                from megatron.training.plots import plot_map50_curve, plot_train_loss
 
                 plot_map50_curve(record, run_dir / CURVE_FILE)
                 plot_train_loss(record, run_dir / "train_loss.png")
@@ -424,7 +423,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path | None = None, pm: Plugi
 def _start_record(cfg: ExperimentConfig, run_dir: Path, resume: bool, device: torch.device) -> dict[str, Any]:
     config_json = cfg.model_dump(mode="json")
     if resume:
-        from megatron.record import load_record
+        from megatron.training.record import load_record
 
         old = load_record(run_dir)
         diffs = _config_differences(old.get("config", {}), config_json)
@@ -744,7 +743,7 @@ def evaluate_detector(detector, held_out: Task, pre_eval, cfg: ExperimentConfig,
     Distributed: each rank predicts its share of the images; rank 0 gathers the detections, scores them and
     sends the metrics to every rank."""
     from megatron.data.episodes import iterate_batches
-    from megatron.evaluation import evaluate
+    from megatron.evaluation.coco import evaluate
 
     env = env if env is not None else mdist.DistEnv()
     mine = held_out

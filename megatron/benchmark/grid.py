@@ -1,6 +1,6 @@
 """The benchmark grid: learners x seeds x number of source tasks N x shots K (x learning rates) (x source selection).
 
-Every cell is one ordinary run (:func:`megatron.runner.run_experiment`) in ``<out>/cells/<cell-id>/``, at the same
+Every cell is one ordinary run (:func:`megatron.training.runner.run_experiment`) in ``<out>/cells/<cell-id>/``, at the same
 compute budget (image passes) as every other cell, without the runner's own baseline comparison: the ``finetune``
 baseline is a learner of the grid like any other, so each setting has its own baseline cells to pair with.
 
@@ -42,10 +42,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from megatron.checkpoint import atomic_write_json, atomic_write_text
 from megatron.config import ExperimentConfig, format_validation_error, set_dotted
 from megatron.errors import ConfigError, MegatronError
+from megatron.learner import BASELINE_LEARNER as BASELINE
 
 log = logging.getLogger(__name__)
 
-BASELINE = "finetune"
 CELLS_DIR = "cells"
 CELL_FILE = "cell.json"
 RECORD_FILE = "run.json"
@@ -337,7 +337,7 @@ def cell_config(cell: Cell, base: dict[str, Any], out_dir: Path, lr_keys: list[s
 # --------------------------------------------------------------------------------------------------------- running
 def _default_runner(cfg: ExperimentConfig, run_dir: Path, pm=None, resume: bool = False,
                     progress: bool = False) -> dict:
-    from megatron import runner
+    from megatron.training import runner
 
     return runner.run_experiment(cfg, run_dir, pm=pm, resume=resume, progress=progress)
 
@@ -494,7 +494,7 @@ def run_benchmark(bcfg: BenchmarkConfig, base: dict[str, Any], out_dir: str | Pa
     finally:
         bar.close()
     if report:
-        from megatron.report import build_report
+        from megatron.benchmark.report import build_report
 
         build_report([out], out)  # shards report what they hold; `megatron report` merges them
     return BenchmarkResult(out, plan, ran, skipped, failed)
