@@ -34,6 +34,8 @@ class DataConfig(_Model):
     sources: list[str] | None = Field(None, description="source task names (default: every task but the target)")
     shots: int = Field(20, ge=1, description="K: images in the target's few-shot training pool (the method: 20 or 40)")
     eval_images: int | None = Field(None, ge=1, description="held-out target images for evaluation (default: all the rest)")
+    validation_images: int = Field(0, ge=0, description="target images kept apart from the pool and the held-out split to choose the reported model on (the `-best` model); 0: no validation split, the final model is reported")
+    split_from: Path | None = Field(None, description="reuse the exact target split (pool / validation / held-out image ids) of another run's run.json")
     input_size: int = Field(256, ge=32, description="square detector input size in pixels (letterbox)")
     clahe: bool = Field(False, description="apply CLAHE to grayscale images before resizing")
     augment: bool = Field(True, description="training augmentations (flips, small rotations, scale/translate, brightness/contrast)")
@@ -93,6 +95,8 @@ class TrainingConfig(_Model):
     amp: Literal["off", "bf16", "fp16"] = Field("off", description="mixed precision (autocast; fp16 adds a gradient scaler)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's)")
+    pretrain_epochs: int = Field(10, ge=0, description="stage 1: epochs of joint training on the source tasks before meta-training when no detector.checkpoint is given (cached by content hash and reused); 0: start from random weights")
+    pretrain_lr: float = Field(2e-3, gt=0, description="stage 1: peak learning rate (AdamW, one-cycle schedule)")
 
 
 class EvaluationConfig(_Model):
@@ -114,6 +118,7 @@ class OutputConfig(_Model):
     name: str | None = Field(None, description="run directory name (default: <learner>-<detector>-<seed>)")
     compare_baseline: bool = Field(True, description="also run the `finetune` baseline at the same compute and compare")
     plots: bool = True
+    save_models: bool = Field(True, description="write each learner's adapted target detector to models/<learner>-final.pth and -best.pth")
 
 
 class ExperimentConfig(_Model):

@@ -46,13 +46,34 @@ def megatron_run_start(config: Any, run_dir: Path) -> None:
 
 
 @hookspec
-def megatron_meta_step_end(learner: str, meta_epoch: int, step: int, stats: dict[str, float]) -> None:
-    """Called after every outer update with the learner's scalar statistics (``loss`` at least)."""
+def megatron_stage_start(stage: str, info: dict[str, Any]) -> None:
+    """Called when a stage of the run starts. ``stage`` is one of ``prepare``, ``select``, ``pretrain``,
+    ``meta_train`` (once per learner), ``meta_epoch`` (once per meta-epoch of a learner) and ``adapt``; ``info``
+    says what the stage is about to do (keys per stage on this hook's page). Return value ignored."""
 
 
 @hookspec
-def megatron_evaluation_end(learner: str, meta_epoch: int, metrics: dict[str, float]) -> None:
-    """Called after every evaluation on the target's held-out split with its metrics (``mAP50`` …)."""
+def megatron_stage_end(stage: str, info: dict[str, Any]) -> None:
+    """Called when a stage of the run ends, with what it produced (keys per stage on this hook's page)."""
+
+
+@hookspec
+def megatron_meta_step_end(learner: str, meta_epoch: int, step: int, stats: dict[str, float]) -> None:
+    """Called after every outer update. ``step`` counts outer steps within ``meta_epoch`` (from 1);
+    ``stats`` holds the learner's scalar statistics (``loss`` at least) plus ``global_step`` (outer steps of
+    this learner so far) and ``compute_spent`` (image passes so far)."""
+
+
+@hookspec
+def megatron_evaluation_end(learner: str, meta_epoch: int, split: str, metrics: dict[str, Any]) -> None:
+    """Called after every evaluation of an adapted model on a target split (``split`` is ``validation`` or
+    ``heldout``) with the evaluator's metrics as recorded in ``run.json`` (``mAP50`` … as fractions)."""
+
+
+@hookspec
+def megatron_record_update(run_dir: Path, record: dict[str, Any]) -> None:
+    """Called whenever the run record changes (after set-up, after every evaluation, at the end) with the whole
+    record; the built-in recorder writes it to ``run_dir/run.json`` atomically. Do not modify ``record``."""
 
 
 @hookspec

@@ -669,7 +669,8 @@ def _train_learner(setup: _Setup, name: str, budget: Budget, resume: bool) -> di
             lrec["source_epochs_done"] = round(lrec["source_epochs_done"] + 1.0 / steps, 6)
             if env.is_main:
                 call_hook(setup.pm, "megatron_meta_step_end", learner=name, meta_epoch=e + 1, step=step + 1,
-                          stats={k: float(v) for k, v in stats.items()})
+                          stats={**{k: float(v) for k, v in stats.items()}, "global_step": lrec["steps_done"],
+                                 "compute_spent": compute.spent})
             if bar:
                 bar.update(step_task, advance=1, description=f"{name}: meta-epoch {e + 1} loss {loss:.3f}")
         if bar:
@@ -707,8 +708,8 @@ def _train_learner(setup: _Setup, name: str, budget: Budget, resume: bool) -> di
         setup.record["learners"][name] = lrec
         if env.is_main:
             write_record(setup.run_dir, setup.record)
-            call_hook(setup.pm, "megatron_evaluation_end", learner=name, meta_epoch=e + 1,
-                      metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+            call_hook(setup.pm, "megatron_evaluation_end", learner=name, meta_epoch=e + 1, split="heldout",
+                      metrics=metrics)
         if bar:
             bar.update(epoch_task, advance=1,
                        description=f"{name}: meta-epochs (mAP50 {100 * metrics['mAP50']:.1f}%)")
