@@ -5,7 +5,7 @@ PYTHON      := $(VENV)/bin/python
 PYTEST_ARGS ?=
 BENCH_ARGS  ?= --quick
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test example-plugins bench clean
 
 setup:
 	bash scripts/setup.sh
@@ -14,9 +14,18 @@ setup:
 run: setup
 	$(VENV)/bin/megatron run --learner reptile --detector yolox
 
+# the example plugin packages (examples/megatron-*/) are installed into the venv as a third party would
+# (editable, through their entry points) so that their own tests run with megatron's
+EXAMPLE_PLUGINS := $(wildcard examples/megatron-*/pyproject.toml)
+
 # extra pytest arguments: make test PYTEST_ARGS="-m slow"
-test: setup
+test: setup example-plugins
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+example-plugins: setup
+	@$(PYTHON) -c "import megatron_ks_similarity, megatron_meta_sgd, megatron_voc_dataset" 2>/dev/null || \
+	$(PYTHON) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation \
+		$(foreach p,$(EXAMPLE_PLUGINS),-e $(dir $(p)))
 
 # every benchmarks/bench_*.py, quick mode by default (make bench BENCH_ARGS= for the full runs)
 bench: setup

@@ -7,10 +7,17 @@ import logging
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 
 from megatron.errors import MegatronError
 
-COMMANDS = ("run", "plugins", "config", "data", "pretrain", "similarity", "benchmark", "report")
+#: exit status of a command stopped by a MegatronError (bad config, bad data, a run directory in use, ...);
+#: argparse uses the same status for a bad command line. 130: interrupted (Ctrl-C).
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+COMMANDS = ("run", "plugins", "config", "data", "pretrain", "predict", "evaluate", "similarity", "benchmark",
+            "report", "docs")
 
 console = Console(stderr=True)
 
@@ -39,11 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except MegatronError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
-        return 2
+        # the message is text, not markup: "[image id 3]" or "--set x=[...]" must print as written
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: checkpoints written so far are kept; `--resume` continues.")
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -87,6 +87,10 @@ class TrainingConfig(_Model):
     outer_lr: float = Field(0.001, gt=0, description="outer (meta) learning rate")
     outer_optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     finetune_lr: float = Field(0.001, gt=0, description="learning rate when fine-tuning on the target pool")
+    finetune_schedule: Literal["constant", "cosine"] = Field("cosine", description="fine-tuning learning-rate schedule after the warm-up (cosine: decays to 5% over the fine-tuning)")
+    finetune_warmup: float = Field(0.1, ge=0, le=1, description="fraction of the fine-tuning steps with a linear learning-rate warm-up")
+    finetune_ema: float = Field(0.0, ge=0, lt=1, description="decay of an exponential moving average of the weights while fine-tuning (YOLOX's recipe; the average is the adapted model); 0: off")
+    finetune_bn: Literal["train", "frozen"] = Field("train", description="BatchNorm while fine-tuning on the target pool: train (statistics from the tiny batches) or frozen (kept from the meta-model)")
     batch_size: int = Field(8, ge=1, description="images per batch when fine-tuning / evaluating")
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float | None = Field(10.0, description="gradient-norm clip (None: off)")
@@ -97,6 +101,7 @@ class TrainingConfig(_Model):
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's)")
     pretrain_epochs: int = Field(10, ge=0, description="stage 1: epochs of joint training on the source tasks before meta-training when no detector.checkpoint is given (cached by content hash and reused); 0: start from random weights")
     pretrain_lr: float = Field(2e-3, gt=0, description="stage 1: peak learning rate (AdamW, one-cycle schedule)")
+    replicate: int = Field(0, ge=0, description="an independent repetition: changes the training randomness — initial head, episode draws, augmentation and batch order — but not the target split or the stage-1 checkpoint")
 
 
 class EvaluationConfig(_Model):
@@ -121,6 +126,18 @@ class OutputConfig(_Model):
     save_models: bool = Field(True, description="write each learner's adapted target detector to models/<learner>-final.pth and -best.pth")
 
 
+class LoggerSpec(_Model):
+    """One logger plugin switched on for the run (``megatron plugins`` lists them; a bare name is shorthand)."""
+
+    name: str = Field(description="logger plugin name, e.g. tensorboard or csv")
+    options: dict[str, Any] = Field(default_factory=dict, description="the logger's options")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_name(cls, data: Any) -> Any:
+        return {"name": data} if isinstance(data, str) else data
+
+
 class ExperimentConfig(_Model):
     data: DataConfig = Field(default_factory=DataConfig)
     detector: DetectorConfig = Field(default_factory=DetectorConfig)
@@ -130,6 +147,7 @@ class ExperimentConfig(_Model):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     similarity: SimilarityConfig = Field(default_factory=SimilarityConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    loggers: list[LoggerSpec] = Field(default_factory=list, description="logger plugins switched on for the run (`{name, options}` or a bare name), e.g. [tensorboard, csv]")
     seed: int = Field(0, description="drives Python, NumPy and torch generators")
 
     @model_validator(mode="after")
@@ -139,55 +157,118 @@ class ExperimentConfig(_Model):
         return self
 
 
-def format_validation_error(exc: ValidationError, source: str = "config") -> str:
-    lines = [f"{source}: {exc.error_count()} error(s) in {exc.title}"]
+def format_validation_error(exc: ValidationError, source: str = "config",
+                            origins: dict[str, str] | None = None) -> str:
+    """Every error of ``exc``, one line each with its key path. ``origins`` maps an override key (dotted) to
+    where it came from (``--set training.meta_epochs=0``, ``--meta-epochs``): an error in that key, or under
+    it, is labelled with it instead of ``source``."""
+    origins = origins or {}
+    lines = []
+    from_file = from_cli = 0
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key (misspelt?); see `megatron config show` for the valid keys"
-        lines.append(f"  {loc}: {msg}")
-    return "\n".join(lines)
+        origin = _origin_of(loc, origins)
+        if origin is None:
+            from_file += 1
+            lines.append(f"  {loc}: {msg}")
+        else:
+            from_cli += 1
+            lines.append(f"  {loc}: {msg} (from {origin})")
+    where = source if not from_cli else "command line" if not from_file else f"{source} and the command line"
+    return "\n".join([f"{where}: {exc.error_count()} error(s) in {exc.title}", *lines])
+
+
+def _origin_of(loc: str, origins: dict[str, str]) -> str | None:
+    """The origin of the longest override key that is ``loc`` or one of its parents."""
+    best = None
+    for key, origin in origins.items():
+        if (loc == key or loc.startswith(key + ".")) and (best is None or len(key) > len(best[0])):
+            best = (key, origin)
+    return best[1] if best else None
 
 
 def set_dotted(data: dict, dotted: str, value: Any) -> None:
-    """``set_dotted(d, "training.meta_epochs", 3)`` — how CLI overrides are applied to the YAML dict."""
+    """``set_dotted(d, "training.meta_epochs", 3)`` — how CLI overrides are applied to the YAML dict.
+
+    A ``None`` value is set like any other (YAML ``null``: "off" / "default" for optional keys). An integer
+    part indexes a list (``data.datasets.0.options.root``). A path that cannot be followed is a ConfigError.
+    """
     keys = dotted.split(".")
-    cur = data
-    for k in keys[:-1]:
+    if not dotted or any(not k.strip() for k in keys):
+        raise ConfigError(f"{dotted!r} is not a config key; expected a dotted path such as training.meta_epochs")
+    cur: Any = data
+    for depth, k in enumerate(keys):
+        last = depth == len(keys) - 1
+        if isinstance(cur, list):
+            if not k.lstrip("-").isdigit() or not -len(cur) <= int(k) < len(cur):
+                where = ".".join(keys[:depth]) or "(top level)"
+                raise ConfigError(f"{dotted}: {where} is a list of {len(cur)} item(s); {k!r} is not an index into it "
+                                  f"(use 0..{len(cur) - 1}, or set the whole list: {where}=[...])")
+            if last:
+                cur[int(k)] = value
+                return
+            nxt = cur[int(k)]
+            if not isinstance(nxt, (dict, list)):
+                nxt = {}
+                cur[int(k)] = nxt
+            cur = nxt
+            continue
+        if last:
+            cur[k] = value
+            return
         nxt = cur.get(k)
-        if not isinstance(nxt, dict):
+        if not isinstance(nxt, (dict, list)):
             nxt = {}
             cur[k] = nxt
         cur = nxt
-    cur[keys[-1]] = value
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
-    """Read YAML (``safe_load``), apply dotted ``overrides`` (CLI wins), validate. Errors: :class:`ConfigError`."""
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """Set every dotted key of ``overrides`` in ``data`` (in order; ``None`` included: it is YAML ``null``)."""
+    for key, value in (overrides or {}).items():
+        set_dotted(data, key, value)
+    return data
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The YAML mapping in ``path`` (``safe_load``); a ConfigError naming the file when it is missing or bad."""
+    p = Path(path)
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {p} is a folder; pass the YAML file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {' '.join(str(exc).split())}") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections (data, detector, learner, ...)")
+    return loaded
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None, *,
+                origins: dict[str, str] | None = None) -> ExperimentConfig:
+    """Read YAML (``safe_load``), apply dotted ``overrides`` (they win over the file; a ``None`` value sets the
+    key to null, e.g. ``{"training.grad_clip": None}`` turns clipping off), validate. ``origins`` labels
+    errors in overridden keys with where the override came from (default: ``override KEY``). Errors:
+    :class:`ConfigError`."""
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        p = Path(path)
-        source = str(p)
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {p} not found") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML: {' '.join(str(exc).split())}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections (data, detector, learner, ...)")
-        data = loaded
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            set_dotted(data, key, value)
+        source = str(Path(path))
+        data = read_config_file(path)
+    apply_overrides(data, overrides)
+    labels = {key: f"override {key}" for key in (overrides or {})}
+    labels.update(origins or {})
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, source)) from None
+        raise ConfigError(format_validation_error(exc, source, labels)) from None
 
 
 def validate_plugin_options(plugin_cls: type, options: dict[str, Any], where: str) -> BaseModel:

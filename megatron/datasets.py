@@ -5,6 +5,7 @@ from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from megatron.data.problems import Problem
 from megatron.types import Task
 
 
@@ -23,3 +24,8 @@ class DatasetPlugin:
 
     def load(self) -> list[Task]:
         raise NotImplementedError
+
+    def load_with_problems(self) -> list[tuple[Task, list[Problem]]]:
+        """Every task with every problem found while reading it, errors included (``megatron data check -c``
+        lists them all). Optional: the default is ``load()`` with no problems, its DataError propagating."""
+        return [(task, []) for task in self.load()]

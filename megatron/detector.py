@@ -5,7 +5,7 @@ so MAML, Reptile, ANIL and the baselines work with any detector plugin.
 """
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -69,6 +69,34 @@ class Detector(nn.Module):
         """One embedding per image, ``(B, D)`` (globally pooled backbone/neck features)."""
         raise NotImplementedError
 
+    # --- optional: the loss split at the body/head boundary (ANIL's inner loop computes the body once) ----------
+    def body_features(self, batch: Batch, params: dict[str, torch.Tensor] | None = None) -> Any:
+        """What the head consumes for ``batch``: the output of the body (the ``backbone`` and ``neck`` groups),
+        in whatever form :meth:`head_loss` takes (an mmdet detector: the tuple of neck levels).
+
+        Optional, together with :meth:`head_loss` (see :meth:`supports_head_loss`). ``params`` as in
+        :meth:`loss`: with a dict (possibly empty) the pass is functional and the module's BatchNorm running
+        statistics are not updated; with ``None`` it is a plain forward."""
+        raise NotImplementedError
+
+    def head_loss(self, features: Any, batch: Batch, params: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The losses of :meth:`loss` computed by the head alone from ``features = body_features(batch, ...)``.
+
+        Contract: ``head_loss(body_features(batch, params), batch, params)`` equals ``loss(batch, params)``
+        (same numbers within float rounding, same BatchNorm policy). A learner whose inner loop adapts head
+        parameters only (ANIL, MAML with ``inner_groups: [head]``) computes the body once per batch and calls
+        this at every inner step; ``params`` then holds head parameters only.
+
+        Optional. A detector that does not override it (and :meth:`body_features`) is still fully usable:
+        :meth:`supports_head_loss` is False and learners fall back to :meth:`loss` at every inner step, which
+        recomputes the body each time (same result, more time)."""
+        raise NotImplementedError
+
+    def supports_head_loss(self) -> bool:
+        """True when the detector overrides both :meth:`body_features` and :meth:`head_loss`."""
+        cls = type(self)
+        return cls.head_loss is not Detector.head_loss and cls.body_features is not Detector.body_features
+
     def box_features(self, batch: Batch, params: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings of the annotated boxes in ``batch``: ``(N, D)`` features and their ``(N,)`` labels.
 
@@ -79,6 +107,14 @@ class Detector(nn.Module):
     def set_prototypes(self, prototypes: torch.Tensor | None, temperature: float = 10.0) -> None:
         """Replace the classifier by a cosine-similarity classifier against ``prototypes`` ``(C, D)``;
         ``None`` restores the learned classifier."""
+        raise NotImplementedError
+
+    def get_prototypes(self) -> tuple[torch.Tensor, float] | None:
+        """``(prototypes (C, D), temperature)`` as installed by :meth:`set_prototypes`, or ``None`` while the
+        learned classifier is in place. Saved models (:mod:`megatron.training.model_file`) store them so a
+        prototype-adapted detector reloads identically: implement it together with :meth:`set_prototypes`."""
+        if type(self).set_prototypes is Detector.set_prototypes:
+            return None  # no prototype support, so no prototypes
         raise NotImplementedError
 
     def set_num_classes(self, num_classes: int) -> None:

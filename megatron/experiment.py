@@ -88,4 +88,34 @@ def build_taskset(cfg: ExperimentConfig, tasks: list[Task]) -> TaskSet:
     for n in [*source_names, cfg.data.target]:
         if len(by_name[n]) == 0:
             raise DataError(f"task {n!r} ({by_name[n].source}) holds no images; check its annotation file and image folder")
+        if not any(len(r.boxes) for r in by_name[n].records):
+            role = "target" if n == cfg.data.target else "source"
+            raise DataError(f"task {n!r} ({by_name[n].source}), a {role} task, has no annotated boxes: `run` trains and "
+                            "evaluates a detector, which needs boxes on every source and on the target; fix: give "
+                            "the dataset annotations (e.g. the `dicom` plugin's annotation_file, or a COCO/YOLO "
+                            "dataset), or leave it out of the run (unannotated folders serve `megatron similarity`)")
     return TaskSet(sources=[by_name[n] for n in source_names], target=by_name[cfg.data.target])
+
+
+def build_detector(cfg: ExperimentConfig, pm: PluginManager, num_classes: int, checkpoint: Any = None,
+                   options: BaseModel | None = None):
+    """The configured detector plugin with ``num_classes`` classes at ``data.input_size``, its options validated
+    (or the already validated ``options``), with ``checkpoint``'s weights loaded when one is given (megatron
+    pretrain, mmdet or torchvision weights; see :func:`megatron.training.weights.load_checkpoint`). The one
+    place a detector is built from a config: the runner, pre-training and similarity features use it."""
+    import logging
+
+    det_cls = _get(pm.registers["detector"], cfg.detector.name, "detector.name")
+    if options is None:
+        options = validate_plugin_options(det_cls, cfg.detector.options, "detector.options")
+    try:
+        detector = det_cls(num_classes, cfg.data.input_size, options)
+    except (ConfigError, DataError):
+        raise
+    except Exception as exc:
+        raise PluginError(f"detector plugin {cfg.detector.name!r} failed to build: {type(exc).__name__}: {exc}") from exc
+    if checkpoint is not None:
+        from megatron.training.weights import load_checkpoint
+
+        logging.getLogger(__name__).info("%s", load_checkpoint(detector, checkpoint))
+    return detector

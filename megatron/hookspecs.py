@@ -38,6 +38,16 @@ def megatron_register_similarity_metrics() -> list[type]:
 
 
 @hookspec
+def megatron_register_loggers() -> list[type]:
+    """Return logger plugin classes (subclasses of :class:`megatron.loggers.Logger`).
+
+    A logger is switched on per run by the config's ``loggers:`` list (or ``--logger NAME``); megatron then
+    validates its ``Options``, instantiates it and registers the instance for the run's duration, so its
+    ``@hookimpl`` methods (the lifecycle hooks below) are called like any plugin's.
+    """
+
+
+@hookspec
 def megatron_run_start(config: Any, run_dir: Path) -> None:
     """Called once when a run starts, after the config is validated and the run directory exists.
 

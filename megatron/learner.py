@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Iterable, Iterator
 
@@ -40,6 +41,14 @@ class LearnerContext:
     outer_optimizer: str = "adam"  # adam | sgd | adamw
     weight_decay: float = 0.0
     finetune_lr: float = 0.001
+    # the fine-tuning recipe of :meth:`MetaLearner.adapt` (see :func:`finetune`); these defaults are plain
+    # constant-rate fine-tuning, the runner passes the config's (``training.finetune_*``)
+    finetune_schedule: str = "constant"  # constant | cosine (after the warm-up)
+    finetune_warmup: float = 0.0  # fraction of the fine-tuning steps with a linear warm-up
+    finetune_ema: float = 0.0  # decay of an exponential moving average of the weights (0: off); the EMA is returned
+    # BatchNorm while fine-tuning: train (plain), frozen (statistics and affine parameters kept from the start) or
+    # precise (trained, then the statistics recomputed on the pool for the final weights; see recompute_batchnorm)
+    finetune_bn: str = "train"
     grad_clip: float | None = 10.0
     # set by the runner for distributed runs: averages a list of tensors over ranks in place
     all_reduce_mean: Callable[[list[torch.Tensor]], None] | None = None
@@ -94,10 +103,7 @@ class MetaLearner:
         adapted = copy.deepcopy(self.detector)
         adapted.freeze(freeze)
         adapted.train()
-        opt = make_optimizer("adam", adapted.parameters(), self.ctx.finetune_lr, self.ctx.weight_decay)
-        for batch in batches:
-            self.train_step(adapted, opt, batch)
-        return adapted
+        return finetune(self, adapted, batches)
 
     # --- what schedules the source tasks (incremental transfer overrides it) ----------------------
     def source_tasks(self, meta_epoch: int, meta_epochs: int, tasks: list[Task]) -> list[Task]:
@@ -143,6 +149,108 @@ class MetaLearner:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+def freeze_batchnorm(detector: Detector) -> None:
+    """Keep every BatchNorm layer of ``detector`` as it is (running statistics in eval mode, affine parameters
+    not trained), also in train mode: the "frozen BN" of detection fine-tuning, for batches too small to
+    estimate statistics from."""
+    bns = [m for m in detector.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        for p in m.parameters(recurse=False):
+            p.requires_grad_(False)
+    known = list(getattr(detector, "_frozen_bn_modules", []))
+    detector._frozen_bn_modules = known + [m for m in bns if all(m is not k for k in known)]
+    detector.train(detector.training)
+
+
+def recompute_batchnorm(detector: Detector, batches: Iterable[Batch], account: ComputeAccount | None = None) -> None:
+    """Re-estimate every BatchNorm layer's running statistics for the detector's current weights ("precise BN",
+    Wu & Johnson 2021, *Rethinking "Batch" in BatchNorm*; detectron2's PreciseBN): forward passes in train mode,
+    without gradient, averaging the batch statistics exactly (``momentum=None``) instead of the exponential
+    average that lags behind fast-changing weights. After a short fine-tuning with a high learning rate the
+    lagging statistics can turn a model whose training loss is low into one that detects nothing in eval mode;
+    this is measured in the README's recipe notes. Forward passes are charged to ``account``."""
+    bns = [m for m in detector.modules()
+           if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+           and all(m is not f for f in getattr(detector, "_frozen_bn_modules", []))]
+    if not bns:
+        return
+    was_training = detector.training
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    detector.train()
+    seen = 0
+    with torch.no_grad():
+        for batch in batches:
+            detector.loss(batch.to(next(detector.parameters()).device))
+            seen += len(batch)
+    if account is not None:
+        account.forward(seen)
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+    detector.train(was_training)
+
+
+class _FirstEpoch:
+    """The first ``n`` batches of a fresh iteration of ``batches`` (one pass over the pool)."""
+
+    def __init__(self, batches: Iterable[Batch], n: int):
+        self.batches, self.n = batches, n
+
+    def __iter__(self) -> Iterator[Batch]:
+        for i, batch in enumerate(self.batches):
+            if i >= self.n:
+                return
+            yield batch
+
+
+def finetune(learner: "MetaLearner", detector: Detector, batches: Iterable[Batch]) -> Detector:
+    """Fine-tune ``detector`` in place on ``batches`` with the context's recipe and return the model to use:
+    Adam(W) at ``finetune_lr``, a linear warm-up over ``finetune_warmup`` of the steps, then constant or cosine
+    decay (to 5 % of the rate) when the number of batches is known (``len(batches)``), BatchNorm ``train`` or
+    ``frozen``, and — with ``finetune_ema`` — an exponential moving average of the weights (the YOLOX recipe:
+    the decay ramps up as ``ema * (1 - exp(-step / 20))``, so a short fine-tuning is not dominated by the
+    start), which is what is returned. With ``finetune_bn: precise`` the returned model's BatchNorm statistics
+    are then recomputed on one pass over the batches (:func:`recompute_batchnorm`). Every step is charged through
+    :meth:`MetaLearner.train_step` (and the recomputation's forward passes to the compute account)."""
+    ctx = learner.ctx
+    if ctx.finetune_bn == "frozen":
+        freeze_batchnorm(detector)
+    optimizer = make_optimizer("adamw" if ctx.weight_decay else "adam", detector.parameters(), ctx.finetune_lr,
+                               ctx.weight_decay)
+    total = len(batches) if hasattr(batches, "__len__") else None
+    warmup = int(round(ctx.finetune_warmup * total)) if total else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if ctx.finetune_schedule == "cosine" and total:
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    ema = copy.deepcopy(detector) if ctx.finetune_ema else None
+    for step, batch in enumerate(batches):
+        for group in optimizer.param_groups:
+            group["lr"] = ctx.finetune_lr * factor(step)
+        learner.train_step(detector, optimizer, batch)
+        if ema is not None:
+            decay = ctx.finetune_ema * (1 - math.exp(-(step + 1) / 20))
+            with torch.no_grad():
+                for e, p in zip(ema.state_dict().values(), detector.state_dict().values()):
+                    if e.dtype.is_floating_point:
+                        e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+                    else:
+                        e.copy_(p)
+    model = ema if ema is not None else detector
+    if ctx.finetune_bn == "precise":
+        # one pass over the pool: the number of batches per epoch, when the batches say it
+        per_epoch = getattr(batches, "batches_per_epoch", None)
+        recompute_batchnorm(model, _FirstEpoch(batches, per_epoch) if per_epoch else batches, ctx.compute)
+    return model
 
 
 def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, *, scaler: "torch.amp.GradScaler | None" = None,

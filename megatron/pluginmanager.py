@@ -11,8 +11,11 @@ Environment:
   on ``PYTHONPATH``, test plugins — reach every process of a distributed run this way. A module that
   cannot be imported is a :class:`PluginError` (it was asked for by name).
 
-A plugin whose import, registration or hook raises is recorded in :attr:`PluginManager.failures` (name,
-package, one-line reason) and logged; the other plugins keep working.
+A plugin that fails to import, fails hook validation (a hook implementation with an argument its hookspec
+does not have) or whose registration hook raises is recorded in :attr:`PluginManager.failures` (name, package,
+what failed, one-line reason). :func:`get_plugin_manager` then raises a :class:`PluginError` listing every
+failure with its fix (``strict=True``, the default: every command that uses plugins stops before any work);
+``megatron plugins`` asks for ``strict=False`` and lists the failures instead.
 """
 from __future__ import annotations
 
@@ -29,8 +32,9 @@ import pluggy
 from megatron import hookspecs
 from megatron.datasets import DatasetPlugin
 from megatron.detector import Detector
-from megatron.errors import DuplicateNameError, PluginError
+from megatron.errors import DuplicateNameError, PluginError, UnknownNameError
 from megatron.learner import MetaLearner
+from megatron.loggers import Logger
 from megatron.registry import Register
 from megatron.similarity import SimilarityMetric
 
@@ -45,6 +49,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "megatron_plugins.datasets.coco",
     "megatron_plugins.datasets.yolo",
     "megatron_plugins.datasets.medsynth",
+    "megatron_plugins.datasets.dicom", "megatron_plugins.datasets.folder",
     "megatron_plugins.detectors.yolox",
     "megatron_plugins.detectors.faster_rcnn",
     "megatron_plugins.detectors.retinanet",
@@ -54,9 +59,12 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "megatron_plugins.learners.proto",
     "megatron_plugins.learners.finetune",
     "megatron_plugins.learners.incremental",
+    "megatron_plugins.learners.merge",
     "megatron_plugins.similarity.wasserstein",
     "megatron_plugins.similarity.embedding",
     "megatron_plugins.similarity.label_aware",
+    "megatron_plugins.loggers.tensorboard",
+    "megatron_plugins.loggers.csv",
 )
 
 # kind -> (registration hook, base class)
@@ -65,7 +73,12 @@ KINDS: dict[str, tuple[str, type]] = {
     "detector": ("megatron_register_detectors", Detector),
     "learner": ("megatron_register_learners", MetaLearner),
     "similarity": ("megatron_register_similarity_metrics", SimilarityMetric),
+    "logger": ("megatron_register_loggers", Logger),
 }
+
+#: what a failure happened in, as the messages say it
+_STAGES = {"import": "failed to import", "hooks": "has an invalid hook implementation",
+           "registration": "failed in its registration hook"}
 
 
 @dataclass(frozen=True)
@@ -73,9 +86,26 @@ class PluginFailure:
     plugin: str
     package: str
     reason: str  # one line
+    stage: str = "import"  # import | hooks | registration
+    hook: str | None = None  # the hook involved (hook validation, registration)
 
     def __str__(self) -> str:
-        return f"plugin {self.plugin!r} (package {self.package}) failed: {self.reason}"
+        what = _STAGES.get(self.stage, "failed")
+        hook = f" ({self.hook})" if self.hook and self.hook not in self.reason else ""
+        return f"plugin {self.plugin!r} (package {self.package}) {what}{hook}: {self.reason}"
+
+    @property
+    def fix(self) -> str:
+        how = {
+            "import": "fix or reinstall the package",
+            "hooks": "correct the hook implementation (" + (
+                f"its signature is on registry_docs/hooks/{self.hook}.md" if self.hook and hasattr(hookspecs, self.hook)
+                else "registry_docs/README.md lists every hook") + ")",
+            "registration": "fix the plugin's registration hook",
+        }.get(self.stage, "fix the plugin")
+        uninstall = f", or `pip uninstall {self.package}`" if self.package not in ("?", "megatron") else ""
+        return (f"{how}, or run without the plugin: MEGATRON_BLOCK_PLUGINS={self.plugin} "
+                f"(like pytest's -p no:{self.plugin}){uninstall}")
 
 
 @dataclass(frozen=True)
@@ -89,6 +119,30 @@ class PluginInfo:
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return f"{type(exc).__name__}: {text}" if not isinstance(exc, PluginError) else text
+
+
+def _validation_reason(pm: pluggy.PluginManager, plugin: Any, exc: pluggy.PluginValidationError) -> tuple[str, str | None]:
+    """A one-line reason for a hook implementation pluggy rejected, naming the hook and the arguments."""
+    import inspect
+
+    for attr in dir(plugin):
+        if not attr.startswith("megatron_"):
+            continue
+        spec = getattr(hookspecs, attr, None)
+        impl = getattr(plugin, attr, None)
+        if spec is None or not callable(impl):
+            continue
+        try:
+            wanted = list(inspect.signature(spec).parameters)
+            given = [a for a in inspect.signature(impl).parameters if a not in ("self", "cls")]
+        except (TypeError, ValueError):
+            continue
+        extra = [a for a in given if a not in wanted]
+        if extra:
+            args = ", ".join(repr(a) for a in extra)
+            return (f"hook {attr}: argument(s) {args} not in the hook's signature "
+                    f"{attr}({', '.join(wanted)}); misspelt?", attr)
+    return _one_line(exc), None
 
 
 def _megatron_version() -> str:
@@ -114,8 +168,12 @@ class PluginManager(pluggy.PluginManager):
             return False
         try:
             self.register(plugin, name=name)
-        except (pluggy.PluginValidationError, ValueError) as exc:
-            self._fail(name, package, exc)
+        except pluggy.PluginValidationError as exc:
+            reason, hook = _validation_reason(self, plugin, exc)
+            self._record(PluginFailure(name, package, reason, "hooks", hook))
+            return False
+        except ValueError as exc:  # a name or object registered twice
+            self._fail(name, package, exc, "registration")
             return False
         self.info[name] = PluginInfo(name, package, version, builtin)
         self._registers = None
@@ -148,25 +206,56 @@ class PluginManager(pluggy.PluginManager):
                 self.register_plugin(plugin, ep.name, package, dist.version)
 
     def check(self) -> None:
-        """``check_pending()``: a hook implementation whose name no hookspec has is an error (misspelt hook)."""
-        try:
-            self.check_pending()
-        except pluggy.PluginValidationError as exc:
-            plugin_name = self.get_name(exc.plugin) or "?"
-            package = self.info.get(plugin_name, PluginInfo(plugin_name, "?", "?", False)).package
-            raise PluginError(
-                f"plugin {plugin_name!r} (package {package}) implements a hook megatron does not have: "
-                f"{_one_line(exc)}. Hook names start with 'megatron_'; see registry_docs/hooks/."
-            ) from None
+        """``check_pending()``: a hook implementation whose name no hookspec has (a misspelt hook) is recorded as
+        a failure of its plugin, and the plugin is unregistered (so none of its hooks half-work)."""
+        while True:
+            try:
+                self.check_pending()
+                return
+            except pluggy.PluginValidationError as exc:
+                plugin_name = self.get_name(exc.plugin) or "?"
+                package = self.info.get(plugin_name, PluginInfo(plugin_name, "?", "?", False)).package
+                unknown = sorted(
+                    name for name in dir(exc.plugin)
+                    if self.parse_hookimpl_opts(exc.plugin, name) is not None and not hasattr(hookspecs, name)
+                )
+                reason = (f"implements hook(s) megatron does not have: {', '.join(unknown)} (misspelt? the hooks are "
+                          "listed in registry_docs/README.md)") if unknown else _one_line(exc)
+                self._record(PluginFailure(plugin_name, package, reason, "hooks", unknown[0] if unknown else None))
+                self.unregister(exc.plugin)
+                self.info.pop(plugin_name, None)
+                self._registers = None
 
     def is_blocked(self, name: str) -> bool:
         blocked = {n.strip() for n in os.environ.get(ENV_BLOCK, "").split(",") if n.strip()}
         return name in blocked or super().is_blocked(name)
 
-    def _fail(self, name: str, package: str, exc: BaseException) -> None:
-        failure = PluginFailure(name, package, _one_line(exc))
+    def _fail(self, name: str, package: str, exc: BaseException, stage: str = "import", hook: str | None = None) -> None:
+        self._record(PluginFailure(name, package, _one_line(exc), stage, hook))
+
+    def _record(self, failure: PluginFailure) -> None:
+        if failure in self.failures:  # registers are collected again after a late registration: report once
+            return
         self.failures.append(failure)
-        log.info("%s", failure)  # the CLI prints failures; library code only logs
+        log.debug("%s", failure)  # the CLI prints failures (once); library code only logs
+
+    def raise_on_failures(self) -> None:
+        """Collect the registers (registration hooks run now) and raise one :class:`PluginError` listing every
+        plugin that failed to load, with its package, what failed and the fix. Nothing when all loaded."""
+        self.registers  # noqa: B018 - registration hooks run here; their failures are recorded
+        if not self.failures:
+            return
+        lines = [f"{len(self.failures)} plugin(s) failed to load; megatron stops before doing any work:"]
+        for f in self.failures:
+            lines.append(f"  - {f}")
+            lines.append(f"    fix: {f.fix}")
+        raise PluginError("\n".join(lines))
+
+    def failure_note(self) -> str:
+        """``"; plugins that failed to load: 'a' (package p): reason"`` or ``""``: for unknown-name errors."""
+        if not self.failures:
+            return ""
+        return "; plugins that failed to load: " + "; ".join(str(f) for f in self.failures)
 
     # --- registers ----------------------------------------------------------------------------
     @property
@@ -181,7 +270,7 @@ class PluginManager(pluggy.PluginManager):
     def _collect(self) -> dict[str, Register]:
         registers: dict[str, Register] = {}
         for kind, (hook_name, base) in KINDS.items():
-            reg: Register = Register(kind, base)
+            reg: Register = _Register(kind, base, self)
             # call each implementation on its own so one plugin's exception does not hide the others'
             for impl in reversed(getattr(self.hook, hook_name).get_hookimpls()):
                 try:
@@ -192,7 +281,7 @@ class PluginManager(pluggy.PluginManager):
                     raise
                 except Exception as exc:
                     package = self.info.get(impl.plugin_name, PluginInfo(impl.plugin_name, "?", "?", False)).package
-                    self._fail(impl.plugin_name, package, exc)
+                    self._fail(impl.plugin_name, package, exc, "registration", hook_name)
             registers[kind] = reg
         return registers
 
@@ -219,9 +308,33 @@ class PluginManager(pluggy.PluginManager):
         return rows
 
 
-def get_plugin_manager(*, builtins: bool = True, autoload: bool | None = None, extra: Iterable[tuple[str, Any]] = ()) -> PluginManager:
+class _Register(Register):
+    """A register whose unknown-name error also names the plugins that failed to load (one of them may be the
+    plugin that should have provided the name)."""
+
+    def __init__(self, kind: str, base: type, pm: PluginManager):
+        super().__init__(kind, base)
+        self._pm = pm
+
+    def get(self, name: str):
+        try:
+            return super().get(name)
+        except UnknownNameError as exc:
+            note = self._pm.failure_note()
+            if not note:
+                raise
+            raise UnknownNameError(f"{exc}{note}") from None
+
+
+def get_plugin_manager(*, builtins: bool = True, autoload: bool | None = None, extra: Iterable[tuple[str, Any]] = (),
+                       strict: bool = True) -> PluginManager:
     """A fresh plugin manager with built-ins, entry-point plugins (unless disabled) and ``extra`` plugins
-    (``(name, module_or_object)`` pairs, for tests)."""
+    (``(name, module_or_object)`` pairs, for tests).
+
+    ``strict`` (default): a plugin that failed to import, failed hook validation or raised in a registration
+    hook is a :class:`PluginError` raised here, listing every failure with its fix, so a command stops before
+    it starts any work. ``strict=False`` keeps the failures in :attr:`PluginManager.failures` (what
+    ``megatron plugins`` shows)."""
     pm = PluginManager()
     if builtins:
         pm.load_builtins()
@@ -233,6 +346,8 @@ def get_plugin_manager(*, builtins: bool = True, autoload: bool | None = None, e
         pm.register_plugin(plugin, name, getattr(plugin, "__package__", None) or "?", "?")
     load_env_plugins(pm)
     pm.check()
+    if strict:
+        pm.raise_on_failures()
     return pm
 
 
@@ -251,4 +366,6 @@ def load_env_plugins(pm: PluginManager) -> None:
                 f"{ENV_PLUGINS}={os.environ[ENV_PLUGINS]!r}: cannot import {modname!r} ({type(exc).__name__}: {exc}). "
                 "Give importable module names; add their folder to PYTHONPATH if they are not installed."
             ) from exc
+        if pm.is_registered(module):  # already loaded, e.g. through its package's entry point
+            continue
         pm.register_plugin(module, name, modname, "?")

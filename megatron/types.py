@@ -27,6 +27,7 @@ class ImageRecord:
     boxes: np.ndarray  # (n, 4) float32, xyxy pixels in the original image
     labels: np.ndarray  # (n,) int64 task-local class indices
     file_name: str = ""
+    frame: int | None = None  # 0-based frame of a multi-frame DICOM file; None for single-frame images
 
     def __post_init__(self) -> None:
         self.boxes = np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)
@@ -42,7 +43,7 @@ def _read_image_file(record: ImageRecord) -> np.ndarray:
     from megatron.data.io import read_image
 
     assert record.path is not None
-    return read_image(record.path)
+    return read_image(record.path, frame=record.frame)
 
 
 @dataclass

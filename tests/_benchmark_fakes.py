@@ -7,30 +7,48 @@ from megatron.checkpoint import atomic_write_json
 
 SOURCES = ["brain_mri", "breast_mri", "chest_xray", "mammography", "pneumonia", "ultrasound"]
 # learner -> added mAP50 (fraction); finetune is the reference
-EFFECT = {"finetune": 0.0, "reptile": 0.05, "maml": 0.0, "incremental": 0.01, "incremental-frozen": -0.02}
+# the positive control (finetune from random weights, `training.pretrain_epochs: 0`) is far worse, with its own noise
+EFFECT = {"finetune": 0.0, "reptile": 0.05, "maml": 0.0, "incremental": 0.01, "incremental-frozen": -0.02,
+          "finetune_scratch": -0.25}
 # seed -> shared offset (same for every learner: what pairing removes)
-SEED_OFFSET = {0: 0.0, 1: 0.08, 2: -0.04, 3: 0.02}
+SEED_OFFSET = {0: 0.0, 1: 0.08, 2: -0.04, 3: 0.02, 4: 0.05}
 # learner -> seed -> extra noise (not shared), so some comparisons are undecided
-NOISE = {"maml": {0: 0.03, 1: -0.04, 2: 0.02, 3: -0.01}}
+NOISE = {"maml": {0: 0.03, 1: -0.04, 2: 0.02, 3: -0.01, 4: 0.01},
+         "finetune_scratch": {0: 0.01, 1: -0.02, 2: 0.015, 3: 0.0, 4: -0.01}}
+# seed -> what `training.replicate: 1` changes (the A/A control: independent randomness, no effect on average)
+REPLICATE_NOISE = {0: 0.01, 1: -0.012, 2: 0.004, 3: -0.006, 4: 0.003}
 CALLS: list[tuple[str, bool]] = []
 
 
-def final_map50(learner: str, seed: int, n_sources: int, shots: int, lr: float) -> float:
-    return round(0.30 + EFFECT.get(learner, 0.0) + SEED_OFFSET.get(seed, 0.0) + NOISE.get(learner, {}).get(seed, 0.0)
+def final_map50(learner: str, seed: int, n_sources: int, shots: int, lr: float, replicate: int = 0,
+                effect: dict | None = None, noise: dict | None = None) -> float:
+    effect = EFFECT if effect is None else {**EFFECT, **effect}
+    noise = NOISE if noise is None else {**NOISE, **noise}
+    return round(0.30 + effect.get(learner, 0.0) + SEED_OFFSET.get(seed, 0.0) + noise.get(learner, {}).get(seed, 0.0)
+                 + replicate * REPLICATE_NOISE.get(seed, 0.0)
                  + 0.01 * n_sources + 0.001 * shots - 10 * abs(lr - 0.001), 6)
 
 
-def fake_runner(cfg, run_dir, pm=None, resume=False, progress=False, learners=None):
+def fake_label(cfg) -> str:
+    """Which learner the fake's numbers are for: the plugin, or a variant the config gives away."""
+    if cfg.learner.name == "finetune" and cfg.training.pretrain_epochs == 0 and cfg.detector.checkpoint is None:
+        return "finetune_scratch"
+    return cfg.learner.options.get("label_for_fake") or cfg.learner.name
+
+
+def fake_runner(cfg, run_dir, pm=None, resume=False, progress=False, learners=None, effect=None, noise=None,
+                replicate_matters=True):
     run_dir = Path(run_dir)
     CALLS.append((run_dir.name, resume))
-    label = cfg.learner.options.get("label_for_fake") or cfg.learner.name
+    label = fake_label(cfg)
     if not cfg.similarity.select_sources:
         sources = list(cfg.data.sources)
         selection = None
     else:
         sources = SOURCES[-cfg.similarity.select_sources:]  # "closest": the last N
         selection = {"metric": cfg.similarity.metric, "k": cfg.similarity.select_sources, "chosen": sources}
-    final = final_map50(label, cfg.seed, len(sources), cfg.data.shots, cfg.training.outer_lr)
+    final = final_map50(label, cfg.seed, len(sources), cfg.data.shots, cfg.training.outer_lr,
+                        cfg.training.replicate if replicate_matters else 0, effect, noise)
     budget = cfg.training.compute_budget
     epochs = []
     for e in (1, 2, 3):
@@ -77,3 +95,14 @@ def failing_runner(cfg, run_dir, pm=None, resume=False, progress=False, learners
     if cfg.seed == 1 and cfg.learner.name == "reptile":
         raise RuntimeError("loss became nan")
     return fake_runner(cfg, run_dir, pm, resume, progress)
+
+
+def underpowered_runner(cfg, run_dir, pm=None, resume=False, progress=False, learners=None):
+    """A grid whose noise hides even the effect of pre-training: scratch is as good as finetune up to big noise."""
+    return fake_runner(cfg, run_dir, pm, resume, progress, effect={"finetune_scratch": -0.05},
+                       noise={"finetune_scratch": {0: 0.12, 1: -0.15, 2: 0.03, 3: -0.1, 4: 0.1}})
+
+
+def replicate_ignored_runner(cfg, run_dir, pm=None, resume=False, progress=False, learners=None):
+    """A runner that does not use `training.replicate`: the A/A pair gives identical numbers."""
+    return fake_runner(cfg, run_dir, pm, resume, progress, replicate_matters=False)

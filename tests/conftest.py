@@ -9,7 +9,11 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 @pytest.fixture(autouse=True)
 def _torch_threads():
+    """One torch thread for every test (restored after): the models are small, and a second thread only
+    contends with the other core's work when CI shares cores."""
     import torch
 
-    torch.set_num_threads(1)  # tests are small; one thread avoids oversubscription when CI shares cores
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(before)

@@ -6,8 +6,8 @@
 ``torchrun``-launched run does. A hung or failed rank fails the caller within ``timeout_s``.
 
 ``train_learners`` is the learner-level training loop of a distributed run (the runner's, minus evaluation):
-every rank draws the same global meta-batch from one seeded :class:`EpisodeSampler`, takes its
-:func:`shard`, runs ``meta_step`` with the context's ``all_reduce_mean`` bound to the process group, then
+every rank draws the same global meta-batch from one seeded :class:`EpisodeSampler`, loads its
+:func:`shard` only (``meta_batch(..., shard=env)``), runs ``meta_step`` with the context's ``all_reduce_mean`` bound to the process group, then
 averages floating buffers. With ``DistEnv()`` it is the single-process reference.
 """
 from __future__ import annotations
@@ -117,8 +117,9 @@ def outer_steps(learner, env: mdist.DistEnv, sampler: EpisodeSampler, tasks, met
     """``steps`` outer steps; ``shard_env`` (testing aid) shards as that rank would without any all-reduce."""
     losses = []
     for _ in range(steps):
-        episodes = sampler.meta_batch(tasks, meta_batch)  # the same global meta-batch on every rank
-        stats = learner.meta_step(mdist.shard(episodes, shard_env or env))
+        # every rank draws the same global meta-batch and decodes only its share (= mdist.shard of it)
+        episodes = sampler.meta_batch(tasks, meta_batch, shard=shard_env or env)
+        stats = learner.meta_step(episodes)
         mdist.all_reduce_buffers_mean(learner.detector, env)
         losses.append(float(stats["loss"]))
     return losses

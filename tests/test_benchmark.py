@@ -32,7 +32,7 @@ def _clear_calls():
 
 def test_grid_expansion_counts_and_baseline_added():
     bcfg, base = make({"learners": ["reptile"], "seeds": [0, 1, 2], "n_sources": [2, 3, "all"], "shots": [20, 40],
-                       "selection": ["random", "closest"], "budget": 1000})
+                       "selection": ["random", "closest"], "budget": 1000, "controls": False})
     plan = bm.expand_grid(bcfg, base)
     # per learner: N=2 and N=3 x 2 selections + N=all once = 5 settings; x 2 shots x 3 seeds = 30; x 2 learners
     assert len(plan.cells) == 60
@@ -40,9 +40,9 @@ def test_grid_expansion_counts_and_baseline_added():
     assert any("finetune" in n for n in plan.notes)
     assert len({c.id for c in plan.cells}) == 60
     assert [c.index for c in plan.cells] == list(range(60))
-    with_lrs = bm.expand_grid(make({"learners": ["reptile", "finetune"], "seeds": [0, 1], "lrs": [1e-3, 1e-2],
-                                    "budget": 10})[0], base)
-    assert len(with_lrs.cells) == 2 * 2 * 2 and not with_lrs.notes
+    with_lrs = bm.expand_grid(make({"learners": ["reptile", "finetune"], "seeds": [0, 1, 2, 3, 4], "lrs": [1e-3, 1e-2],
+                                    "budget": 10, "controls": False})[0], base)
+    assert len(with_lrs.cells) == 2 * 2 * 5 and not with_lrs.notes
 
 
 def test_random_subsets_are_per_seed_and_shared_by_learners():
@@ -95,7 +95,7 @@ def test_bad_grid_errors_name_the_problem():
 
 
 def test_run_then_resume_skips_finished_and_resumes_killed(tmp_path, monkeypatch):
-    bcfg, base = make({"learners": ["reptile"], "seeds": [0, 1], "budget": 600})
+    bcfg, base = make({"learners": ["reptile"], "seeds": [0, 1], "budget": 600, "controls": False})
     plan = bm.expand_grid(bcfg, base)
     victim = plan.cells[1].id
     fakes.KILL_AT[0] = victim
@@ -137,7 +137,7 @@ def test_changed_cell_definition_is_refused(tmp_path):
 
 
 def test_failed_cell_is_recorded_and_others_run(tmp_path):
-    bcfg, base = make({"learners": ["reptile"], "seeds": [0, 1], "budget": 600})
+    bcfg, base = make({"learners": ["reptile"], "seeds": [0, 1], "budget": 600, "controls": False})
     res = bm.run_benchmark(bcfg, base, tmp_path, runner=fakes.failing_runner, progress=False)
     assert list(res.failed) == ["reptile__nall__k20__all__s1"] and "nan" in res.failed["reptile__nall__k20__all__s1"]
     assert len(res.ran) == 3
@@ -146,7 +146,7 @@ def test_failed_cell_is_recorded_and_others_run(tmp_path):
 
 
 def test_workers_give_the_same_results_as_serial(tmp_path):
-    grid = {"learners": ["reptile"], "seeds": [0, 1], "n_sources": [2, "all"], "budget": 600}
+    grid = {"learners": ["reptile"], "seeds": [0, 1], "n_sources": [2, "all"], "budget": 600, "controls": False}
     bcfg, base = make(grid)
     bm.run_benchmark(bcfg, base, tmp_path / "serial", runner=fakes.fake_runner, progress=False, report=False)
     from megatron.benchmark.report import write_results, load_rows
@@ -183,11 +183,18 @@ def test_cli_dry_run_and_run(tmp_path, monkeypatch, capsys):
                     "  seeds: [0, 1]\n  budget: 500\n")
     assert main(["benchmark", "-c", str(grid), "--n-sources", "2,all", "--shots", "20,40", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "16 cells" in out and "reptile__n2__k40__random__s1" in out
+    # 2 learners x 4 settings x 2 seeds, and the 2 controls x 2 seeds in the first setting (N=2, K=20)
+    assert "20 cells" in out and "reptile__n2__k40__random__s1" in out
+    assert "finetune_scratch__n2__k20__random__s0" in out and "positive control" in out
+    assert main(["benchmark", "-c", str(grid), "--n-sources", "2,all", "--shots", "20,40", "--dry-run",
+                 "--no-controls"]) == 0
+    out = capsys.readouterr().out
+    assert "16 cells" in out and "finetune_scratch" not in out
     monkeypatch.setattr(bm, "run_cell_experiment", fakes.fake_runner)
     assert main(["benchmark", "-c", str(grid), "--out", str(tmp_path / "o"), "--no-progress",
                  "--set", "training.finetune_epochs=2"]) == 0
-    assert len(rows(tmp_path / "o")) == 4
+    assert len(rows(tmp_path / "o")) == 8  # reptile, finetune and the two controls, 2 seeds
+    assert "## Power check" in (tmp_path / "o" / "report.md").read_text()
     cfg = json.loads((tmp_path / "o" / "cells" / "reptile__nall__k20__all__s0" / "run.json").read_text())["config"]
     assert cfg["training"]["finetune_epochs"] == 2 and cfg["output"]["compare_baseline"] is False
     with pytest.raises(SystemExit):
@@ -199,8 +206,9 @@ def test_example_grids_load_and_expand(path):
     bcfg, base = bm.load_benchmark_config(path)
     plan = bm.expand_grid(bcfg, base)  # the base lists its sources: nothing is loaded
     assert plan.cells and any(c.learner == "finetune" for c in plan.cells)
-    assert len(bcfg.grid.seeds) >= 3
-    for c in plan.cells[:3]:
+    assert len(bcfg.grid.seeds) >= 5 and bcfg.grid.controls
+    assert {c.control for c in plan.cells} == {None, "positive", "negative"}
+    for c in plan.cells[:3] + [c for c in plan.cells if c.control][:2]:
         bm.cell_config(c, plan.base, Path("/tmp/x"), bcfg.grid.lr_keys)
 
 
@@ -208,3 +216,76 @@ def test_examples_exist():
     names = {p.name for p in EXAMPLES.glob("*.yaml")}
     assert {"lr_study.yaml", "n_tasks.yaml", "vs_incremental.yaml", "few_shot.yaml", "source_choice.yaml"} <= names
     assert (EXAMPLES / "README.md").exists()
+
+
+# --- the power check's controls ------------------------------------------------------------------------
+def test_default_grid_has_five_seeds_and_controls():
+    bcfg, base = bm.load_benchmark_config(None, {"budget": 10})
+    assert bcfg.grid.seeds == [0, 1, 2, 3, 4] and bcfg.grid.controls
+    few = bm.expand_grid(*make({"seeds": [0, 1, 2], "budget": 10}))
+    assert any("fewer than 5" in n for n in few.notes)
+
+
+def test_controls_are_the_baseline_from_random_weights_and_an_independent_replicate(tmp_path):
+    grid = {"learners": ["reptile", {"name": "finetune", "options": {"episodes_per_step": 2}}], "seeds": [0, 1, 2],
+            "n_sources": ["all", 2], "shots": [20, 40], "budget": 900}
+    base = {"data": {"sources": fakes.SOURCES}, "detector": {"checkpoint": "/ckpt/stage1.pth"},
+            "training": {"meta_epochs": 3, "replicate": 2}}
+    bcfg, _ = bm.load_benchmark_config(None, grid)
+    plan = bm.expand_grid(bcfg, base)
+    plain = bm.expand_grid(bm.load_benchmark_config(None, {**grid, "controls": False})[0], base)
+    # the other cells keep their indices (and shards): the controls come last, in the first setting only
+    assert plan.cells[:len(plain.cells)] == plain.cells
+    controls = plan.cells[len(plain.cells):]
+    assert [(c.learner, c.control) for c in controls] == [("finetune_scratch", "positive")] * 3 + [
+        ("finetune_aa", "negative")] * 3
+    assert {(c.n_sources, c.shots, c.selection) for c in controls} == {(None, 20, "all")}
+    assert [c.seed for c in controls] == [0, 1, 2, 0, 1, 2]
+    scratch = bm.cell_config(controls[0], plan.base, tmp_path, bcfg.grid.lr_keys)
+    aa = bm.cell_config(controls[3], plan.base, tmp_path, bcfg.grid.lr_keys)
+    pretrained = bm.cell_config(next(c for c in plain.cells if c.learner == "finetune" and c.seed == 0), plan.base,
+                                tmp_path, bcfg.grid.lr_keys)
+    assert pretrained.detector.checkpoint is not None and pretrained.training.replicate == 2
+    assert scratch.learner.name == "finetune" and scratch.training.pretrain_epochs == 0
+    assert scratch.detector.checkpoint is None  # random weights: no checkpoint, no stage 1
+    assert aa.training.replicate == 3 and aa.detector.checkpoint == pretrained.detector.checkpoint
+    for cfg in (scratch, aa):  # the same baseline (its options), the same budget, seed and split
+        assert cfg.learner.options == {"episodes_per_step": 2}
+        assert cfg.training.compute_budget == pretrained.training.compute_budget == 900
+        assert cfg.seed == pretrained.seed and cfg.data.shots == pretrained.data.shots
+        assert cfg.data.eval_images == pretrained.data.eval_images
+    everywhere = bm.expand_grid(bm.load_benchmark_config(None, {**grid, "control_settings": "all"})[0], base)
+    assert sum(c.control is not None for c in everywhere.cells) == 2 * 4 * 3  # 2 controls x 4 settings x 3 seeds
+    # the cell definition records the control, so a changed one is refused on resume
+    assert controls[0].to_dict()["control"] == "positive"
+    assert controls[0].to_dict()["overrides"] == {"training.pretrain_epochs": 0, "detector.checkpoint": None}
+
+
+def test_no_positive_control_when_the_base_already_starts_from_random_weights():
+    plan = bm.expand_grid(*make({"seeds": [0, 1], "budget": 10},
+                                {"data": {"sources": fakes.SOURCES}, "training": {"pretrain_epochs": 0}}))
+    assert {c.control for c in plan.cells if c.control} == {"negative"}
+    assert any("positive control (finetune_scratch) left out" in n for n in plan.notes)
+
+
+def test_control_labels_are_reserved_and_overrides_stay_off_the_grid_keys():
+    with pytest.raises(ConfigError, match="finetune_aa is reserved"):
+        bm.expand_grid(*make({"learners": [{"name": "finetune", "label": "finetune_aa"}], "budget": 1}))
+    with pytest.raises(ConfigError, match="seed.*set by the grid"):
+        bm.expand_grid(*make({"learners": [{"name": "reptile", "label": "r", "overrides": {"seed": 3}}], "budget": 1}))
+    plan = bm.expand_grid(*make({"learners": [{"name": "reptile", "label": "r5",
+                                               "overrides": {"training.inner_steps": 5}}], "seeds": [0], "budget": 1}))
+    cell = next(c for c in plan.cells if c.learner == "r5")
+    assert bm.cell_config(cell, plan.base, Path("/tmp/x"), ["outer_lr"]).training.inner_steps == 5
+
+
+def test_cell_files_from_before_controls_still_resume(tmp_path):
+    bcfg, base = make({"learners": ["reptile"], "seeds": [0], "budget": 600, "controls": False})
+    bm.run_benchmark(bcfg, base, tmp_path, runner=fakes.fake_runner, progress=False, report=False)
+    cell_file = tmp_path / "cells" / "reptile__nall__k20__all__s0" / "cell.json"
+    old = json.loads(cell_file.read_text())
+    del old["overrides"], old["control"]  # as written before variants had them
+    cell_file.write_text(json.dumps(old))
+    fakes.CALLS.clear()
+    res = bm.run_benchmark(bcfg, base, tmp_path, runner=fakes.fake_runner, progress=False, report=False)
+    assert "reptile__nall__k20__all__s0" in res.skipped and fakes.CALLS == []

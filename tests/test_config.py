@@ -41,7 +41,7 @@ def test_every_error_is_reported_not_just_the_first(tmp_path):
 def test_cli_overrides_take_precedence_over_yaml(tmp_path):
     f = tmp_path / "exp.yaml"
     f.write_text("training:\n  meta_epochs: 7\n  inner_lr: 0.5\nseed: 3\n")
-    cfg = load_config(f, {"training.meta_epochs": 2, "seed": None})
+    cfg = load_config(f, {"training.meta_epochs": 2})  # (a None value would set the key to null: --set KEY=null)
     assert cfg.training.meta_epochs == 2  # CLI wins
     assert cfg.training.inner_lr == 0.5  # YAML kept where the CLI says nothing
     assert cfg.seed == 3

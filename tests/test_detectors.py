@@ -148,6 +148,38 @@ def test_functional_loss_leaves_batchnorm_running_stats_alone(yolox):
     assert not torch.equal(bn.running_mean, before)
 
 
+@pytest.mark.parametrize("which", ["yolox", "faster-rcnn"])
+def test_head_loss_on_body_features_equals_the_loss(which, yolox, frcnn_base):
+    det = (yolox if which == "yolox" else copy.deepcopy(frcnn_base)).train()
+    batch = make_batch()
+    assert det.supports_head_loss()
+    head = {n: p for n, p in det.named_parameters() if n in det.parameter_groups()["head"]}
+    shifted = {n: p + 0.01 * torch.randn_like(p) for n, p in head.items()}  # the head's params are used
+    buffers = {n: b.clone() for n, b in det.named_buffers()}
+    torch.manual_seed(3)  # Faster R-CNN's RoI sampler draws random proposals
+    whole = det.loss(batch, params=shifted)
+    torch.manual_seed(3)
+    features = det.body_features(batch, params={})
+    split = det.head_loss(features, batch, params=shifted)
+    assert set(split) == set(whole)
+    for key in whole:
+        torch.testing.assert_close(split[key], whole[key], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(det.head_loss(features, batch, params=head)["loss"], split["loss"])
+    # the functional path of both halves leaves the running statistics alone, as loss(batch, params) does
+    assert all(torch.equal(b, buffers[n]) for n, b in det.named_buffers())
+    # gradients reach the body through the features and the head through its params
+    g_body, g_head = torch.autograd.grad(split["loss"], [dict(det.named_parameters())[det.parameter_groups()["backbone"][0]],
+                                                         next(iter(shifted.values()))])
+    assert g_body.abs().sum() > 0 and g_head.abs().sum() > 0
+    assert "extract_feat" not in det.model.__dict__  # the stand-in for extract_feat is gone again
+
+
+def test_a_detector_without_a_head_loss_says_so():
+    from learner_models import QuadraticDetector
+
+    assert not QuadraticDetector().supports_head_loss()
+
+
 def test_second_order_gradients_flow_to_params(yolox):
     yolox.train()
     params = {n: p.detach().clone().requires_grad_(True) for n, p in yolox.named_parameters()}

@@ -10,7 +10,7 @@ import torch
 
 from megatron.data.episodes import EpisodeSampler, iterate_batches, load_batch, split_target
 from megatron.data.preprocess import Preprocessor
-from megatron.errors import DataError
+from megatron.errors import ConfigError, DataError
 from megatron.types import ImageRecord, Task
 
 SIZE = 64
@@ -131,6 +131,47 @@ def test_meta_batch_draws_distinct_tasks_then_whole_rounds():
     assert set(names[:3]) == {"t0", "t1", "t2"} and len(set(names[3:])) == 2
     with pytest.raises(DataError, match="no source tasks"):
         sampler.meta_batch([], 2)
+
+
+@pytest.mark.parametrize("n_way", [None, 2])
+def test_a_sharded_meta_batch_is_the_ranks_share_and_decodes_only_its_images(n_way):
+    from megatron.training.distributed import DistEnv, shard
+
+    def setup(loaded):
+        tasks = [make_task(n=30, name=f"t{i}", seed=i, loaded=loaded) for i in range(3)]
+        # no decoded-image cache shared between samplers, so every decode is seen by the loader
+        return tasks, EpisodeSampler(3, 2, Preprocessor(SIZE, augment=True, cache_size=0), seed=5, n_way=n_way)
+
+    full_loaded: list[int] = []
+    tasks, full = setup(full_loaded)
+    whole = [full.meta_batch(tasks, 6) for _ in range(2)]
+    for world in (2, 3):
+        decoded_by_ranks = 0
+        for rank in range(world):
+            loaded: list[int] = []
+            tasks, sampler = setup(loaded)
+            env = DistEnv(rank=rank, world_size=world)
+            for step in range(2):
+                mine = sampler.meta_batch(tasks, 6, shard=env)
+                expected = shard(whole[step], env)
+                # the whole meta-batch's images, as a run's draw log hashes them, without decoding them
+                assert sampler.last_drawn_ids == [(m["task"], m["image_id"]) for e in whole[step]
+                                                  for b in (e.support, e.query) for m in b.meta]
+                assert [e.task_name for e in mine] == [e.task_name for e in expected]
+                for got, want in zip(mine, expected):
+                    assert ids(got.support) == ids(want.support) and ids(got.query) == ids(want.query)
+                    assert torch.equal(got.support.images, want.support.images)  # the same augmentations
+                    assert torch.equal(got.query.images, want.query.images)
+                    assert got.label_map == want.label_map
+            # only this rank's episodes were decoded: its share of the whole run's decodes, nothing else
+            assert sorted(loaded) == sorted(i for step in range(2) for e in shard(whole[step], env)
+                                            for i in ids(e.support) + ids(e.query))
+            decoded_by_ranks += len(loaded)
+            # every rank drew the whole meta-batch: the next draws and the resume state agree with one process
+            assert sampler.state_dict() == full.state_dict() and sampler.episodes_drawn == 12
+        assert decoded_by_ranks == len(full_loaded)  # together the ranks decode what one process decodes, once
+    with pytest.raises(ConfigError, match=r"training.meta_batch to a multiple of 4"):
+        setup([])[1].meta_batch(setup([])[0], 6, shard=DistEnv(rank=0, world_size=4))
 
 
 # -- N-way K-shot -----------------------------------------------------------------------------------------

@@ -22,14 +22,6 @@ from learner_models import GROUP_WEIGHTS, CoupledDetector, QuadraticDetector, ba
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: these models are tiny, and a second thread only contends with the other core's work."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 LEARNERS = {"maml": MAML, "anil": ANIL, "reptile": Reptile, "proto": Proto, "finetune": Finetune,
             "incremental": Incremental}
 
@@ -95,10 +87,12 @@ def maml_expected_grad(det: QuadraticDetector, episodes, alpha: float, k: int, f
     return grads
 
 
+@pytest.mark.parametrize("checkpoint", [False, True])
 @pytest.mark.parametrize("first_order", [False, True])
-def test_maml_meta_gradient_matches_closed_form(first_order):
+def test_maml_meta_gradient_matches_closed_form(first_order, checkpoint):
     det = QuadraticDetector()
-    learner = MAML(det, MAML.Options(first_order=first_order), ctx(inner_steps=3, inner_lr=0.1))
+    learner = MAML(det, MAML.Options(first_order=first_order, checkpoint_inner_steps=checkpoint),
+                   ctx(inner_steps=3, inner_lr=0.1))
     episodes = quad_episodes()
     expected = maml_expected_grad(det, episodes, 0.1, 3, first_order)
     before = params_of(det)
@@ -579,6 +573,71 @@ def test_meta_step_and_adapt_on_yolox_tiny(name, yolox_tiny):
     assert len(preds) == 1 and preds[0].boxes.shape[1] == 4
     if name == "proto":
         assert type(adapted.model.bbox_head.multi_level_conv_cls[0]).__name__ == "CosineClassifier"
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("name", ["anil", "maml-head"])
+def test_head_only_inner_loop_computes_the_body_once_with_the_same_meta_gradient(name, first_order, yolox_tiny):
+    """ANIL (and MAML with inner_groups [head]) on YOLOX: the support's body features once per episode, the head
+    alone at each inner step; pinned against the per-step detector.loss path (what ran before the split)."""
+    episodes = [make_episode("a", yolox_batch(2, 1), yolox_batch(2, 2, first_id=2), ("x", "y", "z")),
+                make_episode("b", yolox_batch(2, 3, first_id=4), yolox_batch(2, 4, first_id=6), ("x", "y", "z"))]
+    k = 3
+    found = {}
+    for split in (True, False):
+        det = copy.deepcopy(yolox_tiny).train()
+        if not split:  # the fallback every detector without body_features/head_loss gets
+            det.supports_head_loss = lambda: False
+        if name == "anil":
+            learner = ANIL(det, ANIL.Options(first_order=first_order), ctx(inner_steps=k, inner_lr=0.01))
+        else:
+            learner = MAML(det, MAML.Options(first_order=first_order, inner_groups=["head"]), ctx(inner_steps=k, inner_lr=0.01))
+        body_runs = []
+        hook = det.model.backbone.register_forward_pre_hook(lambda *_: body_runs.append(1))
+        try:
+            stats = learner.accumulate_meta_gradient(episodes)
+        finally:
+            hook.remove()
+        found[split] = (stats, {n: p.grad.clone() for n, p in det.named_parameters() if p.grad is not None},
+                        {n: b.clone() for n, b in det.named_buffers()}, len(body_runs), learner.ctx.compute.spent)
+    (s_split, g_split, b_split, runs_split, spent_split), (s_ref, g_ref, b_ref, runs_ref, spent_ref) = found[True], found[False]
+    assert runs_split == 2 * len(episodes) and runs_ref == (k + 1) * len(episodes)  # support once + query, per episode
+    assert s_split == pytest.approx(s_ref, rel=1e-6) and spent_split == spent_ref  # same losses, same images charged
+    assert set(g_split) == set(g_ref) and any(n.startswith("model.backbone.") for n in g_split)
+    for n in g_ref:  # float rounding only (the k steps' feature gradients are summed before the body's backward)
+        assert float((g_split[n] - g_ref[n]).norm()) <= 1e-4 * float(g_ref[n].norm()) + 1e-12, n
+    assert all(torch.equal(b_split[n], b_ref[n]) for n in b_ref)  # BatchNorm statistics: same policy
+
+
+def test_checkpointed_inner_steps_give_the_same_meta_gradient_and_charge_with_less_saved_for_backward(yolox_tiny):
+    """Second-order MAML with checkpoint_inner_steps: the same meta-gradient and compute account, while the inner
+    loop leaves far fewer bytes saved for the outer backward (the steps' graphs are rebuilt there)."""
+    episodes = [make_episode("a", yolox_batch(2, 1), yolox_batch(2, 2, first_id=2), ("x", "y", "z"))]
+    found = {}
+    for checkpoint in (False, True):
+        det = copy.deepcopy(yolox_tiny).train()
+        learner = MAML(det, MAML.Options(checkpoint_inner_steps=checkpoint), ctx(inner_steps=2, inner_lr=0.01))
+        saved: dict[int, int] = {}
+
+        def pack(t):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            learner.adapt_episode(episodes[0])
+        inner_saved = sum(saved.values())
+        det.zero_grad(set_to_none=True)
+        learner.accumulate_meta_gradient(episodes)
+        found[checkpoint] = (inner_saved, {n: p.grad.clone() for n, p in det.named_parameters() if p.grad is not None},
+                             learner.ctx.compute.images_forward, learner.ctx.compute.images_backward)
+    (plain_saved, plain_g, *plain_charged), (ckpt_saved, ckpt_g, *ckpt_charged) = found[False], found[True]
+    param_bytes = sum(p.numel() * p.element_size() for p in yolox_tiny.parameters())
+    # checkpointed, the inner loop keeps two parameter sets (theta and the first step's result) and no activation
+    assert ckpt_saved <= 2 * param_bytes * 1.01 and plain_saved >= 1.5 * ckpt_saved
+    assert set(plain_g) == set(ckpt_g)
+    for n in plain_g:
+        assert float((ckpt_g[n] - plain_g[n]).norm()) <= 1e-5 * float(plain_g[n].norm()) + 1e-12, n
+    assert ckpt_charged == plain_charged  # the recomputation is not charged
 
 
 def test_inner_loop_skips_a_step_whose_scaled_gradients_overflow():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -63,13 +64,14 @@ def test_single_seed_gives_no_ci_and_no_claim(tmp_path):
 
 def test_results_files_one_row_per_cell(comparison_dir):
     rows = json.loads((comparison_dir / "results.json").read_text())
-    assert len(rows) == 4 * 3
+    assert len(rows) == (4 + 2) * 3  # reptile, maml, incremental-frozen, finetune + the two controls, 3 seeds
+    assert {r["control"] for r in rows if r["learner"].startswith("finetune_")} == {"positive", "negative"}
     r = next(r for r in rows if r["learner"] == "reptile" and r["seed"] == 1)
     assert r["mAP50"] == pytest.approx(fakes.final_map50("reptile", 1, 6, 20, 0.001))
     assert r["compute_spent"] == 6000 and r["sources"] == fakes.SOURCES and len(r["epochs"]) == 3
     with open(comparison_dir / "results.csv") as f:
         table = list(csv.DictReader(f))
-    assert len(table) == 12
+    assert len(table) == 18
     assert {"cell_id", "learner", "seed", "n_sources", "sources", "shots", "lr", "selection", "mAP50", "F1",
             "compute_spent", "wall_s", "epochs"} <= set(table[0])
     assert json.loads(table[0]["epochs"])[0]["meta_epoch"] == 1
@@ -94,7 +96,7 @@ def test_merging_dedupes_identical_cells_and_flags_conflicts(comparison_dir, tmp
     other = tmp_path / "other"
     shutil.copytree(comparison_dir, other)
     res = build_report([comparison_dir, other], tmp_path / "merged")
-    assert len(res.rows) == 12 and not res.warnings
+    assert len(res.rows) == 18 and not res.warnings
     # one copy of one cell with different numbers: kept once, and the report warns
     rec_path = next((other / "cells").iterdir()) / "run.json"
     rec = json.loads(rec_path.read_text())
@@ -102,7 +104,7 @@ def test_merging_dedupes_identical_cells_and_flags_conflicts(comparison_dir, tmp
         lrec["final"]["mAP50"] += 0.1
     atomic_write_json(rec_path, rec)
     res = build_report([comparison_dir, other], tmp_path / "merged2")
-    assert len(res.rows) == 12 and len(res.warnings) == 1 and "different results" in res.warnings[0]
+    assert len(res.rows) == 18 and len(res.warnings) == 1 and "different results" in res.warnings[0]
     assert "different results" in (tmp_path / "merged2" / "report.md").read_text()
     assert main(["report", str(comparison_dir), str(other)]) == 2  # several DIRs need --out
 
@@ -143,3 +145,150 @@ def test_selection_and_lr_plots(tmp_path):
     assert "## Source-task choice" in text and "closest − random" in text and "Closest tasks chosen" in text
     out = run_grid(tmp_path / "lr", learners=["reptile"], seeds=[0, 1], lrs=[1e-3, 1e-2])
     assert {"lr_curves.png", "lr_final.png"} <= {p.name for p in (out / "plots").iterdir()}
+
+
+# --- the power check, Holm, self-contained folders -------------------------------------------------------
+def section(text: str, title: str) -> str:
+    start = text.index(f"## {title}")
+    nxt = text.find("\n## ", start + 1)
+    return text[start:nxt if nxt > 0 else None]
+
+
+def test_report_reads_answer_then_power_check_then_tables(comparison_dir):
+    text = (comparison_dir / "report.md").read_text()
+    order = [text.index(h) for h in ("## Answer", "## Power check", "## Setup", "## Results per setting")]
+    assert order == sorted(order)
+    power = section(text, "Power check")
+    pos = next(line for line in power.splitlines() if line.startswith("- **Positive control**"))
+    # finetune − finetune_scratch = 0.25 − the scratch noise {0.01, −0.02, 0.015}: 24, 27, 23.5 points
+    assert "finetune − finetune_scratch = +24.8 [" in pos and pos.endswith("**passed**.")
+    neg = next(line for line in power.splitlines() if line.startswith("- **Negative control, A/A**"))
+    assert "finetune_aa − finetune = +0.1 [" in neg and neg.endswith("**passed**.")
+    assert "Holm" in power and "over the 3 comparison(s)" in power
+    assert "The power check passed" in section(text, "Answer")
+
+
+def test_power_table_gives_mdd_and_seeds_for_five_points(comparison_dir):
+    from megatron.benchmark import stats
+
+    text = (comparison_dir / "report.md").read_text()
+    row = next(line for line in section(text, "Power check").splitlines() if line.startswith("| N=all (6), K=20 | maml"))
+    # maml − finetune per seed = its noise: 3, −4, 2 points; sd by hand:
+    diffs = [3.0, -4.0, 2.0]
+    mean = sum(diffs) / 3
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2)
+    mdd = stats.min_detectable_difference(sd, 3)
+    need = stats.seeds_needed(5.0, sd)
+    assert row == f"| N=all (6), K=20 | maml − finetune | 3 | {sd:.1f} | {mdd:.1f} | {need} |"
+    assert 11 < mdd < 13 and need == 7  # 3 seeds detect only a 12-point difference; 5 points would need 7 seeds
+
+
+def test_failed_positive_control_withholds_the_verdicts(tmp_path):
+    bcfg, _ = bm.load_benchmark_config(None, {"budget": 6000, "learners": ["reptile"], "seeds": [0, 1, 2]})
+    res = bm.run_benchmark(bcfg, BASE, tmp_path / "b", runner=fakes.underpowered_runner, progress=False)
+    assert res.report.power.status == "under-powered"
+    text = (tmp_path / "b" / "report.md").read_text()
+    answer = section(text, "Answer")
+    assert "**Verdicts withheld: this grid is under-powered.**" in answer
+    # reptile is +5 in every seed: it would be "better", but the grid failed its control
+    assert verdict_line(text, "reptile").endswith("→ **verdict withheld (under-powered grid)**.")
+    assert "→ **better**" not in text and "| better |" not in text
+    # what to change, from the control's own numbers: seeds, and the spread's causes
+    assert "seeds (`--seeds 0,...," in answer and "`data.eval_images`" in answer and "`--budget`" in answer
+    assert "**failed** — pre-training made no detectable difference" in section(text, "Power check")
+    # finetune − scratch per seed = 5 − the noise {12, −15, 3}: −7, 20, 2 points; the seeds that would detect it
+    from megatron.benchmark import stats
+
+    diffs = [-7.0, 20.0, 2.0]
+    sd = math.sqrt(sum((d - 5.0) ** 2 for d in diffs) / 2)
+    need = stats.seeds_needed(5.0, sd)
+    assert f"needs {need} seeds (`--seeds 0,...,{need - 1}`), this grid has 3" in answer
+    # a control that came out the wrong way round points at stage 1 instead
+    from megatron.benchmark.report import ControlCheck, underpowered_advice
+
+    wrong = ControlCheck("positive", ("all", 20, None, "all"), "finetune", "finetune_scratch",
+                         stats.paired_difference({0: 0.3, 1: 0.2}, {0: 0.35, 1: 0.3}), False)
+    assert "check stage 1" in underpowered_advice(wrong)[0]
+
+
+def test_positive_control_not_complete_withholds_too(tmp_path):
+    out = run_grid(tmp_path / "inc", learners=["reptile"], seeds=[0, 1])
+    for seed in (0, 1):  # the scratch cells never finished
+        (out / "cells" / f"finetune_scratch__nall__k20__all__s{seed}" / "run.json").unlink()
+    res = build_report([out], out)
+    assert res.power.status == "incomplete"
+    text = (out / "report.md").read_text()
+    assert "Verdicts withheld until the positive control is complete" in text
+    assert verdict_line(text, "reptile").endswith("→ **verdict withheld (positive control not complete)**.")
+
+
+def test_a_a_control_catches_a_replicate_that_changes_nothing(tmp_path):
+    bcfg, _ = bm.load_benchmark_config(None, {"budget": 6000, "learners": ["reptile"], "seeds": [0, 1, 2]})
+    res = bm.run_benchmark(bcfg, BASE, tmp_path / "b", runner=fakes.replicate_ignored_runner, progress=False)
+    neg = next(c for c in res.report.power.controls if c.kind == "negative")
+    assert neg.passed is False and "identical" in neg.problem
+    text = (tmp_path / "b" / "report.md").read_text()
+    assert "**Warning: the negative control (A/A) failed**" in section(text, "Answer")
+    assert verdict_line(text, "reptile").endswith("→ **better**.")  # a warning, not a reason to withhold
+
+
+def test_without_controls_the_report_says_so(tmp_path):
+    out = run_grid(tmp_path / "none", learners=["reptile"], seeds=[0, 1, 2], controls=False)
+    text = (out / "report.md").read_text()
+    assert "No positive control in these results" in section(text, "Answer")
+    assert "No control cells in these results" in section(text, "Power check")
+    assert verdict_line(text, "reptile").endswith("→ **better**.")
+    assert not any(p.name.startswith(("finetune_scratch", "finetune_aa")) for p in (out / "cells").iterdir())
+
+
+def _row(learner: str, seed: int, n: int, value: float, control: str | None = None) -> dict:
+    from megatron.benchmark.rows import METRICS
+
+    metrics = {m: value for m in METRICS}
+    return {"cell_id": f"{learner}-{n}-{seed}", "learner": learner, "control": control, "seed": seed, "n_sources": n,
+            "shots": 20, "lr": None, "selection": "random", "status": "complete", **metrics}
+
+
+def test_holm_turns_a_lone_raw_win_among_several_settings_into_no_verdict():
+    from megatron.benchmark import stats
+    from megatron.benchmark.report import summarise
+
+    rows = []
+    # N=2: x − finetune = 0.04, 0.05, 0.06, 0.045, 0.055 -> raw p 1.5e-4; N=3: 0.02, 0.05, 0, 0.04, 0.03 -> raw
+    # p 0.031 (CI excludes 0), second smallest of three, so x2 = 0.062 after Holm; N=4: no effect (p = 1)
+    deltas = {2: [0.04, 0.05, 0.06, 0.045, 0.055], 3: [0.02, 0.05, 0.0, 0.04, 0.03], 4: [0.01, -0.02, 0.0, 0.02, -0.01]}
+    for n, ds in deltas.items():
+        for seed, d in enumerate(ds):
+            rows += [_row("finetune", seed, n, 0.3 + 0.01 * seed), _row("x", seed, n, 0.3 + 0.01 * seed + d)]
+    _, comparisons = summarise(rows)
+    by_n = {c.setting[0]: c for c in comparisons if c.metric == "mAP50"}
+    raw = {n: c.diff.p_value for n, c in by_n.items()}
+    assert raw[3] < 0.05 and by_n[3].diff.verdict == stats.BETTER  # uncorrected, a win
+    # Holm over the three settings: sorted p's times 3, 2, 1, kept monotone
+    ordered = sorted(raw, key=raw.get)
+    assert by_n[ordered[0]].p_holm == pytest.approx(3 * raw[ordered[0]])
+    assert by_n[ordered[1]].p_holm == pytest.approx(max(3 * raw[ordered[0]], 2 * raw[ordered[1]]))
+    assert by_n[3].p_holm >= 0.05 and by_n[3].verdict == stats.NOT_AFTER_HOLM
+    assert by_n[2].verdict == stats.BETTER and by_n[4].verdict == stats.NO_DIFFERENCE
+
+
+def test_report_elsewhere_copies_the_records_and_rebuilds_alone(comparison_dir, tmp_path):
+    out = tmp_path / "results" / "committed"
+    res = build_report([comparison_dir], out)
+    assert res.copied == 18
+    cell = out / "cells" / "reptile__nall__k20__all__s0"
+    assert sorted(p.name for p in cell.iterdir()) == ["cell.json", "run.json"]  # no checkpoints
+    assert (comparison_dir / "cells" / cell.name / "checkpoints").exists()
+    assert json.loads((out / "benchmark.json").read_text())["n_cells"] == 18
+    before = json.loads((out / "results.json").read_text())
+    text = (out / "report.md").read_text()
+    assert f"`megatron report {out}`" in text
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(out, moved)
+    for name in ("results.json", "results.csv", "report.md"):
+        (moved / name).unlink()
+    assert main(["report", str(moved)]) == 0  # from the copied records alone
+    after = json.loads((moved / "results.json").read_text())
+    assert [(r["cell_id"], r["mAP50"], r["control"]) for r in after] == [
+        (r["cell_id"], r["mAP50"], r["control"]) for r in before]
+    assert (moved / "report.md").read_text().replace(str(moved), str(out)) == text

@@ -17,13 +17,6 @@ from megatron.cli import main  # noqa: E402
 BUILTIN_LEARNERS = ["maml", "reptile", "anil", "proto", "finetune", "incremental"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture
 def tiny_plugins(monkeypatch):

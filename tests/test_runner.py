@@ -17,15 +17,10 @@ from megatron import hookimpl  # noqa: E402
 from megatron.checkpoint import safe_torch_load  # noqa: E402
 from megatron.config import load_config  # noqa: E402
 from megatron.errors import ConfigError, PluginError, TrainingError  # noqa: E402
-from megatron.training.runner import derive_seed, run_experiment, steps_per_source_epoch  # noqa: E402
+from megatron.training.environment import derive_seed  # noqa: E402
+from megatron.training.meta_train import steps_per_source_epoch  # noqa: E402
+from megatron.training.runner import run_experiment  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_config(tmp_path: Path, **overrides):
@@ -35,7 +30,7 @@ def tiny_config(tmp_path: Path, **overrides):
         "data.input_size": 64, "detector.name": "tiny", "learner.name": "joint_test",
         "training.meta_epochs": 3, "training.finetune_epochs": 1, "training.outer_lr": 0.01,
         "training.finetune_lr": 0.003, "output.dir": str(tmp_path / "runs"), "output.compare_baseline": False,
-        "output.plots": False,
+        "output.plots": False, "training.pretrain_epochs": 0, "data.cache_dir": str(tmp_path / "cache"),
     }
     base.update(overrides)
     return load_config(None, base)
@@ -91,12 +86,12 @@ def epoch_numbers(record, name):
 
 
 def test_resume_after_kill_ends_with_exactly_the_uninterrupted_metrics(tmp_path):
-    cfg = tiny_config(tmp_path)
+    cfg = tiny_config(tmp_path, **{"training.finetune_epochs": 3})  # enough for a non-zero mAP50
     full = run_experiment(cfg, run_dir=tmp_path / "full", pm=make_pm(), progress=False)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(cfg, run_dir=tmp_path / "killed", pm=make_pm(KillAt(2, 2)), progress=False)
     partial = json.loads((tmp_path / "killed" / "run.json").read_text())
-    assert partial["status"] == "running"
+    assert partial["status"] == "interrupted"  # a Ctrl-C is recorded (a SIGKILL leaves "running")
     assert len(partial["learners"]["joint_test"]["epochs"]) == 1  # epoch 1 checkpointed, epoch 2 lost
     resumed = run_experiment(cfg, run_dir=tmp_path / "killed", pm=make_pm(), resume=True, progress=False)
     assert resumed["status"] == "complete"

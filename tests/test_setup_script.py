@@ -204,7 +204,11 @@ def make_dry_run(*args: str) -> str:
 
 def test_make_test_sets_up_first_and_passes_pytest_args():
     lines = make_dry_run("test", "PYTEST_ARGS=-m slow -x").splitlines()
-    assert lines == ["bash scripts/setup.sh", ".venv/bin/python -m pytest -m slow -x"]
+    assert lines[0] == "bash scripts/setup.sh" and lines[-1] == ".venv/bin/python -m pytest -m slow -x"
+    # between them: the example plugin packages installed editable, so their own tests run with megatron's
+    middle = " ".join(lines[1:-1])
+    for package in ("megatron-ks-similarity", "megatron-meta-sgd", "megatron-voc-dataset"):
+        assert f"-e examples/{package}/" in middle
 
 
 def test_make_run_starts_the_main_job():

@@ -78,3 +78,91 @@ def test_verdict_words():
 def test_scaled_to_points():
     iv = stats.mean_ci([0.1, 0.2, 0.3]).scaled(100)
     assert iv.mean == pytest.approx(20.0) and iv.sd == pytest.approx(10.0)
+
+
+# --- multiple comparisons -------------------------------------------------------------------------------
+def test_holm_adjusted_p_values_by_hand():
+    # m = 4 (None is not a test): sorted 0.005, 0.01, 0.03, 0.04 -> x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04,
+    # made monotone: 0.02, 0.03, 0.06, 0.06
+    adj = stats.holm([0.01, 0.04, 0.03, None, 0.005])
+    assert adj[3] is None
+    assert adj[:3] + adj[4:] == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert stats.holm([0.6, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert stats.holm([0.02]) == pytest.approx([0.02])  # one test: unchanged
+    assert stats.holm([]) == []
+
+
+def test_paired_t_p_value_matches_scipy_and_the_interval():
+    from scipy import stats as sp
+
+    diffs = [0.10, 0.15, 0.05, 0.12]
+    iv = stats.mean_ci(diffs)
+    assert stats.t_test_p(iv) == pytest.approx(sp.ttest_1samp(diffs, 0.0).pvalue)
+    # p < 5% exactly when the 95% interval excludes 0
+    for xs in ([0.1, 0.15, 0.05], [0.1, 0.15, 0.05, 0.12], [0.02, -0.01, 0.03], [-0.2, -0.1, -0.15]):
+        iv = stats.mean_ci(xs)
+        assert (stats.t_test_p(iv) < 0.05) == iv.excludes_zero()
+    assert stats.t_test_p(stats.mean_ci([0.3])) is None
+    assert stats.t_test_p(stats.Interval(0.05, 0.05, 0.05, 3, 0.0)) == 0.0  # no spread, non-zero mean
+    assert stats.t_test_p(stats.Interval(0.0, 0.0, 0.0, 3, 0.0)) == 1.0
+    assert stats.paired_difference({0: 2.0, 1: 3.0}, {0: 1.0, 1: 1.5}).p_value == pytest.approx(
+        sp.ttest_rel([2.0, 3.0], [1.0, 1.5]).pvalue)
+
+
+def test_verdict_after_holm():
+    raw_better = stats.Interval(1.0, 0.2, 1.8, 5, 0.6)
+    assert stats.verdict(raw_better, p_adjusted=0.01) == stats.BETTER
+    assert stats.verdict(raw_better, p_adjusted=0.08) == stats.NOT_AFTER_HOLM
+    assert stats.verdict(stats.Interval(-1.0, -1.8, -0.2, 5, 0.6), p_adjusted=0.2) == stats.NOT_AFTER_HOLM
+    assert stats.verdict(stats.Interval(0.1, -0.5, 0.7, 5, 0.6), p_adjusted=0.9) == stats.NO_DIFFERENCE
+
+
+# --- power ----------------------------------------------------------------------------------------------
+def test_power_matches_textbook_values():
+    # the paired t-test at two-sided 5% (Cohen 1988; G*Power): effect d = delta / sd = 1 with 10 pairs has power
+    # 0.803, d = 0.5 needs 34 pairs for 80% (33 give less), d = 1 needs 10
+    assert stats.power(1.0, 1.0, 10) == pytest.approx(0.8031, abs=5e-4)
+    assert stats.power(0.5, 1.0, 34) == pytest.approx(0.8078, abs=5e-4)
+    assert stats.power(0.5, 1.0, 33) < 0.8
+    assert stats.seeds_needed(0.5, 1.0) == 34
+    assert stats.seeds_needed(1.0, 1.0) == 10
+    assert stats.seeds_needed(5.0, 10.0) == 34  # only the ratio matters
+    assert stats.seeds_needed(-5.0, 10.0) == 34  # two-sided
+    # the power of a zero difference is the false-positive rate
+    assert stats.power(0.0, 1.0, 8) == pytest.approx(0.05)
+
+
+def test_power_by_hand_from_the_noncentral_t():
+    # n = 5 pairs, sd = 2, delta = 3: df = 4, ncp = 3 sqrt(5) / 2, critical t = t_{0.975, 4} = 2.7764451051977987
+    from scipy import stats as sp
+
+    ncp = 3 * math.sqrt(5) / 2
+    crit = 2.7764451051977987
+    expected = sp.nct.sf(crit, 4, ncp) + sp.nct.cdf(-crit, 4, ncp)
+    assert stats.power(3.0, 2.0, 5) == pytest.approx(expected, rel=1e-12)
+    assert 0.70 < expected < 0.72  # a 1.5-sd effect with 5 seeds: missed more than 1 time in 4
+
+
+def test_minimum_detectable_difference():
+    # 80% power at the MDD, in the units of sd; t-based, so above the normal approximation (z_.975 + z_.8) sd/sqrt(n)
+    z = 1.959963984540054 + 0.8416212335729143
+    for n in (2, 3, 5, 10, 30):
+        mdd = stats.min_detectable_difference(1.0, n)
+        assert stats.power(mdd, 1.0, n) == pytest.approx(0.8, abs=1e-9)
+        assert mdd > z / math.sqrt(n)
+    assert stats.min_detectable_difference(1.0, 10) == pytest.approx(0.9960, abs=5e-4)  # d = 1 at n = 10: 0.803
+    assert stats.min_detectable_difference(1.0, 5) == pytest.approx(1.682, abs=1e-3)
+    assert stats.min_detectable_difference(1.0, 2) == pytest.approx(11.55, abs=1e-2)  # two seeds: hopeless
+    assert stats.min_detectable_difference(1.0, 400) == pytest.approx(z / 20, rel=0.01)  # large n: the normal one
+    assert stats.min_detectable_difference(10.0, 5) == pytest.approx(10 * stats.min_detectable_difference(1.0, 5))
+    assert stats.min_detectable_difference(1.0, 1) is None
+    assert stats.min_detectable_difference(0.0, 5) == 0.0
+
+
+def test_seeds_needed_is_the_first_n_with_enough_power():
+    for delta, sd in ((5.0, 3.0), (5.0, 12.0), (2.0, 7.5)):
+        n = stats.seeds_needed(delta, sd)
+        assert stats.power(delta, sd, n) >= 0.8 > stats.power(delta, sd, n - 1)
+    assert stats.seeds_needed(5.0, 0.0) == 2
+    assert stats.seeds_needed(0.0, 3.0) is None
+    assert stats.seeds_needed(0.001, 100.0, max_n=1000) is None

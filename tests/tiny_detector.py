@@ -182,6 +182,9 @@ class TinyDetector(Detector):
         self._prototypes = None if prototypes is None else prototypes.detach()
         self._temperature = float(temperature)
 
+    def get_prototypes(self):
+        return None if self._prototypes is None else (self._prototypes.clone(), self._temperature)
+
     def set_num_classes(self, num_classes: int) -> None:
         ref = self.head["cls"].weight
         self.head["cls"] = nn.Conv2d(self.dim, num_classes, 1).to(device=ref.device, dtype=ref.dtype)

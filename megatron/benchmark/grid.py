@@ -12,6 +12,20 @@ Which source tasks a cell with ``N`` < all uses (``selection``):
   ``similarity.select_sources = N``); the runner records the choice and the distances.
 - ``all``: every source task (N is then ignored and recorded as the number of tasks).
 
+Controls (``controls``, on by default; see examples/benchmarks/README.md "Power check"): two learners more, both the
+``finetune`` baseline of the grid (its options) at the same budget:
+
+- ``finetune_scratch``, the *positive control*: ``training.pretrain_epochs: 0`` and no ``detector.checkpoint``,
+  i.e. from random weights. The pre-trained ``finetune`` must come out better than it; a grid that cannot see
+  this known effect is under-powered, and the report withholds its verdicts.
+- ``finetune_aa``, the *negative control* (A/A): ``training.replicate`` one more than the base config's, i.e.
+  independent training randomness on the same target split and the same stage-1 checkpoint. It must come out "no
+  significant difference" from ``finetune``.
+
+They run in the grid's first setting (the first N, K, learning rate and selection listed;
+``control_settings: all``: in every setting), after the other learners' cells, so adding or dropping them
+leaves the other cells' indices (and shards) unchanged.
+
 Resume: a cell whose ``run.json`` says ``complete`` is not run again; a cell with a ``run.json`` in any other state
 (killed mid-run) is resumed through the runner's ``resume=True``. ``cell.json`` pins the cell's definition; a
 changed definition under the same directory is an error rather than a silent mix of two experiments.
@@ -40,7 +54,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from megatron.checkpoint import atomic_write_json, atomic_write_text
-from megatron.config import ExperimentConfig, format_validation_error, set_dotted
+from megatron.config import ExperimentConfig, apply_overrides, format_validation_error, set_dotted
 from megatron.errors import ConfigError, MegatronError
 from megatron.learner import BASELINE_LEARNER as BASELINE
 
@@ -51,6 +65,15 @@ CELL_FILE = "cell.json"
 RECORD_FILE = "run.json"
 Selection = Literal["random", "closest", "all"]
 LR_KEYS = ("outer_lr", "inner_lr", "finetune_lr")
+#: the control learners' labels (reserved) and the ``control`` field of their cells
+POSITIVE_CONTROL = "finetune_scratch"
+NEGATIVE_CONTROL = "finetune_aa"
+CONTROL_KINDS = {POSITIVE_CONTROL: "positive", NEGATIVE_CONTROL: "negative"}
+DEFAULT_SEEDS = (0, 1, 2, 3, 4)
+MIN_SEEDS = 5
+# keys the grid sets per cell: a learner variant's `overrides` may not touch them
+_GRID_KEYS = ("seed", "data.shots", "data.sources", "training.compute_budget", "learner", "detector.name",
+              "similarity.select_sources", "output")
 
 
 class _Model(BaseModel):
@@ -64,6 +87,10 @@ class LearnerVariant(_Model):
     name: str = Field(description="learner plugin name")
     label: str | None = Field(None, description="name in the results and plots (default: the plugin name)")
     options: dict[str, Any] = Field(default_factory=dict, description="the learner's options (learner.options)")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="dotted keys of the experiment config set for this variant only, e.g. "
+        "{training.inner_steps: 5} (not the keys the grid sets: seed, shots, sources, budget, learner, output)")
 
     @property
     def id(self) -> str:
@@ -75,7 +102,8 @@ class GridSpec(_Model):
         default_factory=lambda: [LearnerVariant(name="reptile"), LearnerVariant(name=BASELINE)],
         description="learners (plugin names, or {name, label, options}); `finetune` is added when missing",
     )
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="seeds: the replicates")
+    seeds: list[int] = Field(default_factory=lambda: list(DEFAULT_SEEDS), min_length=1,
+                             description="seeds: the replicates (default 0..4; fewer than 5 is noted in the report)")
     n_sources: list[int | None] = Field(
         default_factory=lambda: [None], min_length=1,
         description="numbers of source tasks N (null: all); with N < all, `selection` says which")
@@ -89,6 +117,10 @@ class GridSpec(_Model):
     detector: str | None = Field(None, description="detector plugin (default: the base config's)")
     budget: int | None = Field(None, ge=1, description="compute budget per cell in image passes "
                                "(default: training.compute_budget, else derived from the config)")
+    controls: bool = Field(True, description="run the positive (finetune from random weights) and negative (A/A) "
+                           "controls of the power check")
+    control_settings: Literal["first", "all"] = Field(
+        "first", description="where the controls run: the grid's first setting, or every setting")
 
     @field_validator("learners", mode="before")
     @classmethod
@@ -149,9 +181,7 @@ def load_benchmark_config(path: str | Path | None = None, grid_overrides: dict[s
         if not isinstance(base, dict):
             raise ConfigError(f"{bp}: the top level must be a mapping of sections (data, detector, ...)")
     base = copy.deepcopy(base)
-    for key, value in (base_overrides or {}).items():
-        if value is not None:
-            set_dotted(base, key, value)
+    apply_overrides(base, base_overrides)  # `--set KEY=null` included: it unsets a key of the base config
     _validate_experiment(base, f"{source}: base")
     return bcfg, base
 
@@ -178,6 +208,8 @@ class Cell:
     sources: tuple[str, ...] | None  # fixed subset (random / all); None: chosen by the runner (closest)
     budget: int
     detector: str
+    overrides: dict = field(default_factory=dict)  # the variant's dotted config keys
+    control: str | None = None  # "positive" | "negative" for the power check's cells
 
     @property
     def id(self) -> str:
@@ -238,6 +270,22 @@ def source_task_names(base: dict[str, Any], pm=None) -> list[str]:
     return [t.name for t in build_taskset(cfg, load_tasks(cfg, pm)).sources]
 
 
+def control_variants(learners: list[LearnerVariant], base_cfg: ExperimentConfig) -> tuple[list[LearnerVariant], list[str]]:
+    """The power check's two learners, both copies of the grid's ``finetune`` variant (and its options), and notes."""
+    ref = next(v for v in learners if v.id == BASELINE)
+    notes = []
+    variants = []
+    if base_cfg.training.pretrain_epochs == 0 and base_cfg.detector.checkpoint is None:
+        notes.append(f"positive control ({POSITIVE_CONTROL}) left out: the base config already starts from random "
+                     "weights (training.pretrain_epochs: 0, no detector.checkpoint), so there is nothing to compare")
+    else:
+        variants.append(LearnerVariant(name=ref.name, label=POSITIVE_CONTROL, options=dict(ref.options), overrides={
+            **ref.overrides, "training.pretrain_epochs": 0, "detector.checkpoint": None}))
+    variants.append(LearnerVariant(name=ref.name, label=NEGATIVE_CONTROL, options=dict(ref.options), overrides={
+        **ref.overrides, "training.replicate": base_cfg.training.replicate + 1}))
+    return variants, notes
+
+
 def random_subset(names: list[str], n: int, seed: int) -> tuple[str, ...]:
     """``n`` of ``names`` drawn from (seed, n): the same for every learner of a seed, different across seeds."""
     rng = np.random.default_rng([int(seed), int(n)])
@@ -266,9 +314,25 @@ def expand_grid(bcfg: BenchmarkConfig, base: dict[str, Any], all_sources: list[s
     if dupes:
         raise ConfigError(f"grid.learners: labels must be unique, these repeat: {', '.join(dupes)} "
                           "(give variants of one plugin distinct `label`s)")
+    reserved = sorted(set(ids) & set(CONTROL_KINDS))
+    if reserved:
+        raise ConfigError(f"grid.learners: {', '.join(reserved)} is reserved for the power check's controls "
+                          "(grid.controls); give that learner another label")
+    for v in learners:
+        bad = [k for k in v.overrides if any(k == key or k.startswith(key + ".") for key in _GRID_KEYS)]
+        if bad:
+            raise ConfigError(f"grid.learners: {v.id}: overrides {', '.join(bad)} are set by the grid per cell; "
+                              "use the grid's own lists (seeds, shots, n_sources, lrs, budget) or learner options")
     if BASELINE not in ids:
         learners.append(LearnerVariant(name=BASELINE))
         notes.append(f"added the `{BASELINE}` baseline to the learners: every comparison is paired against it")
+    if len(g.seeds) < MIN_SEEDS:
+        notes.append(f"{len(g.seeds)} seed(s): fewer than {MIN_SEEDS}, intervals are wide and small effects cannot "
+                     "be detected (see the power check)")
+    controls: list[LearnerVariant] = []
+    if g.controls:
+        controls, control_notes = control_variants(learners, base_cfg)
+        notes += control_notes
     shots_list = list(g.shots) if g.shots else [base_cfg.data.shots]
     lrs: list[float | None] = list(g.lrs) if g.lrs else [None]
     if all_sources is None:
@@ -285,35 +349,43 @@ def expand_grid(bcfg: BenchmarkConfig, base: dict[str, Any], all_sources: list[s
     else:
         budget, note = derive_budget(base_cfg, max(shots_list))
     detector = g.detector or base_cfg.detector.name
+    settings = []
+    for n in g.n_sources:
+        full = n is None or n >= len(all_sources)
+        for k in shots_list:
+            for lr in lrs:
+                for sel in g.selection:
+                    # with every task there is nothing to choose: one `all` cell, not one per strategy
+                    setting = (None if full else n, int(k), lr, "all" if full else sel)
+                    if setting not in settings:
+                        settings.append(setting)
     cells: list[Cell] = []
     seen: set[str] = set()
-    for v in learners:
-        for n in g.n_sources:
-            full = n is None or n >= len(all_sources)
-            for k in shots_list:
-                for lr in lrs:
-                    for sel in g.selection:
-                        # with every task there is nothing to choose: one `all` cell, not one per strategy
-                        sel_eff = "all" if full else sel
-                        for seed in g.seeds:
-                            if sel_eff == "all":
-                                sources: tuple[str, ...] | None = tuple(all_sources)
-                            elif sel_eff == "random":
-                                sources = random_subset(all_sources, n, seed)
-                            else:
-                                sources = None
-                            cell = Cell(len(cells), v.id, v.name, dict(v.options), int(seed),
-                                        None if full else n, int(k), lr, sel_eff, sources, budget, detector)
-                            if cell.id in seen:
-                                continue
-                            seen.add(cell.id)
-                            cells.append(cell)
+    runs = [(v, settings, None) for v in learners]
+    runs += [(v, settings if g.control_settings == "all" else settings[:1], CONTROL_KINDS[v.id]) for v in controls]
+    for v, its_settings, control in runs:
+        for n, k, lr, sel in its_settings:
+            for seed in g.seeds:
+                if sel == "all":
+                    sources: tuple[str, ...] | None = tuple(all_sources)
+                elif sel == "random":
+                    sources = random_subset(all_sources, n, seed)
+                else:
+                    sources = None
+                cell = Cell(len(cells), v.id, v.name, dict(v.options), int(seed), n, k, lr, sel, sources, budget,
+                            detector, dict(v.overrides), control)
+                if cell.id in seen:
+                    continue
+                seen.add(cell.id)
+                cells.append(cell)
     return Plan(cells, budget, note, list(all_sources), base, notes)
 
 
 def cell_config(cell: Cell, base: dict[str, Any], out_dir: Path, lr_keys: list[str]) -> ExperimentConfig:
     """The experiment config of one cell (validated)."""
     d = copy.deepcopy(base)
+    for key, value in cell.overrides.items():  # the variant's keys first: the grid's own keys below win
+        set_dotted(d, key, value)
     set_dotted(d, "learner.name", cell.learner_name)
     set_dotted(d, "learner.options", dict(cell.learner_options))
     set_dotted(d, "detector.name", cell.detector)
@@ -397,8 +469,9 @@ def _check_cell_file(cell: Cell, cell_dir: Path) -> None:
     if existing is None:
         atomic_write_json(path, mine)
         return
-    # the index may move when a grid gains a learner; the cell itself is what must not change
-    drop = lambda d: {k: v for k, v in d.items() if k != "index"}  # noqa: E731
+    # the index may move when a grid gains a learner; the cell itself is what must not change (cells written
+    # before variants had overrides and controls read as having none)
+    drop = lambda d: {"overrides": {}, "control": None, **{k: v for k, v in d.items() if k != "index"}}  # noqa: E731
     if drop(existing) != drop(mine):
         diff = sorted(k for k in mine if k != "index" and existing.get(k) != mine.get(k))
         raise ConfigError(f"{path}: this cell was started with a different definition ({', '.join(diff)} differ); "
@@ -412,6 +485,7 @@ class BenchmarkResult:
     ran: list[str]
     skipped: list[str]
     failed: dict[str, str]
+    report: Any = None  # the ReportResult when a report was written
 
 
 def run_benchmark(bcfg: BenchmarkConfig, base: dict[str, Any], out_dir: str | Path, *, workers: int = 1,
@@ -439,7 +513,8 @@ def run_benchmark(bcfg: BenchmarkConfig, base: dict[str, Any], out_dir: str | Pa
     atomic_write_json(out / "benchmark.json", {
         "description": bcfg.description, "grid": bcfg.grid.model_dump(mode="json"), "base": plan.base,
         "budget": plan.budget, "budget_note": plan.budget_note, "all_sources": plan.all_sources,
-        "n_cells": len(plan.cells), "notes": plan.notes, "shard": f"{i_shard}/{n_shard}"})
+        "n_cells": len(plan.cells), "notes": plan.notes, "shard": f"{i_shard}/{n_shard}",
+        "controls": sorted({c.learner for c in plan.cells if c.control})})
 
     todo: list[tuple[Cell, dict, Path, bool]] = []
     skipped: list[str] = []
@@ -493,11 +568,12 @@ def run_benchmark(bcfg: BenchmarkConfig, base: dict[str, Any], out_dir: str | Pa
                     bar.advance()
     finally:
         bar.close()
+    written = None
     if report:
         from megatron.benchmark.report import build_report
 
-        build_report([out], out)  # shards report what they hold; `megatron report` merges them
-    return BenchmarkResult(out, plan, ran, skipped, failed)
+        written = build_report([out], out)  # shards report what they hold; `megatron report` merges them
+    return BenchmarkResult(out, plan, ran, skipped, failed, written)
 
 
 class _progress:

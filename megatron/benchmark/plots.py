@@ -117,7 +117,7 @@ def plot_curves(rows: list[dict], setting: tuple, path: Path, n_all: int | None,
     return _save(fig, path)
 
 
-def plot_paired(comparisons: list, path: Path, n_all: int | None) -> Path | None:
+def plot_paired(comparisons: list, path: Path, n_all: int | None, withheld: bool = False) -> Path | None:
     cs = [c for c in comparisons if c.metric == "mAP50" and c.diff is not None]
     if not cs:
         return None
@@ -125,7 +125,7 @@ def plot_paired(comparisons: list, path: Path, n_all: int | None) -> Path | None
     ys = np.arange(len(cs))[::-1]
     for y, c in zip(ys, cs):
         iv = c.diff.interval.scaled(POINTS)
-        color = {"better": "tab:green", "worse": "tab:red"}.get(c.diff.verdict, "tab:gray")
+        color = "tab:gray" if withheld else {"better": "tab:green", "worse": "tab:red"}.get(c.verdict, "tab:gray")
         if iv.available:
             ax.errorbar(iv.mean, y, xerr=[[iv.mean - iv.low], [iv.high - iv.mean]], fmt="o", color=color, capsize=4)
         else:
@@ -133,8 +133,9 @@ def plot_paired(comparisons: list, path: Path, n_all: int | None) -> Path | None
     ax.axvline(0, color="black", lw=1)
     ax.set_yticks(ys, [f"{c.learner} | {setting_label(c.setting, n_all)}" for c in cs], fontsize=8)
     ax.set(xlabel="learner − finetune, mAP50 points (paired over seeds; bar = 95% CI)",
-           title="Paired difference against the fine-tuning baseline\n(green: better, red: worse, grey: CI includes 0 "
-                 "or n/a)")
+           title="Paired difference against the fine-tuning baseline\n" + (
+               "(verdicts withheld: the positive control failed; see the power check)" if withheld else
+               "(green: better, red: worse, after Holm's correction; grey: no significant difference or n/a)"))
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)
@@ -269,9 +270,10 @@ def plot_selection(rows: list[dict], out: Path, fixed: str = "") -> list[Path]:
     return [_save(fig, out / f"selection{_suffix(fixed)}.png")]
 
 
-def make_all(rows: list[dict], summary: dict, comparisons: list, out: Path, loaded, epoch: int | None = None
-             ) -> list[Path]:
-
+def make_all(rows: list[dict], summary: dict, comparisons: list, out: Path, loaded, epoch: int | None = None,
+             withheld: bool = False) -> list[Path]:
+    """Every plot the grid's dimensions call for. The power check's control cells appear in the curves of their
+    setting only (``finetune_scratch`` against ``finetune`` is worth seeing), not in the study plots."""
     out = Path(out)
     done = [r for r in complete(rows) if r["n_epochs"]]
     paths: list[Path] = []
@@ -279,7 +281,7 @@ def make_all(rows: list[dict], summary: dict, comparisons: list, out: Path, load
         return paths
     n_sources_all = n_all(loaded)
     src = (loaded.records[0].get("config") if loaded.records else None)
-    p = plot_paired(comparisons, out / "paired_differences.png", n_sources_all)
+    p = plot_paired(comparisons, out / "paired_differences.png", n_sources_all, withheld)
     if p:
         paths.append(p)
     by_setting: dict[tuple, list[dict]] = defaultdict(list)
@@ -291,6 +293,9 @@ def make_all(rows: list[dict], summary: dict, comparisons: list, out: Path, load
             name = "curves_" + slug(setting_label(setting, n_sources_all)) + ".png"
             paths.append(plot_curves(rs, setting, out / name, n_sources_all, src))
     # each study plot holds the other grid dimensions fixed: one figure per combination of them
+    done = [r for r in done if not r.get("control")]
+    if not done:
+        return paths
     for fixed, rs in _partition(done, ("n_sources", "shots", "selection")):
         paths += plot_lr(rs, out, fixed)
     for fixed, rs in _partition(done, ("shots", "lr")):

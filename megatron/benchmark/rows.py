@@ -12,11 +12,14 @@ from typing import Iterable
 from megatron.errors import MegatronError
 from megatron.learner import BASELINE_LEARNER as BASELINE
 
-METRICS = ("mAP50", "mAP50_95", "precision", "recall", "F1")
-METRIC_LABELS = {"mAP50": "mAP50", "mAP50_95": "mAP50:95", "precision": "precision", "recall": "recall", "F1": "F1"}
+# FROC: mean sensitivity at 1/8..8 false positives per image (megatron.evaluation.froc); absent (None) in
+# records made before it existed, which then simply have no FROC interval
+METRICS = ("mAP50", "mAP50_95", "precision", "recall", "F1", "FROC")
+METRIC_LABELS = {"mAP50": "mAP50", "mAP50_95": "mAP50:95", "precision": "precision", "recall": "recall", "F1": "F1",
+                 "FROC": "FROC (mean sens.)"}
 POINTS = 100.0  # fractions -> points
 UNIT = "points (x100 of a fraction in 0..1; 1 point = 0.01 mAP)"
-CSV_COLUMNS = ("cell_id", "learner", "learner_plugin", "seed", "n_sources", "n_tasks", "sources", "shots", "lr",
+CSV_COLUMNS = ("cell_id", "learner", "learner_plugin", "control", "seed", "n_sources", "n_tasks", "sources", "shots", "lr",
                "selection", "detector", "target", "status", *METRICS, "compute_spent", "compute_budget",
                "stopped_by", "baseline_equivalent_epochs", "n_epochs", "wall_s", "epochs")
 
@@ -92,6 +95,7 @@ def row_from_record(cell_dir: Path, rec: dict | None, cell: dict | None) -> dict
     return {
         "cell_id": (cell or {}).get("id") or cell_dir.name,
         "learner": label, "learner_plugin": plugin,
+        "control": (cell or {}).get("control"),  # "positive" | "negative": the power check's cells
         "seed": (cell or {}).get("seed", (rec or {}).get("seed", cfg.get("seed"))),
         "n_sources": (cell or {}).get("n_sources") if cell else None,
         "n_tasks": len(sources) if sources is not None else None,
@@ -129,8 +133,8 @@ def load_rows(dirs: Iterable[str | Path]) -> Loaded:
     for d in dirs:
         d = Path(d)
         bj = _read(d / "benchmark.json") if d.is_dir() else None
-        if bj:
-            loaded.benchmark.append(bj)
+        if bj:  # one grid's description, or a list of them (a merged, self-contained report folder)
+            loaded.benchmark.extend(bj if isinstance(bj, list) else [bj])
         for cdir in _cell_dirs(d):
             rec = _read(cdir / "run.json")
             cell = _read(cdir / "cell.json")

@@ -4,21 +4,36 @@ Seeds are the unit of replication: one value per seed. A difference between two 
 seeds both ran (same seed = same data split, same source subset, same initialisation), which removes the
 between-seed variance that both share. The interval is the two-sided Student-t interval of the mean
 (``mean ± t_{1-α/2, n-1} · s / √n``); with fewer than two values there is no interval, and no claim.
+
+Several comparisons at once (learners x settings) are corrected for multiple testing with Holm's step-down method
+(:func:`holm`): the verdict of a comparison is *better* / *worse* only when its Holm-adjusted p-value of the paired
+t-test is below 5% (with one comparison this is exactly "the 95% interval excludes 0").
+
+Power (:func:`power`, :func:`min_detectable_difference`, :func:`seeds_needed`): the exact power of the two-sided
+paired t-test from the noncentral t distribution — with ``n`` pairs whose differences have standard deviation
+``sd``, a true mean difference ``delta`` gives ``T ~ t'(df = n - 1, ncp = delta · √n / sd)`` and
+``power = P(T > t_{1-α/2}) + P(T < -t_{1-α/2})``. The minimum detectable difference (MDD) is the ``delta`` with 80%
+power; it is larger than the normal approximation ``(z_{1-α/2} + z_{0.8}) · sd / √n``, much so for few seeds.
+Both take the observed ``sd`` as if it were the true one: with few seeds that is itself uncertain.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 from scipy import stats as _scipy_stats
+from scipy.optimize import brentq
 
 CONFIDENCE = 0.95
+ALPHA = 1 - CONFIDENCE  # two-sided significance level of the tests
+POWER = 0.8  # the power at which the minimum detectable difference is quoted
 
 BETTER = "better"
 WORSE = "worse"
 NO_DIFFERENCE = "no significant difference (CI includes 0)"
 NOT_AVAILABLE = "CI not available (fewer than 2 paired seeds)"
+NOT_AFTER_HOLM = "no significant difference after Holm correction (raw 95% CI excludes 0)"
 
 
 @dataclass(frozen=True)
@@ -81,6 +96,11 @@ class PairedDifference:
     def verdict(self) -> str:
         return verdict(self.interval)
 
+    @property
+    def p_value(self) -> float | None:
+        """Two-sided p-value of the paired t-test (mean difference = 0); None with fewer than 2 pairs."""
+        return t_test_p(self.interval)
+
 
 def paired_difference(candidate: Mapping, reference: Mapping, confidence: float = CONFIDENCE) -> PairedDifference:
     """Differences ``candidate[s] - reference[s]`` over the seeds ``s`` in both mappings, with their CI.
@@ -94,12 +114,100 @@ def paired_difference(candidate: Mapping, reference: Mapping, confidence: float 
     return PairedDifference(mean_ci(diffs, confidence), seeds, diffs)
 
 
-def verdict(diff: Interval) -> str:
-    """The words the report uses: a win or a loss only when the interval excludes zero."""
+def verdict(diff: Interval, p_adjusted: float | None = None, alpha: float = ALPHA) -> str:
+    """The words the report uses: a win or a loss only when the interval excludes zero — and, given a
+    multiplicity-adjusted p-value (:func:`holm`), only when that is below ``alpha`` too."""
     if not diff.available:
         return NOT_AVAILABLE
     if diff.low > 0:
-        return BETTER
-    if diff.high < 0:
-        return WORSE
-    return NO_DIFFERENCE
+        raw = BETTER
+    elif diff.high < 0:
+        raw = WORSE
+    else:
+        return NO_DIFFERENCE
+    if p_adjusted is not None and not p_adjusted < alpha:
+        return NOT_AFTER_HOLM
+    return raw
+
+
+def t_test_p(diff: Interval) -> float | None:
+    """Two-sided p-value of the one-sample t-test of ``diff`` (the mean of paired differences) against 0.
+
+    ``t = mean / (sd / √n)``, ``p = 2 · P(T_{n-1} > |t|)``; it is below ``1 - confidence`` exactly when the
+    interval excludes 0. Zero spread: p = 0 for a non-zero mean, 1 for a zero mean.
+    """
+    if not diff.available:
+        return None
+    if diff.sd == 0:
+        return 0.0 if diff.mean != 0 else 1.0
+    t = diff.mean / (diff.sd / math.sqrt(diff.n))
+    return float(2 * _scipy_stats.t.sf(abs(t), df=diff.n - 1))
+
+
+def holm(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjusted p-values (Holm 1979), in the input order; ``None`` stays ``None`` and is not
+    counted. With ``m`` p-values sorted ascending, ``p_adj(i) = max_{j <= i} min(1, (m - j + 1) · p_(j))``;
+    rejecting where ``p_adj < α`` controls the family-wise error rate at ``α``."""
+    idx = sorted((i for i, p in enumerate(p_values) if p is not None), key=lambda i: p_values[i])
+    m = len(idx)
+    out: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for rank, i in enumerate(idx):
+        running = max(running, min(1.0, (m - rank) * float(p_values[i])))
+        out[i] = running
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ power
+def power(delta: float, sd: float, n: int, alpha: float = ALPHA) -> float:
+    """Power of the two-sided paired t-test at level ``alpha`` with ``n`` pairs of spread ``sd`` when the true
+    mean difference is ``delta`` (noncentral t; see the module docstring)."""
+    if n < 2:
+        return 0.0
+    if sd <= 0:
+        return 1.0 if delta != 0 else alpha
+    df = n - 1
+    crit = float(_scipy_stats.t.ppf(1 - alpha / 2, df))
+    ncp = abs(delta) * math.sqrt(n) / sd
+    upper = float(_scipy_stats.nct.sf(crit, df, ncp))
+    lower = float(_scipy_stats.nct.cdf(-crit, df, ncp))  # the wrong-sign rejection; tiny, NaN when underflowing
+    return min(1.0, upper + (lower if math.isfinite(lower) else 0.0))
+
+
+def min_detectable_difference(sd: float, n: int, target_power: float = POWER, alpha: float = ALPHA) -> float | None:
+    """The smallest true mean difference the paired t-test detects with ``target_power`` (two-sided ``alpha``)
+    with ``n`` pairs of spread ``sd``, in the units of ``sd``; None with fewer than 2 pairs."""
+    if n < 2 or sd is None:
+        return None
+    if sd <= 0:
+        return 0.0
+    z = float(_scipy_stats.norm.ppf(1 - alpha / 2) + _scipy_stats.norm.ppf(target_power))
+    hi = z * sd / math.sqrt(n)
+    while power(hi, sd, n, alpha) < target_power:
+        hi *= 2
+    return float(brentq(lambda d: power(d, sd, n, alpha) - target_power, 0.0, hi, xtol=1e-12 * max(1.0, hi)))
+
+
+def seeds_needed(delta: float, sd: float, target_power: float = POWER, alpha: float = ALPHA,
+                 max_n: int = 1_000_000) -> int | None:
+    """The fewest pairs (seeds) for which the paired t-test detects a true difference ``delta`` with
+    ``target_power`` when the differences have spread ``sd``; None when ``delta`` is 0 or more than ``max_n``
+    would be needed."""
+    if sd is None or delta == 0:
+        return None
+    if sd <= 0:
+        return 2
+    if power(delta, sd, 2, alpha) >= target_power:
+        return 2
+    lo, hi = 2, 4
+    while power(delta, sd, hi, alpha) < target_power:  # power grows with n: bracket, then bisect
+        lo, hi = hi, hi * 2
+        if hi > max_n:
+            return None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if power(delta, sd, mid, alpha) >= target_power:
+            hi = mid
+        else:
+            lo = mid
+    return hi

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from megatron.commands.common import parse_set_options
 from megatron.errors import ConfigError
 
 
@@ -18,6 +19,10 @@ def _csv(kind):
     return parse
 
 
+def _last_set(items: list[str], key: str) -> str:
+    return next((i.partition("=")[2] for i in reversed(items) if i.partition("=")[0].strip() == key), "")
+
+
 def _n_source(x: str):
     return None if x.lower() == "all" else int(x)
 
@@ -26,13 +31,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "benchmark", help="run learners x seeds x N source tasks x shots K at equal compute; write results + report",
         description="Runs every cell of a grid (learners x seeds x number of source tasks x shots x learning rates x "
-        "source selection) at the same compute budget, each in OUT/cells/<cell-id>/, then writes OUT/results.csv, "
+        "source selection) at the same compute budget, each in OUT/cells/<cell-id>/, plus the power check's two controls "
+        "(finetune from random weights must lose; an A/A replicate of finetune must not differ; --no-controls skips "
+        "them), then writes OUT/results.csv, "
         "OUT/results.json, OUT/report.md and OUT/plots/. Re-running the same command skips finished cells and "
         "resumes killed ones. Command-line lists override the grid file. See examples/benchmarks/README.md.")
     p.add_argument("-c", "--config", metavar="GRID.yaml", help="benchmark file: `base:` experiment config + `grid:`")
     p.add_argument("--learners", type=_csv(str), help="learner plugins, e.g. reptile,maml,finetune (finetune is "
                    "always added: the paired comparison needs it)")
-    p.add_argument("--seeds", type=_csv(int), help="seeds, e.g. 0,1,2 (>= 2 for confidence intervals)")
+    p.add_argument("--seeds", type=_csv(int), help="seeds, e.g. 0,1,2,3,4 (default: the grid's, else 0..4; >= 2 for "
+                   "confidence intervals, >= 5 recommended)")
     p.add_argument("--n-sources", type=_csv(_n_source), help="numbers of source tasks N, e.g. 2,3,4,5,6 or all")
     p.add_argument("--shots", type=_csv(int), help="target shots K, e.g. 20,40")
     p.add_argument("--lrs", type=_csv(float), help="learning rates to sweep (set grid.lr_keys; default outer+finetune)")
@@ -44,7 +52,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(job arrays / several machines); merge with `megatron report DIR1 DIR2 ...`")
     p.add_argument("--out", default="runs/benchmark", help="output directory (default runs/benchmark)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key of the base experiment config, e.g. --set training.meta_epochs=3; repeatable")
+                   help="override a key of the base experiment config, e.g. --set training.meta_epochs=3 (value "
+                   "parsed as YAML; null sets the key to null); repeatable. --detector and --budget are short for "
+                   "detector.name and training.compute_budget: giving one together with --set for that key is an "
+                   "error (exit 2), whatever the order")
+    p.add_argument("--logger", action="append", metavar="NAME",
+                   help="switch on a logger plugin (e.g. tensorboard, csv) in every cell; it writes under each cell's "
+                        "run directory; repeatable (options: the base config's `loggers:` list)")
+    p.add_argument("--no-controls", action="store_true",
+                   help="skip the power check's controls (finetune from random weights; an A/A replicate of finetune), "
+                   "which otherwise run in the grid's first setting; the report then cannot vouch for its verdicts")
     p.add_argument("--dry-run", action="store_true", help="list the cells and the budget, run nothing")
     p.add_argument("--no-resume", action="store_true", help="start every cell of this run over (deletes their earlier run.json and checkpoints)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -54,22 +71,23 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import yaml
     from rich.console import Console
     from rich.table import Table
 
     from megatron.benchmark.grid import expand_grid, load_benchmark_config, parse_shard, run_benchmark
 
     console = Console()
-    base_overrides = {}
-    for item in args.set:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set training.meta_epochs=2")
-        key, value = item.split("=", 1)
-        base_overrides[key.strip()] = yaml.safe_load(value)
+    base_overrides = parse_set_options(args.set)
+    for flag, value, key in (("--detector", args.detector, "detector.name"),
+                             ("--budget", args.budget, "training.compute_budget")):
+        if value is not None and key in base_overrides:
+            raise ConfigError(f"{flag} and --set {key}={_last_set(args.set, key)} both set {key}; "
+                              "give only one of them")
     grid = {"learners": args.learners, "seeds": args.seeds, "n_sources": args.n_sources, "shots": args.shots,
-            "lrs": args.lrs, "selection": args.selection, "detector": args.detector, "budget": args.budget}
+            "lrs": args.lrs, "selection": args.selection, "detector": args.detector, "budget": args.budget,
+            "controls": False if args.no_controls else None}
     bcfg, base = load_benchmark_config(args.config, grid, base_overrides)
+    base = _with_loggers(base, args.logger)
     shard = parse_shard(args.shard)
     if args.dry_run:
         plan = expand_grid(bcfg, base)
@@ -80,6 +98,10 @@ def run(args: argparse.Namespace) -> int:
             if c.index % shard[1] == shard[0]:
                 table.add_row(str(c.index), c.id, ", ".join(c.sources) if c.sources else f"closest {c.n_sources}")
         console.print(table)
+        for kind in ("positive", "negative"):
+            cs = [c for c in plan.cells if c.control == kind]
+            if cs:
+                console.print(f"{kind} control: {cs[0].learner} ({len(cs)} cells)", highlight=False)
         for note in plan.notes:
             console.print(f"note: {note}")
         return 0
@@ -89,5 +111,28 @@ def run(args: argparse.Namespace) -> int:
                   f"(of {len(result.plan.cells)} in the grid; shard {shard[0]}/{shard[1]})")
     for cid, err in result.failed.items():
         console.print(f"[red]failed[/] {cid}: {err}", highlight=False)
+    power = result.report.power if result.report is not None else None
+    if power is not None:
+        words = {"passed": "passed", "under-powered": "[red]failed: the grid is under-powered, verdicts withheld[/]",
+                 "incomplete": "[yellow]positive control not complete, verdicts withheld[/]",
+                 "no positive control": "no positive control"}[power.status]
+        console.print(f"power check: {words}", highlight=False)
     console.print(f"results: {result.out_dir / 'results.csv'}, report: {result.out_dir / 'report.md'}")
     return 1 if result.failed else 0
+
+
+def _with_loggers(base: dict, names: list[str] | None) -> dict:
+    """The base experiment dict with ``--logger`` names switched on, checked against the installed plugins (a
+    plugin that failed to load, an unknown logger or a bad logger option stops here, before any cell runs)."""
+    from megatron import get_plugin_manager
+    from megatron.config import ExperimentConfig
+    from megatron.loggers import validate_loggers
+
+    pm = get_plugin_manager()
+    if names:
+        present = {(e if isinstance(e, str) else e.get("name")) for e in base.get("loggers") or []}
+        base = {**base, "loggers": [*(base.get("loggers") or []),
+                                    *({"name": n} for n in dict.fromkeys(names) if n not in present)]}
+    if base.get("loggers"):
+        validate_loggers(ExperimentConfig.model_validate(base), pm)
+    return base

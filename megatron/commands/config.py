@@ -2,12 +2,26 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.syntax import Syntax
 
-from megatron.commands.common import add_config_arguments, config_from_args
-from megatron.config import dump_config, load_config
+from megatron.commands.common import COMBINE_HELP, add_config_arguments, add_set_option, config_from_args
+from megatron.config import dump_config
+
+VALIDATE_DESCRIPTION = """\
+Validate FILE and report every error found in one pass, each with its key path: unknown or misspelt keys,
+bad values, unknown plugin names (datasets, detector, learner, similarity metrics) and each plugin's own
+options. A plugin name or option is checked even when another part of the file is wrong.
+
+Without --data the datasets are not loaded, so data.target, data.sources, data.shots (K) and the held-out
+split are not checked (a note says so). With --data the dataset plugins load their tasks (this can take as
+long as a run's data loading; medsynth generates its suite on first use) and the target, the sources, K and
+the held-out split are checked as `megatron run` would.
+"""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,12 +29,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Show the effective experiment config (defaults < YAML < CLI) or validate a YAML file.")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     show = csub.add_parser("show", help="print the effective config as YAML",
-                           description="Print the effective config: defaults, overridden by --config FILE, overridden by CLI options.")
+                           description="Print the effective config: defaults, overridden by --config FILE, overridden "
+                           "by CLI options. " + COMBINE_HELP)
     add_config_arguments(show)
     show.set_defaults(func=_show)
     val = csub.add_parser("validate", help="check a config file and report every error with its key path",
-                          description="Validate FILE, including each plugin's own options; prints every error with its key path.")
+                          description=VALIDATE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     val.add_argument("file")
+    val.add_argument("--data", action="store_true",
+                     help="also load the datasets and check data.target, data.sources, K and the held-out split")
+    add_set_option(val)
     val.set_defaults(func=_validate)
 
 
@@ -32,9 +50,166 @@ def _show(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     from megatron import get_plugin_manager
-    from megatron.experiment import validate_experiment_plugins
+    from megatron.commands.common import overrides_from_args
+    from megatron.errors import ConfigError
 
-    cfg = load_config(args.file)
-    validate_experiment_plugins(cfg, get_plugin_manager())
-    Console().print(f"[green]{args.file}: valid[/]")
+    overrides, origins = overrides_from_args(args)
+    pm = get_plugin_manager()
+    cfg, errors = validate_config_file(args.file, pm, overrides, origins, data=args.data)
+    if errors:
+        n = len(errors)
+        raise ConfigError(f"{args.file}: {n} problem{'s' if n > 1 else ''} found\n" + "\n".join(
+            f"{i}. {e}" for i, e in enumerate(errors, 1)))
+    console = Console()
+    if args.data:
+        console.print(f"[green]{escape(args.file)}: valid[/] (plugins, options and data checked)", highlight=False)
+    else:
+        console.print(f"[green]{escape(args.file)}: valid[/] (plugins and options checked)", highlight=False)
+        console.print("note: the datasets were not loaded, so data.target, data.sources, data.shots (K) and the "
+                      "held-out split were not checked; add --data to check them", highlight=False)
     return 0
+
+
+# --- collecting every error ---------------------------------------------------------------------------------
+
+def _raw(data: Any, dotted: str, default: Any = None) -> Any:
+    cur = data
+    for k in dotted.split("."):
+        if not isinstance(cur, dict) or k not in cur:
+            return default
+        cur = cur[k]
+    return cur
+
+
+def _default(model: type, field: str) -> Any:
+    info = model.model_fields[field]
+    return info.default_factory() if info.default_factory is not None else info.default
+
+
+def validate_config_file(path: str | Path, pm, overrides: dict[str, Any] | None = None,
+                         origins: dict[str, str] | None = None, data: bool = False):
+    """``(config or None, errors)``: every error found in the config at ``path`` (with ``overrides``), each a
+    message naming its key path. The schema, every plugin name and every plugin's options are checked
+    independently, so one error never hides another; with ``data`` (and no error so far) the datasets are
+    loaded and the target, sources, K and the held-out split are checked too."""
+    from pydantic import ValidationError
+
+    from megatron.config import (
+        DataConfig, DetectorConfig, ExperimentConfig, LearnerConfig, SimilarityConfig, apply_overrides,
+        format_validation_error, read_config_file,
+    )
+    from megatron.errors import MegatronError
+
+    errors: list[str] = []
+    raw = apply_overrides(read_config_file(path), overrides)
+    labels = {key: f"override {key}" for key in (overrides or {})}
+    labels.update(origins or {})
+    cfg = None
+    try:
+        cfg = ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        errors.append(format_validation_error(exc, str(path), labels))
+
+    regs = pm.registers
+
+    def plugin(kind: str, name: Any, where: str):
+        if not isinstance(name, str):
+            return None  # a wrong type is a schema error, reported above
+        try:
+            return regs[kind].get(name)
+        except KeyError as exc:
+            errors.append(f"{where}: {exc}")
+            return None
+
+    def options(cls, opts: Any, where: str, extra: dict[str, Any] | None = None) -> None:
+        from megatron.config import validate_plugin_options
+
+        if cls is None or not isinstance(opts, dict):
+            return
+        try:
+            validate_plugin_options(cls, {**(extra or {}), **opts}, where)
+        except MegatronError as exc:
+            errors.append(str(exc))
+
+    datasets = _raw(raw, "data.datasets", _default(DataConfig, "datasets"))
+    for i, spec in enumerate(datasets if isinstance(datasets, list) else []):
+        spec = spec.model_dump() if hasattr(spec, "model_dump") else spec
+        if isinstance(spec, dict):
+            options(plugin("dataset", spec.get("plugin"), f"data.datasets.{i}.plugin"), spec.get("options", {}),
+                    f"data.datasets.{i}.options")
+    for section, model in (("detector", DetectorConfig), ("learner", LearnerConfig)):
+        cls = plugin(section, _raw(raw, f"{section}.name", _default(model, "name")), f"{section}.name")
+        options(cls, _raw(raw, f"{section}.options", {}), f"{section}.options")
+    metrics = _raw(raw, "similarity.metrics", _default(SimilarityConfig, "metrics"))
+    metric_options = _raw(raw, "similarity.options", {})
+    names: list[tuple[Any, str]] = [(m, f"similarity.metrics.{i}") for i, m in enumerate(metrics)] \
+        if isinstance(metrics, list) else []
+    names.append((_raw(raw, "similarity.metric", _default(SimilarityConfig, "metric")), "similarity.metric"))
+    if isinstance(metric_options, dict):
+        names += [(m, f"similarity.options.{m}") for m in metric_options]
+    seen: set[str] = set()
+    sample_size = _raw(raw, "similarity.sample_size", _default(SimilarityConfig, "sample_size"))
+    for name, where in names:
+        if not isinstance(name, str) or name in seen:
+            continue
+        seen.add(name)
+        cls = plugin("similarity", name, where)
+        if cls is not None:
+            extra = {"sample_size": sample_size} if "sample_size" in cls.Options.model_fields else {}
+            opts = metric_options.get(name, {}) if isinstance(metric_options, dict) else {}
+            options(cls, opts, f"similarity.options.{name}", extra)
+    loggers = _raw(raw, "loggers", [])
+    for i, spec in enumerate(loggers if isinstance(loggers, list) and "logger" in regs else []):
+        spec = {"name": spec} if isinstance(spec, str) else spec
+        if isinstance(spec, dict):
+            options(plugin("logger", spec.get("name"), f"loggers.{i}.name"), spec.get("options", {}),
+                    f"loggers.{i}.options")
+    if data and cfg is not None and not errors:
+        errors.extend(check_data(cfg, pm))
+    return cfg, errors
+
+
+def check_data(cfg, pm) -> list[str]:
+    """Load every dataset of ``cfg`` (each on its own, so one failing dataset does not hide another) and check
+    the target, the sources, K and the held-out split as a run would; returns the error messages."""
+    from megatron.data.episodes import split_target
+    from megatron.errors import MegatronError
+    from megatron.experiment import load_tasks
+
+    errors: list[str] = []
+    tasks = []
+    for i, spec in enumerate(cfg.data.datasets):
+        one = cfg.model_copy(update={"data": cfg.data.model_copy(update={"datasets": [spec]})})
+        try:
+            tasks.extend(load_tasks(one, pm))
+        except MegatronError as exc:
+            errors.append(f"data.datasets.{i} ({spec.plugin}): {exc}")
+    load_errors = len(errors)
+    names = [t.name for t in tasks]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        errors.append(f"data.datasets: task names must be unique, these repeat: {', '.join(dupes)} "
+                      "(give each dataset a distinct `name` option)")
+    by_name = {t.name: t for t in tasks}
+    loaded = ", ".join(by_name) or "none"
+    target = by_name.get(cfg.data.target)
+    if target is None:
+        errors.append(f"data.target: no task named {cfg.data.target!r}; tasks loaded: {loaded}")
+    sources = cfg.data.sources if cfg.data.sources is not None else [n for n in by_name if n != cfg.data.target]
+    unknown = [n for n in sources if n not in by_name]
+    if unknown:
+        errors.append(f"data.sources: unknown task(s) {', '.join(unknown)}; tasks loaded: {loaded}")
+    if cfg.data.target in sources:
+        errors.append(f"data.sources: the target {cfg.data.target!r} cannot also be a source task")
+    if not load_errors and not unknown and not [n for n in sources if n != cfg.data.target]:
+        errors.append("data.sources: there are no source tasks to meta-train on; add a dataset or list its tasks")
+    for n in sources:
+        if n in by_name and len(by_name[n]) == 0:
+            errors.append(f"task {n!r} ({by_name[n].source}) holds no images; check its annotation file and "
+                          "image folder")
+    if target is not None:
+        try:
+            split_target(target, cfg.data.shots, cfg.data.eval_images, cfg.seed)
+        except MegatronError as exc:
+            errors.append(str(exc))
+    return errors

@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from megatron.errors import ConfigError
+from megatron.errors import ConfigError, MegatronError, PluginError
 from megatron.commands.common import parse_set_options
 
 
@@ -19,13 +19,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Dataset tools: `megatron data check PATH` and `megatron data export medsynth --out DIR`.")
     dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
 
-    c = dsub.add_parser("check", help="validate a COCO or YOLO dataset and print a summary",
-                        description="Read a dataset the way the `coco`/`yolo` plugins do, open every image and print "
-                        "counts, boxes per class, box- and image-size distributions, pixel types and every problem "
-                        "found (file, record, fix). Exit code 1 when errors were found.")
-    c.add_argument("path", help="COCO annotation file, COCO folder (annotations.json or annotations/*.json) or YOLO "
-                   "folder (images/ + labels/)")
-    c.add_argument("--format", choices=["coco", "yolo"], help="dataset layout (default: detected)")
+    c = dsub.add_parser("check", help="validate a dataset (COCO, YOLO, DICOM, image folder, or every dataset of a "
+                        "config) and print a summary",
+                        description="Read a dataset the way its plugin does, open every image and print counts, "
+                        "boxes per class, box- and image-size distributions, pixel types and every problem found "
+                        "(file, record, fix). PATH is checked as a COCO/YOLO dataset or a folder of DICOM files or "
+                        "images; -c CONFIG checks every dataset of the config through its plugin (third-party "
+                        "plugins too). Exit code 1 when errors were found.")
+    c.add_argument("path", nargs="?", help="COCO annotation file, COCO folder (annotations.json or "
+                   "annotations/*.json), YOLO folder (images/ + labels/), or a folder of DICOM files / images")
+    c.add_argument("-c", "--config", metavar="FILE", help="check every dataset of this experiment config instead")
+    c.add_argument("--format", choices=["coco", "yolo", "dicom", "folder"], help="dataset layout (default: detected)")
     c.add_argument("--image-dir", help="COCO: folder the file_name paths are relative to (default: images/ beside "
                    "the annotation file, else its folder)")
     c.add_argument("--split", help="YOLO: sub-folder of images/ and labels/ to check (e.g. train)")
@@ -46,6 +50,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _check(args: argparse.Namespace) -> int:
     from megatron.data.check import check_dataset, report_json
 
+    if (args.path is None) == (args.config is None):
+        raise ConfigError("data check: give a dataset PATH or -c CONFIG (one of them); e.g. `megatron data check "
+                          "data/eit` or `megatron data check -c experiment.yaml`")
+    if args.config is not None:
+        return _check_config(args)
     console = Console()
     if args.json:
         report = check_dataset(Path(args.path), args.format, args.image_dir, args.split)
@@ -57,6 +66,36 @@ def _check(args: argparse.Namespace) -> int:
                                progress=lambda done, total: progress.update(bar, completed=done, total=total))
     print_report(report, console, args.show)
     return 0 if report.ok else 1
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    import json
+
+    from megatron import get_plugin_manager
+    from megatron.config import load_config
+    from megatron.data.check import check_config
+
+    cfg = load_config(args.config, {})
+    pm = get_plugin_manager()
+    if args.json:
+        reports = check_config(cfg, pm)
+        print(json.dumps({"config": args.config, "ok": all(r.ok for r in reports),
+                          "datasets": [r.to_dict() for r in reports]}, indent=2))
+        return 0 if all(r.ok for r in reports) else 1
+    console = Console()
+    with _progress(console) as progress:
+        bar = progress.add_task("reading", total=None)
+        reports = check_config(cfg, pm, progress=lambda done, total: progress.update(bar, completed=done, total=total),
+                               on_dataset=lambda label: progress.update(bar, description=f"{label}: opening images",
+                                                                        completed=0, total=None))
+    for report in reports:
+        print_report(report, console, args.show)
+        console.print()
+    bad = [r for r in reports if not r.ok]
+    verdict = "[green]OK[/]" if not bad else f"[red]{len(bad)} of {len(reports)} dataset(s) with errors[/]"
+    console.print(f"config {escape(args.config)}: {len(reports)} dataset(s) checked, {verdict}", highlight=False,
+                  soft_wrap=True)
+    return 0 if not bad else 1
 
 
 def print_report(report, console: Console, show: int = 30) -> None:
@@ -71,12 +110,15 @@ def print_report(report, console: Console, show: int = 30) -> None:
         overview.add_row("image sizes", ", ".join(f"{k}: {v}" for k, v in sizes[:6]) +
                          (f" (+{len(sizes) - 6} more)" if len(sizes) > 6 else ""))
         console.print(overview)
-        classes = Table(title="boxes per class")
-        classes.add_column("class")
-        classes.add_column("boxes", justify="right")
-        for name, n in report.boxes_per_class.items():
-            classes.add_row(name, str(n) if n else "[yellow]0[/]")
-        console.print(classes)
+        if report.categories:  # unannotated folders (similarity only) have no classes
+            classes = Table(title="boxes per class")
+            classes.add_column("class")
+            classes.add_column("boxes", justify="right")
+            for name, n in report.boxes_per_class.items():
+                classes.add_row(name, str(n) if n else "[yellow]0[/]")
+            console.print(classes)
+        else:
+            console.print("no annotations: an image-only dataset (for `megatron similarity`; `run` needs boxes)")
         dist = Table(title="distributions (quantiles)")
         dist.add_column("")
         keys = list(report.box_sqrt_area_px or report.image_width)
@@ -119,7 +161,12 @@ def _export(args: argparse.Namespace) -> int:
     except KeyError as exc:
         raise ConfigError(f"data export: {exc}") from None
     options = validate_plugin_options(cls, parse_set_options(args.set), f"data export {args.name} --set")
-    tasks = cls(options).load()
+    try:
+        tasks = cls(options).load()
+    except MegatronError:
+        raise
+    except Exception as exc:  # a plugin bug or unconverted bad input: named, not a raw traceback
+        raise PluginError(f"dataset plugin {args.name!r} failed to load: {type(exc).__name__}: {exc}") from exc
     out = Path(args.out)
     console = Console()
     table = Table(title=f"exported {args.name} -> {out}")

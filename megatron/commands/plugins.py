@@ -5,6 +5,7 @@ import argparse
 import json
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -19,9 +20,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from megatron import get_plugin_manager
 
-    pm = get_plugin_manager()
+    pm = get_plugin_manager(strict=False)  # list what failed to load instead of stopping
     rows = pm.plugins_table()
-    failures = [dict(plugin=f.plugin, package=f.package, reason=f.reason) for f in pm.failures]
+    failures = [dict(plugin=f.plugin, package=f.package, stage=f.stage, hook=f.hook, reason=f.reason, fix=f.fix)
+                for f in pm.failures]
     if args.json:
         print(json.dumps({"plugins": rows, "failures": failures}, indent=2))
         return 0
@@ -33,5 +35,8 @@ def _run(args: argparse.Namespace) -> int:
     console = Console()
     console.print(table)
     for f in pm.failures:
-        console.print(f"[yellow]warning:[/] {f}", highlight=False)
+        console.print(f"[yellow]warning:[/] {escape(str(f))}\n  [dim]fix:[/] {escape(f.fix)}", highlight=False)
+    if pm.failures:
+        console.print(f"{len(pm.failures)} plugin(s) failed to load: every other command stops until they are fixed "
+                      "or blocked.", highlight=False)
     return 0

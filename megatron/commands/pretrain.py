@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from megatron.commands.common import add_config_arguments, config_from_args
+from megatron.commands.common import COMBINE_HELP, add_config_arguments, config_from_args, config_option
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Conventional pre-training (step 1 of the method): the detector is trained on every source "
         "task of the config (the target is never seen) with the tasks' classes merged into one label space "
         "('<task>/<category>'). The checkpoint is written atomically after every epoch. `megatron run "
-        "--checkpoint PATH` loads it and re-initialises only the classifier for the target's classes.",
+        "--checkpoint PATH` loads it and re-initialises only the classifier for the target's classes. " + COMBINE_HELP,
     )
     add_config_arguments(p)
     # replaces the config's --out (output.dir): this command writes one checkpoint file
@@ -23,9 +23,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="checkpoint file to write, e.g. checkpoints/yolox-pretrained.pt")
     p.add_argument("--epochs", type=int, default=10, help="passes over every source image (default: 10)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, AdamW with one-cycle schedule (default: 1e-3)")
-    p.add_argument("--batch-size", type=int, help="images per batch (default: training.batch_size)")
+    config_option(p, "--batch-size", key="training.batch_size", type=int, help="images per batch")
     p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (quick trials)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--logger", action="append", metavar="NAME",
+                   help="switch on a logger plugin (e.g. tensorboard, csv) for the loss per step; it writes to "
+                        "<checkpoint stem>-logs/ beside the checkpoint; repeatable")
     p.set_defaults(func=_run)
 
 
@@ -36,13 +39,28 @@ def _run(args: argparse.Namespace) -> int:
     from megatron import get_plugin_manager
     from megatron.training.pretrain import PretrainSettings, pretrain
 
-    cfg = config_from_args(args)
-    pm = get_plugin_manager()
+    from megatron.loggers import active_loggers, call_logger_hook, log_scalars, validate_loggers, with_cli_loggers
+
+    cfg = with_cli_loggers(config_from_args(args), args.logger)
+    pm = get_plugin_manager()  # a plugin that failed to load stops the command here (exit 2)
+    validate_loggers(cfg, pm)
+    out = Path(args.pretrain_out)
     settings = PretrainSettings(
-        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size or cfg.training.batch_size,
+        epochs=args.epochs, lr=args.lr, batch_size=cfg.training.batch_size,
         weight_decay=cfg.training.weight_decay, grad_clip=cfg.training.grad_clip, max_steps=args.max_steps,
     )
-    result = pretrain(cfg, pm, Path(args.pretrain_out), settings, progress=not args.no_progress)
+    log_dir = out.with_name(f"{out.stem}-logs")
+    with active_loggers(cfg, pm, log_dir) as loggers:
+        if loggers:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            call_logger_hook(pm, loggers, "megatron_run_start", config=cfg, run_dir=log_dir)
+            call_logger_hook(pm, loggers, "megatron_stage_start", stage="pretrain",
+                             info={"epochs": settings.epochs, "cache_key": None})
+        result = pretrain(cfg, pm, out, settings, progress=not args.no_progress,
+                          on_step=lambda step, loss: log_scalars(loggers, "pretrain", step, {"loss": loss}))
+        if loggers:
+            call_logger_hook(pm, loggers, "megatron_stage_end", stage="pretrain",
+                             info={"checkpoint": str(result.path), "reused": False, "wall_s": round(result.seconds, 3)})
     console = Console()
     table = Table(title=f"pretrained {cfg.detector.name} on {len(result.tasks)} source task(s)")
     table.add_column("epoch", justify="right")

@@ -7,7 +7,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from megatron.commands.common import add_config_arguments, config_from_args
+from megatron import hookimpl
+from megatron.commands.common import add_config_arguments, config_from_args, config_option
 from megatron.training.record import CURVE_FILE, RECORD_FILE, TABLE_METRICS
 
 DESCRIPTION = """\
@@ -35,6 +36,16 @@ torch's own launcher (torchrun), or launch it yourself, e.g. on several machines
 `torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 -m megatron run ...`
 (examples/distributed/README.md). The tasks of every meta-batch are divided over the processes, so
 training.meta_batch must be a multiple of their number; rank 0 writes the run directory.
+
+Options and config: defaults < --config FILE < the command line. Each dedicated option is short for the
+config key named in its help (--meta-epochs N is training.meta_epochs); giving it and --set for the same
+key together is an error (exit 2), whatever their order. --set KEY=null sets a key to null (e.g.
+--set training.grad_clip=null turns clipping off, --set data.eval_images=null holds out all the rest).
+
+One run per folder: a run locks its run directory while it runs; a second run into it stops at once
+(exit 2) naming the process that holds it. A run that fails records `status: failed` and the error in
+run.json; rerunning a folder whose run failed before its first checkpoint starts it afresh, one with
+checkpoints needs --resume.
 """
 
 
@@ -42,18 +53,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run the experiment: meta-learner vs transfer-learning baseline at equal compute",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p)
-    p.add_argument("--meta-epochs", type=int, metavar="N", help="meta-epochs (training.meta_epochs)")
-    p.add_argument("--budget", type=int, metavar="N",
-                   help="train every learner until it has spent N image passes (training.compute_budget)")
-    p.add_argument("--select-sources", type=int, metavar="K",
-                   help="meta-train on the K source tasks closest to the target (similarity.select_sources)")
-    p.add_argument("--similarity", metavar="NAME", help="the metric --select-sources ranks by (similarity.metric)")
-    p.add_argument("--no-baseline", action="store_true", help="do not run the finetune baseline (output.compare_baseline)")
-    p.add_argument("--name", help="run directory name under --out (output.name)")
+    config_option(p, "--meta-epochs", key="training.meta_epochs", type=int, metavar="N", help="meta-epochs")
+    config_option(p, "--budget", key="training.compute_budget", type=int, metavar="N",
+                  help="train every learner until it has spent N image passes")
+    config_option(p, "--select-sources", key="similarity.select_sources", type=int, metavar="K",
+                  help="meta-train on the K source tasks closest to the target")
+    config_option(p, "--similarity", key="similarity.metric", metavar="NAME", help="the metric --select-sources ranks by")
+    config_option(p, "--no-baseline", key="output.compare_baseline", value=False, action="store_true",
+                  help="do not run the finetune baseline")
+    config_option(p, "--name", key="output.name", help="run directory name under --out")
+    config_option(p, "--no-pretrain", key="training.pretrain_epochs", value=0, action="store_true",
+                  help="skip stage 1 (pre-training on the sources): every learner starts from random weights")
+    config_option(p, "--split-from", key="data.split_from", metavar="RUN_JSON",
+                  help="reuse the exact target split (pool / validation / held-out image ids) of another run")
     p.add_argument("--run-dir", metavar="DIR", help="the run directory (default: <out>/<name>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in the run directory from its last checkpoints (same config)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--logger", action="append", metavar="NAME",
+                   help="switch on a logger plugin for this run, e.g. tensorboard or csv (default options; options "
+                        "go in the config's `loggers:` list); repeatable")
     p.add_argument("--nproc", type=int, metavar="N",
                    help="train across N processes on this machine (torchrun underneath; backend nccl on CUDA, gloo "
                         "on CPU); training.meta_batch must be a multiple of N")
@@ -86,7 +105,7 @@ def launch_processes(args: argparse.Namespace) -> int:
     from megatron.training import distributed as mdist
     from megatron.errors import ConfigError
 
-    cfg = config_from_args(args, {})  # a bad config fails here, once, not in N processes
+    cfg = config_from_args(args)  # a bad config fails here, once, not in N processes
     if cfg.training.meta_batch % args.nproc:
         raise ConfigError(f"--nproc {args.nproc}: training.meta_batch = {cfg.training.meta_batch} must be a multiple "
                           f"of the number of processes (e.g. --set training.meta_batch={args.nproc * max(1, cfg.training.meta_batch // args.nproc)})")
@@ -115,27 +134,31 @@ def run_command(args: argparse.Namespace, pm=None) -> int:
 
         raise ConfigError(f"--nproc must be at least 1, got {args.nproc}")
     if (getattr(args, "nproc", None) or 1) > 1 and not mdist.launched_by_torchrun():
+        from megatron import get_plugin_manager
+
+        get_plugin_manager()  # a broken plugin stops here, reported once, not once per process
         return launch_processes(args)
 
-    extra = {
-        "training.meta_epochs": args.meta_epochs,
-        "training.compute_budget": args.budget,
-        "similarity.select_sources": args.select_sources,
-        "similarity.metric": args.similarity,
-        "output.name": args.name,
-    }
-    if args.no_baseline:
-        extra["output.compare_baseline"] = False
-    if args.similarity and not args.select_sources:
+    from megatron.loggers import with_cli_loggers
+
+    cfg = with_cli_loggers(config_from_args(args), getattr(args, "logger", None))
+    if args.similarity and not cfg.similarity.select_sources:
         from megatron.errors import ConfigError
 
-        raise ConfigError("--similarity names the metric for --select-sources K; give --select-sources too")
-    cfg = config_from_args(args, extra)
+        raise ConfigError("--similarity names the metric for --select-sources K; give --select-sources too "
+                          "(or similarity.select_sources)")
     console = Console()
+    reporter = StageReporter(Console(stderr=True))
+    if pm is None:
+        from megatron import get_plugin_manager
+
+        pm = get_plugin_manager()
+    pm.register(reporter, name="megatron.cli-stages")
     try:
         record = run_experiment(cfg, run_dir=Path(args.run_dir) if args.run_dir else None, pm=pm,
                                 resume=args.resume, progress=not args.no_progress)
     finally:
+        pm.unregister(name="megatron.cli-stages")
         mdist.shutdown()
     if not mdist.is_main_process():
         return 0  # rank 0 prints the results
@@ -146,7 +169,13 @@ def run_command(args: argparse.Namespace, pm=None) -> int:
         console.print(f"[dim]Sources: {record['selection']['reason']}[/]")
     run_dir = Path(record["run_dir"])
     console.print(f"Run directory: [bold]{run_dir}[/] ({RECORD_FILE}, config.yaml, summary.md"
-                  f"{', ' + CURVE_FILE if cfg.output.plots else ''}, checkpoints/)")
+                  f"{', ' + CURVE_FILE if cfg.output.plots else ''}, checkpoints/"
+                  f"{', models/' if cfg.output.save_models else ''})")
+    models = [m for lrec in record.get("learners", {}).values() for k, m in (lrec.get("models") or {}).items()
+              if k in ("final", "best")]
+    if models:
+        console.print(f"[dim]Adapted models (use with `megatron predict --checkpoint FILE IMAGES` or `megatron "
+                      f"evaluate --checkpoint FILE DATASET`): {', '.join(models)}[/]")
     return 0
 
 
@@ -176,4 +205,34 @@ def results_table(record: dict) -> Table:
         table.add_row("difference", *(f"{100 * (a[k] - b[k]):+.1f}" for k, _ in TABLE_METRICS), "", "",
                       style="bold")
         table.caption += f"; difference: {names[0]} − {names[1]}, in points"
+    best = {n: learners[n].get("best") for n in names if learners[n].get("best")}
+    for name, b in best.items():
+        table.add_row(f"{name} (best on validation)", *(f"{100 * b[k]:.1f}" if b.get(k) is not None else "–"
+                                                        for k, _ in TABLE_METRICS), "", f"{b['meta_epoch']}",
+                      style="dim")
+    if len(best) == 2:
+        a, b = best.values()
+        table.add_row("difference (best)", *(f"{100 * (a[k] - b[k]):+.1f}" for k, _ in TABLE_METRICS), "", "",
+                      style="dim bold")
+    if best:
+        table.caption += ("; 'best on validation': the held-out metrics of the meta-epoch whose adapted model scored "
+                          "highest on the validation split (the model in models/<learner>-best.pth)")
     return table
+
+
+class StageReporter:
+    """Prints one line when a stage of the run ends (what the split holds, which stage-1 checkpoint is used)."""
+
+    def __init__(self, console: Console):
+        self.console = console
+
+    @hookimpl
+    def megatron_stage_end(self, stage: str, info: dict) -> None:
+        if stage == "prepare":
+            self.console.print(f"[dim]target {info['target']}: pool {info['pool']}, validation {info['validation']}, "
+                               f"held-out {info['heldout']} images; sources: {', '.join(info['sources'])}[/]")
+        elif stage == "select":
+            self.console.print(f"[dim]sources: {info['reason']}[/]")
+        elif stage == "pretrain":
+            how = "reusing the cached" if info["reused"] else f"trained ({info['wall_s']:.0f} s) and cached the"
+            self.console.print(f"[dim]stage 1: {how} pre-trained checkpoint {info['checkpoint']}[/]")

@@ -4,6 +4,8 @@
 column), validates every record, indexes it with pycocotools and returns the task plus every
 :class:`~megatron.data.problems.Problem` found. Boxes become xyxy float32 pixels; the kept categories become
 contiguous labels ``0..C-1`` in ascending COCO id order (or in the order of ``categories`` when given).
+``file_name`` may point at a DICOM file; an image entry of a multi-frame DICOM file names its 0-based frame
+as ``"frame": N`` (carried in ``ImageRecord.frame``).
 
 :func:`write_coco_task` writes a task as a COCO folder (``images/`` + ``annotations.json``) that
 :func:`read_coco_task` and any COCO tool can open.
@@ -44,10 +46,18 @@ def load_json(path: Path) -> Any:
     except UnicodeDecodeError as exc:
         raise DataError(f"annotation file {path} is not UTF-8 text ({exc}); fix: save it as UTF-8 JSON") from None
     except json.JSONDecodeError as exc:
-        truncated = exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated string")
-        hint = "the file ends early (truncated?)" if truncated else "malformed JSON"
-        raise DataError(f"annotation file {path}: {hint} at line {exc.lineno}, column {exc.colno}: {exc.msg}; "
-                        "fix: repair or re-export the file (e.g. `python -m json.tool FILE` shows where)") from None
+        # str(exc) keeps the parser's position ("Unterminated string starting at: line 1 column 27 (char 26)");
+        # exc.msg alone would end in "starting at" with the position lost
+        detail = str(exc)
+        if exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated string"):
+            end = text.rstrip()
+            line = end.count(b"\n") + 1
+            column = len(end) - (end.rfind(b"\n") + 1) + 1
+            where = f"the file ends early (truncated?) at line {line}, column {column} (after {len(end)} bytes)"
+        else:
+            where = f"malformed JSON at line {exc.lineno}, column {exc.colno}"
+        raise DataError(f"annotation file {path}: {where}: {detail}; fix: repair or re-export the file "
+                        "(e.g. `python -m json.tool FILE` shows where)") from None
 
 
 def _as_int_id(value: Any) -> int | None:
@@ -141,6 +151,7 @@ def read_coco_task(annotation_file: Path, image_dir: Path, name: str, modality: 
 
     # --- images
     images: dict[int, dict] = {}
+    duplicated: dict[int, list[str]] = {}  # image id -> the file names that share it
     for i, img in enumerate(data["images"]):
         rec = f"images[{i}]"
         if not isinstance(img, dict):
@@ -165,11 +176,18 @@ def read_coco_task(annotation_file: Path, image_dir: Path, name: str, modality: 
                                     f"image size width={w!r}, height={h!r} is not positive",
                                     "set width and height to the image's size in pixels"))
             continue
-        if iid in images:
-            problems.append(Problem("error", "image_duplicate_id", file, rec,
-                                    f"image id {iid} is used by {images[iid]['file_name']!r} and "
-                                    f"{img['file_name']!r}, so its annotations are ambiguous",
-                                    "give every image a unique id"))
+        if iid in images or iid in duplicated:
+            # an id used twice is ambiguous: neither image is used and its annotations are left out, with one
+            # error for the id (reported after the annotations) instead of one per box checked on the wrong image
+            if iid not in duplicated:
+                duplicated[iid] = [images.pop(iid)["file_name"]]
+            duplicated[iid].append(str(img["file_name"]))
+            continue
+        frame = img.get("frame")
+        if frame is not None and (isinstance(frame, bool) or _as_int_id(frame) is None or _as_int_id(frame) < 0):
+            problems.append(Problem("error", "image_bad_frame", file, rec,
+                                    f"frame {frame!r} is not a frame index (0, 1, 2, ...)",
+                                    "give the 0-based frame of the multi-frame DICOM file, or drop 'frame'"))
             continue
         path = image_dir / str(img["file_name"])
         if check_files and not path.is_file():
@@ -177,6 +195,8 @@ def read_coco_task(annotation_file: Path, image_dir: Path, name: str, modality: 
                                     f"image file {path} does not exist",
                                     f"put the file in {image_dir} or remove the image and its annotations"))
         images[iid] = {"id": iid, "file_name": str(img["file_name"]), "width": int(w), "height": int(h)}
+        if frame is not None:
+            images[iid]["frame"] = _as_int_id(frame)
 
     # --- annotations
     boxes: dict[int, list[np.ndarray]] = {iid: [] for iid in images}
@@ -185,6 +205,7 @@ def read_coco_task(annotation_file: Path, image_dir: Path, name: str, modality: 
     seen_ann_ids: set[int] = set()
     next_free_id = 1 + max([_as_int_id(a.get("id")) or 0 for a in data["annotations"] if isinstance(a, dict)] or [0])
     skipped_by_option = 0
+    duplicate_anns: dict[int, int] = {}
     for i, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict):
             problems.append(Problem("error", "annotation_malformed", file, f"annotations[{i}]",
@@ -207,8 +228,11 @@ def read_coco_task(annotation_file: Path, image_dir: Path, name: str, modality: 
                                     "every annotation needs image_id, category_id and bbox [x, y, width, height]"))
             continue
         iid, cid = _as_int_id(ann["image_id"]), _as_int_id(ann["category_id"])
+        if iid in duplicated:
+            duplicate_anns[iid] = duplicate_anns.get(iid, 0) + 1
+            continue
         if iid not in images:
-            if not any(p.code in ("image_duplicate_id", "image_missing_key", "image_bad_size")
+            if not any(p.code in ("image_missing_key", "image_bad_size", "image_bad_frame")
                        and p.record == f"image id {iid}" for p in problems):
                 problems.append(Problem("error", "annotation_unknown_image", file, rec,
                                         f"image_id {ann['image_id']!r} is not in 'images'",
@@ -244,6 +268,12 @@ def read_coco_task(annotation_file: Path, image_dir: Path, name: str, modality: 
         anns.append({"id": aid, "image_id": iid, "category_id": cid, "iscrowd": 0,
                      "bbox": [float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])],
                      "area": float((box[2] - box[0]) * (box[3] - box[1]))})
+    for iid, names in duplicated.items():
+        n = duplicate_anns.get(iid, 0)
+        problems.append(Problem("error", "image_duplicate_id", file, f"image id {iid}",
+                                f"image id {iid} is used by {len(names)} images ({', '.join(map(repr, names))}), so "
+                                f"its annotations are ambiguous: neither image is used and its {n} annotation(s) "
+                                "are left out", "give every image a unique id"))
     if skipped_by_option:
         log.info("%s: %d annotations of categories not in the `categories` option were left out", file,
                  skipped_by_option)
@@ -255,7 +285,8 @@ def read_coco_task(annotation_file: Path, image_dir: Path, name: str, modality: 
     elif not anns:
         problems.append(Problem("error", "task_no_boxes", file, "",
                                 "the dataset has no (valid) boxes, so a detector cannot learn from it",
-                                "add annotations, or check the categories option"))
+                                "add annotations, or check the categories option (for similarity on unlabelled "
+                                "images, use the `folder` or `dicom` dataset plugin without annotations)"))
     for cid in kept_ids:
         if cid in cats and not any(a["category_id"] == cid for a in anns):
             problems.append(Problem("warning", "category_unused", file, f"category id {cid}",
@@ -274,7 +305,7 @@ def read_coco_task(annotation_file: Path, image_dir: Path, name: str, modality: 
         b = np.stack(boxes[iid]).astype(np.float32) if boxes[iid] else np.zeros((0, 4), np.float32)
         records.append(ImageRecord(image_id=iid, path=image_dir / img["file_name"], width=img["width"],
                                    height=img["height"], boxes=b, labels=np.asarray(labels[iid], np.int64),
-                                   file_name=img["file_name"]))
+                                   file_name=img["file_name"], frame=img.get("frame")))
     task = Task(name=name, categories=task_categories, records=records, modality=modality,
                 source=source or f"coco:{annotation_file}")
     return task, problems

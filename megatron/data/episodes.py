@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -85,6 +86,11 @@ def _stratified_pick(rng: np.random.Generator, strata: list[np.ndarray], count: 
     return picked
 
 
+def _either(fixes: list[str]) -> str:
+    """``["a", "b", "c"]`` -> ``"a, b, or c"``: the possible fixes of a split that does not fit."""
+    return fixes[0] if len(fixes) == 1 else ", ".join(fixes[:-1]) + ", or " + fixes[-1]
+
+
 def split_target(task: Task, shots: int, eval_images: int | None, seed: int, *,
                  reserve: int = RESERVED_SHOTS, min_eval_images: int = MIN_EVAL_IMAGES) -> tuple[Task, Task]:
     """Split the few-shot target into ``(pool, held_out)``: a ``shots``-image training pool and an evaluation
@@ -124,17 +130,29 @@ def split_target(task: Task, shots: int, eval_images: int | None, seed: int, *,
     if eval_images is not None:
         n_eval = eval_images
         if shots + n_eval > n:
+            fixes = []
+            if n - n_eval >= 1:
+                fixes.append(f"lower data.shots to at most {n - n_eval}")
+            if n - shots >= 1:
+                fixes.append(f"lower data.eval_images to at most {n - shots}")
+            fixes.append(f"add at least {shots + n_eval - n} image(s) to the target")
             raise DataError(
                 f"target task {task.name!r} has {n} images: a pool of K={shots} plus {n_eval} held-out images "
-                f"does not fit; lower data.shots to at most {max(n - n_eval, 0)} or data.eval_images to at most "
-                f"{max(n - shots, 0)}, or add images to the target"
+                f"(data.shots + data.eval_images) needs {shots + n_eval}; fix: {_either(fixes)}"
             )
     else:
         if shots > n - min_eval_images:
+            fixes = []
+            if n - min_eval_images >= 1:
+                fixes.append(f"lower data.shots to at most {n - min_eval_images}")
+            if n - shots >= 1:
+                fixes.append(f"set data.eval_images to at most {n - shots} (a smaller held-out split than the "
+                             f"default minimum of {min_eval_images})")
+            fixes.append(f"add at least {shots + min_eval_images - n} image(s) to the target")
             raise DataError(
-                f"target task {task.name!r} has {n} images: K={shots} leaves fewer than {min_eval_images} for the "
-                f"held-out evaluation split; lower data.shots to at most {max(n - min_eval_images, 0)} or add "
-                "images to the target"
+                f"target task {task.name!r} has {n} images: K={shots} (data.shots) leaves "
+                f"{max(n - shots, 0)} for the held-out evaluation split, which needs at least {min_eval_images} "
+                f"when data.eval_images is not set; fix: {_either(fixes)}"
             )
         n_eval = n - min(max(shots, reserve), n - min_eval_images)
 
@@ -204,9 +222,12 @@ class EpisodeSampler:
     in the order the classes were drawn: ``Episode.label_map`` maps task label -> episode label and
     ``Episode.categories`` names the episode's classes.
 
-    One ``np.random.Generator`` (seeded) drives the choice of images and the augmentations (when ``pre``
-    augments), so ``state_dict()`` / ``load_state_dict()`` restore exactly the episodes a run would have
-    drawn next.
+    One ``np.random.Generator`` (seeded) drives the choice of images and, when ``pre`` augments, one
+    augmentation seed per episode (its images are augmented from a generator of their own), so
+    ``state_dict()`` / ``load_state_dict()`` restore exactly the episodes a run would have drawn next. Drawing
+    an episode and loading it are separate: :meth:`meta_batch` with ``shard`` draws the whole meta-batch (the
+    same random numbers on every rank) but decodes only the rank's episodes, and an episode's pixels do not
+    depend on which other episodes were loaded.
     """
 
     def __init__(self, support_size: int, query_size: int, pre: Preprocessor, seed: int,
@@ -227,6 +248,10 @@ class EpisodeSampler:
         self.k_shot = k_shot if k_shot is not None else (max(1, support_size // n_way) if n_way else None)
         self.rng = np.random.default_rng(seed)
         self.episodes_drawn = 0
+        #: ``(task name, image id)`` of every support then query image of each episode of the last
+        #: :meth:`meta_batch`, *all* ranks' episodes included, in order: what the run's draw log hashes, known
+        #: without decoding the images a rank does not load
+        self.last_drawn_ids: list[tuple[str, int]] = []
         self._class_index = _ClassIndex()
 
     # -- state ------------------------------------------------------------------------------------------
@@ -246,25 +271,20 @@ class EpisodeSampler:
 
     # -- drawing ----------------------------------------------------------------------------------------
     def episode(self, task: Task) -> Episode:
-        _check_not_empty(task, "episodes")
-        if self.n_way is None:
-            support_idx, query_idx = self._image_level(task)
-            support = load_batch(task, support_idx, self.pre, self.rng)
-            query = load_batch(task, query_idx, self.pre, self.rng)
-            self.episodes_drawn += 1
-            return Episode(task.name, support, query, list(task.categories), None)
-        support_idx, query_idx, chosen = self._n_way(task)
-        label_map = {int(c): j for j, c in enumerate(chosen)}
-        remapped = _remap(task, sorted(set(support_idx) | set(query_idx)), label_map, chosen)
-        position = {orig: j for j, orig in enumerate(sorted(set(support_idx) | set(query_idx)))}
-        support = load_batch(remapped, [position[i] for i in support_idx], self.pre, self.rng)
-        query = load_batch(remapped, [position[i] for i in query_idx], self.pre, self.rng)
-        self.episodes_drawn += 1
-        return Episode(task.name, support, query, [task.categories[c] for c in chosen], label_map)
+        """One episode of ``task``, drawn and loaded."""
+        return self._load(task, self._draw(task))
 
-    def meta_batch(self, tasks: list[Task], size: int) -> list[Episode]:
+    def meta_batch(self, tasks: list[Task], size: int, shard: Any | None = None) -> list[Episode]:
         """``size`` episodes, one per task; tasks drawn without replacement (whole permutations when
-        ``size`` exceeds the number of tasks, so every task appears as evenly as possible)."""
+        ``size`` exceeds the number of tasks, so every task appears as evenly as possible).
+
+        ``shard`` (a :class:`~megatron.training.distributed.DistEnv`, or anything with ``rank`` and
+        ``world_size``): the whole meta-batch is drawn — the same random numbers on every rank, so ranks stay in
+        step and resume exactly — but only this rank's episodes are loaded and returned: exactly
+        ``distributed.shard(meta_batch(tasks, size), shard)`` (round robin; a :class:`ConfigError` naming
+        ``training.meta_batch`` when ``size`` does not divide over the ranks), without decoding the other
+        ranks' images.
+        """
         if not tasks:
             raise DataError("meta_batch: no source tasks to draw episodes from; list at least one in data.sources")
         if size < 1:
@@ -272,7 +292,43 @@ class EpisodeSampler:
         picks: list[int] = []
         while len(picks) < size:
             picks.extend(int(i) for i in self.rng.permutation(len(tasks))[: size - len(picks)])
-        return [self.episode(tasks[i]) for i in picks]
+        draws = [self._draw(tasks[i]) for i in picks]
+        self.last_drawn_ids = [(tasks[i].name, int(tasks[i].records[r].image_id))
+                               for i, d in zip(picks, draws) for r in (*d.support, *d.query)]
+        keep = range(size)
+        if shard is not None:
+            from megatron.training.distributed import shard as shard_list
+
+            keep = shard_list(list(range(size)), shard)
+        return [self._load(tasks[picks[j]], draws[j]) for j in keep]
+
+    def _draw(self, task: Task) -> "_Draw":
+        """The random part of an episode (its images, N-way classes, augmentation seed); nothing decoded."""
+        _check_not_empty(task, "episodes")
+        if self.n_way is None:
+            support_idx, query_idx = self._image_level(task)
+            chosen = None
+        else:
+            support_idx, query_idx, chosen = self._n_way(task)
+        aug_seed = int(self.rng.integers(2**63)) if self.pre.augment else None
+        self.episodes_drawn += 1
+        return _Draw(support_idx, query_idx, chosen, aug_seed)
+
+    def _load(self, task: Task, draw: "_Draw") -> Episode:
+        """Decode, preprocess (augment) and collate a drawn episode."""
+        rng = np.random.default_rng(draw.aug_seed) if draw.aug_seed is not None else None
+        if draw.chosen is None:
+            support = load_batch(task, draw.support, self.pre, rng)
+            query = load_batch(task, draw.query, self.pre, rng)
+            return Episode(task.name, support, query, list(task.categories), None)
+        chosen = draw.chosen
+        label_map = {int(c): j for j, c in enumerate(chosen)}
+        used = sorted(set(draw.support) | set(draw.query))
+        remapped = _remap(task, used, label_map, chosen)
+        position = {orig: j for j, orig in enumerate(used)}
+        support = load_batch(remapped, [position[i] for i in draw.support], self.pre, rng)
+        query = load_batch(remapped, [position[i] for i in draw.query], self.pre, rng)
+        return Episode(task.name, support, query, [task.categories[c] for c in chosen], label_map)
 
     def _image_level(self, task: Task) -> tuple[list[int], list[int]]:
         need = self.support_size + self.query_size
@@ -326,6 +382,17 @@ class EpisodeSampler:
         return support, query, chosen
 
 
+@dataclass(frozen=True)
+class _Draw:
+    """What :meth:`EpisodeSampler._draw` decided: task-record indices of support and query, the N-way classes
+    (``None``: image level) and the augmentation seed (``None``: not augmenting)."""
+
+    support: list[int]
+    query: list[int]
+    chosen: list[int] | None
+    aug_seed: int | None
+
+
 def _remap(task: Task, indices: list[int], label_map: dict[int, int], chosen: list[int]) -> Task:
     """A view of ``task.records[indices]`` with only the chosen classes' boxes, labels remapped."""
     records = []
@@ -333,7 +400,8 @@ def _remap(task: Task, indices: list[int], label_map: dict[int, int], chosen: li
         r = task.records[i]
         keep = np.isin(r.labels, list(label_map))
         new_labels = np.array([label_map[int(c)] for c in r.labels[keep]], dtype=np.int64)
-        records.append(ImageRecord(r.image_id, r.path, r.width, r.height, r.boxes[keep], new_labels, r.file_name))
+        records.append(ImageRecord(r.image_id, r.path, r.width, r.height, r.boxes[keep], new_labels, r.file_name,
+                                   r.frame))
     return Task(name=task.name, categories=[task.categories[c] for c in chosen], records=records,
                 modality=task.modality, source=task.source, image_loader=task.image_loader)
 

@@ -7,35 +7,76 @@ the file and says how to fix it.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
 import cv2
 import numpy as np
 
 from megatron.errors import DataError
 
+if TYPE_CHECKING:
+    from megatron.data.dicom import DicomDisplay
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".pgm", ".ppm", ".webp")
+# every suffix read_image takes: the raster ones and DICOM (DICOM files without a suffix are recognised by
+# their DICM magic: megatron.data.dicom.is_dicom_file; megatron.data.folder.read_image_folder finds both)
+READABLE_SUFFIXES = IMAGE_SUFFIXES + (".dcm", ".dicom", ".dic")
 
 _FIX_CORRUPT = ("re-export it as an 8/16-bit grayscale or 8-bit RGB PNG, or remove the image and its "
                 "annotations from the dataset")
 
+_CV_LOG_LOCK = threading.Lock()
 
-def read_image(path: Path) -> np.ndarray:
-    """The pixels of ``path``: ``(H, W)`` uint8|uint16 grayscale or ``(H, W, 3)`` uint8 RGB."""
+
+@contextlib.contextmanager
+def _opencv_quiet() -> Iterator[None]:
+    """OpenCV's own warnings off while decoding (e.g. ``[ WARN:0] ... PNG input buffer is incomplete`` on
+    stderr for a truncated PNG): a file OpenCV cannot decode is reported once, by megatron, with its name and
+    the fix."""
+    logging_api = getattr(getattr(cv2, "utils", None), "logging", None)
+    if logging_api is None:  # pragma: no cover - OpenCV builds without the logging API
+        yield
+        return
+    with _CV_LOG_LOCK:
+        before = logging_api.getLogLevel()
+        logging_api.setLogLevel(min(before, logging_api.LOG_LEVEL_ERROR))
+        try:
+            yield
+        finally:
+            logging_api.setLogLevel(before)
+
+
+def read_image(path: Path, frame: int | None = None, dicom: "DicomDisplay | None" = None) -> np.ndarray:
+    """The pixels of ``path``: ``(H, W)`` uint8|uint16 grayscale or ``(H, W, 3)`` uint8 RGB.
+
+    ``frame``: the 0-based frame of a multi-frame DICOM file (required for those; other files have one
+    frame). ``dicom``: how DICOM grayscale is windowed (default: the file's first VOI LUT / window).
+    """
+    from megatron.data.dicom import is_dicom_file, read_dicom
+
     path = Path(path)
     if not path.is_file():
         where = "is a folder, not an image file" if path.exists() else "does not exist"
         raise DataError(f"image {path} {where}; fix: check the image folder / file_name in the annotations "
                         "(paths are relative to the image folder)")
+    if is_dicom_file(path):
+        return read_dicom(path, frame, dicom)
+    if frame not in (None, 0):
+        raise DataError(f"image {path}: frame {frame!r} was given, but frame indices address multi-frame DICOM "
+                        "files and this is not one; fix: drop the frame index for this image")
     image = None
     try:
         # imdecode over a numpy buffer rather than imread: works for non-ASCII paths on every platform
         buffer = np.fromfile(str(path), dtype=np.uint8)
         if buffer.size:
-            image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
+            with _opencv_quiet():
+                image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
     except (OSError, cv2.error) as exc:
         log.debug("opencv could not decode %s: %s", path, exc)
     if image is not None and image.ndim == 3 and image.shape[2] in (3, 4):
@@ -95,7 +136,14 @@ def _to_supported(image: np.ndarray, path: Path) -> np.ndarray:
 
 def read_image_size(path: Path) -> tuple[int, int]:
     """``(width, height)`` of an image file from its header (no pixel decoding when Pillow can parse it)."""
+    from megatron.data.dicom import is_dicom_file, read_header
+
     path = Path(path)
+    if is_dicom_file(path):
+        header = read_header(path)
+        if not header.rows or not header.columns:
+            raise DataError(f"DICOM file {path} holds no image (no Rows/Columns); fix: remove it from the dataset")
+        return header.columns, header.rows
     try:
         from PIL import Image
 

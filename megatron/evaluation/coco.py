@@ -1,4 +1,4 @@
-"""Detection metrics: COCO mAP (pycocotools) and precision / recall / F1 at one operating point.
+"""Detection metrics: COCO mAP (pycocotools), precision / recall / F1 at one operating point, and FROC.
 
 Every number is a fraction in ``[0, 1]`` (the report layer may show points). Conventions, fixed here so
 that every learner and the baseline are scored the same way:
@@ -21,6 +21,10 @@ that every learner and the baseline are scored the same way:
   positives, unmatched ground-truth boxes false negatives. Counts are summed over all images and classes
   (micro average). ``precision = TP / (TP + FP)``, ``recall = TP / (TP + FN)``, ``F1`` their harmonic mean;
   each is 0.0 when its denominator is 0.
+- **FROC** (:mod:`megatron.evaluation.froc`): sensitivity against false positives per image over all the
+  (top ``max_detections``) detections, whatever their score; a hit is IoU ``>= iou_threshold`` with a
+  ground-truth box of the same class, one hit per box (the same greedy matching as precision / recall).
+  ``FROC`` is the mean sensitivity at 1/8, 1/4, 1/2, 1, 2, 4 and 8 false positives per image.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from megatron.errors import DataError
+from megatron.evaluation.froc import froc
 from megatron.types import Detections, ImageRecord
 
 log = logging.getLogger(__name__)
@@ -173,8 +178,10 @@ def evaluate(detections: list[Detections], records: list[ImageRecord], categorie
 
     Returns a dict with ``mAP50``, ``mAP50_95``, ``per_class_AP50`` and ``per_class_AP50_95`` (class name ->
     AP, classes with ground truth only), ``classes_without_gt``, ``precision``, ``recall``, ``F1``, ``tp``, ``fp``, ``fn``,
-    ``n_images``, ``n_gt``, ``n_det`` (detections after the per-image ``max_detections`` cap) and the
-    thresholds used. All metric values are fractions in ``[0, 1]``.
+    ``FROC`` (mean sensitivity at 1/8..8 false positives per image) and ``froc`` (its rates, sensitivities,
+    curve points and counts: :func:`megatron.evaluation.froc.froc`), ``n_images``, ``n_gt``, ``n_det``
+    (detections after the per-image ``max_detections`` cap) and the thresholds used. All metric values are
+    fractions in ``[0, 1]``.
     """
     if not records:
         raise DataError("evaluate: no records to evaluate on; the evaluation split is empty")
@@ -197,6 +204,8 @@ def evaluate(detections: list[Detections], records: list[ImageRecord], categorie
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    empty = (np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64))
+    froc_result = froc([(*grouped.get(r.image_id, empty), r.boxes, r.labels) for r in records], iou_threshold)
     return {
         "mAP50": map50,
         "mAP50_95": map50_95,
@@ -206,6 +215,8 @@ def evaluate(detections: list[Detections], records: list[ImageRecord], categorie
         "precision": float(precision),
         "recall": float(recall),
         "F1": float(f1),
+        "FROC": froc_result["mean_sensitivity"],
+        "froc": froc_result,
         "tp": tp,
         "fp": fp,
         "fn": fn,

@@ -47,6 +47,9 @@ class SimilarityMetric:
 
     PLUGIN_NAME: ClassVar[str]
     UNIT: ClassVar[str] = ""  # what a distance of 1 means, for tables and plots
+    # True when the metric compares annotations (boxes): `megatron similarity` skips it, with a note, for
+    # datasets that have none (unlabelled folders); image-only metrics leave it False
+    USES_LABELS: ClassVar[bool] = False
     Options: ClassVar[type[SimilarityOptions]] = SimilarityOptions
 
     def __init__(self, options: SimilarityOptions | None = None, ctx: SimilarityContext | None = None):

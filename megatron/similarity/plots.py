@@ -106,14 +106,21 @@ def _colours(n: int):
     return [cmap(i % cmap.N) for i in range(n)]
 
 
+def _with_count(name: str, counts: dict[str, int] | None) -> str:
+    """``name (n=12)`` when the number of images behind ``name`` is known."""
+    return f"{name} (n={counts[name]})" if counts and name in counts else name
+
+
 def plot_histograms(histograms: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path,
-                    title: str = "Average grayscale histograms (pixel values 1-254)") -> Path:
-    """One line per dataset: ``histograms[name] = (bin centres in grey levels, normalised histogram)``."""
+                    title: str = "Average grayscale histograms (pixel values 1-254)",
+                    counts: dict[str, int] | None = None) -> Path:
+    """One line per dataset: ``histograms[name] = (bin centres in grey levels, normalised histogram)``;
+    ``counts[name]``, when given, is the number of images averaged (shown in the legend)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 5))
     for (name, (centres, hist)), colour in zip(histograms.items(), _colours(len(histograms))):
         width = float(centres[1] - centres[0]) if len(centres) > 1 else 1.0
-        ax.plot(centres, np.asarray(hist) / width, label=name, color=colour, lw=1.6)
+        ax.plot(centres, np.asarray(hist) / width, label=_with_count(name, counts), color=colour, lw=1.6)
     ax.set_xlabel("pixel value (grey level, 8-bit)")
     ax.set_ylabel("fraction of pixels per grey level")
     ax.set_xlim(1, 254)
@@ -123,14 +130,17 @@ def plot_histograms(histograms: dict[str, tuple[np.ndarray, np.ndarray]], path: 
     return _save(fig, path)
 
 
-def plot_heatmap(names: list[str], matrix: np.ndarray, metric: str, unit: str, path: str | Path) -> Path:
-    """Pairwise distance matrix as an annotated heatmap (smaller = more similar)."""
+def plot_heatmap(names: list[str], matrix: np.ndarray, metric: str, unit: str, path: str | Path,
+                 counts: dict[str, int] | None = None) -> Path:
+    """Pairwise distance matrix as an annotated heatmap (smaller = more similar); ``counts[name]``, when
+    given, is the number of images each dataset contributed (shown in the tick labels)."""
     plt = _pyplot()
     n = len(names)
     fig, ax = plt.subplots(figsize=(1.1 * n + 3, 0.9 * n + 2.5))
     im = ax.imshow(matrix, cmap="viridis_r")
-    ax.set_xticks(range(n), names, rotation=40, ha="right")
-    ax.set_yticks(range(n), names)
+    labels = [_with_count(name, counts) for name in names]
+    ax.set_xticks(range(n), labels, rotation=40, ha="right")
+    ax.set_yticks(range(n), labels)
     ax.set_xlabel("dataset")
     ax.set_ylabel("dataset")
     vmax = float(np.max(matrix)) if matrix.size else 0.0

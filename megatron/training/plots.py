@@ -70,3 +70,41 @@ def plot_train_loss(record: dict[str, Any], path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_froc(record: dict[str, Any], path: str | Path) -> Path | None:
+    """The FROC curve of each learner's final evaluation: lesion sensitivity against false positives per image
+    (log2 axis, 1/16 to 16), with the seven LUNA16 operating points (1/8 .. 8) marked and their mean in the
+    legend. Returns None, writing nothing, when no learner's final metrics hold a ``froc`` (older records)."""
+    from megatron.evaluation.froc import FROC_FP_RATES, sensitivity_at
+
+    curves = {name: (lrec.get("final") or {}).get("froc") for name, lrec in record.get("learners", {}).items()}
+    curves = {name: c for name, c in curves.items() if c and c.get("curve")}
+    if not curves:
+        return None
+    path = Path(path)
+    lo, hi = FROC_FP_RATES[0] / 2, FROC_FP_RATES[-1] * 2
+    fig, ax = plt.subplots(figsize=(7, 4.6), constrained_layout=True)
+    for name, froc in curves.items():
+        x = [max(float(v), lo) for v in froc["curve"]["fp_per_image"]]
+        y = [100.0 * float(v) for v in froc["curve"]["sensitivity"]]
+        x, y = x + [hi], y + [y[-1]]  # the staircase continues at its last sensitivity
+        line, = ax.step(x, y, where="post", label=f"{name} (FROC {100.0 * froc['mean_sensitivity']:.1f})")
+        marks = sensitivity_at(froc["curve"], FROC_FP_RATES)
+        ax.plot(FROC_FP_RATES, [100.0 * v for v in marks], "o", color=line.get_color(), ms=4)
+    ax.set_xscale("log", base=2)
+    ax.set_xlim(lo, hi)
+    ax.set_xticks(FROC_FP_RATES, ["1/8", "1/4", "1/2", "1", "2", "4", "8"])
+    ax.set_ylim(0, 100)
+    first = next(iter(curves.values()))
+    target = record.get("target", "target")
+    ax.set_title(f"FROC on held-out {target} ({first.get('n_lesions', '?')} lesions, {first.get('n_images', '?')} "
+                 f"images, hit: IoU >= {first.get('iou_threshold', 0.5):g})", fontsize=10)
+    ax.set_xlabel("false positives per image (log scale)")
+    ax.set_ylabel("sensitivity (% of lesions detected)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(title="learner (mean sensitivity at 1/8..8 FP/image, %)", fontsize="small")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

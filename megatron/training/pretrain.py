@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,7 +85,7 @@ def interleaved_batches(tasks: list[Task], batch_size: int, pre, rng: np.random.
 
 
 def pretrain(cfg: ExperimentConfig, pm, out: str | Path, settings: PretrainSettings | None = None,
-             progress: bool = True, on_step: Callable[[int, float], None] | None = None) -> PretrainResult:
+             progress: Any = True, on_step: Callable[[int, float], None] | None = None) -> PretrainResult:
     """Train ``cfg.detector`` on ``cfg``'s source tasks (merged label space) and write a checkpoint to ``out``.
 
     Uses ``cfg.data`` (datasets, target, sources, input size, CLAHE, augmentation), ``cfg.detector`` (name,
@@ -92,20 +93,15 @@ def pretrain(cfg: ExperimentConfig, pm, out: str | Path, settings: PretrainSetti
     The target task is never trained on.
     """
     from megatron.data.preprocess import Preprocessor
-    from megatron.config import validate_plugin_options
-    from megatron.experiment import build_taskset, load_tasks
-    from megatron.training.runner import progress_bars, resolve_amp, resolve_device, seed_everything
-    from megatron.training.weights import load_checkpoint, save_detector_checkpoint
+    from megatron.experiment import build_detector, build_taskset, load_tasks
+    from megatron.training.environment import resolve_amp, resolve_device, seed_everything
+    from megatron.training.progress import progress_bars
+    from megatron.training.weights import save_detector_checkpoint
 
     s = settings or PretrainSettings()
     if s.epochs < 1:
         raise ConfigError(f"pretrain: epochs must be >= 1, got {s.epochs}")
     out = Path(out)
-    try:
-        det_cls = pm.registers["detector"].get(cfg.detector.name)
-    except KeyError as exc:
-        raise ConfigError(f"detector.name: {exc}") from None
-    det_options = validate_plugin_options(det_cls, cfg.detector.options, "detector.options")
     taskset = build_taskset(cfg, load_tasks(cfg, pm))
     sources = taskset.sources
     if not sources:
@@ -115,9 +111,7 @@ def pretrain(cfg: ExperimentConfig, pm, out: str | Path, settings: PretrainSetti
     device = resolve_device(cfg.training.device)
     amp = resolve_amp(cfg.training.amp, device)
     seed_everything(cfg.seed)
-    detector = det_cls(len(categories), cfg.data.input_size, det_options)
-    if cfg.detector.checkpoint is not None:
-        log.info("%s", load_checkpoint(detector, cfg.detector.checkpoint))
+    detector = build_detector(cfg, pm, len(categories), checkpoint=cfg.detector.checkpoint)
     detector.to(device).train()
 
     params = [p for p in detector.parameters() if p.requires_grad]
@@ -134,7 +128,8 @@ def pretrain(cfg: ExperimentConfig, pm, out: str | Path, settings: PretrainSetti
 
     result = PretrainResult(path=out, categories=categories, tasks=[t.name for t in sources], epochs=0, steps=0)
     start = time.perf_counter()
-    with progress_bars(progress) as bar:
+    # ``progress``: show bars, or an open rich Progress to add a row to (the run's own bars)
+    with (progress_bars(progress) if isinstance(progress, bool) else contextlib.nullcontext(progress)) as bar:
         job = bar.add_task("pretrain", total=total) if bar is not None else None
         for epoch in range(s.epochs):
             epoch_losses = []
@@ -165,6 +160,8 @@ def pretrain(cfg: ExperimentConfig, pm, out: str | Path, settings: PretrainSetti
             save_detector_checkpoint(detector, out, meta)  # after every epoch: an interrupted run keeps its work
             if s.max_steps is not None and result.steps >= s.max_steps:
                 break
+        if bar is not None:
+            bar.remove_task(job)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -187,3 +184,106 @@ def _meta(cfg: ExperimentConfig, result: PretrainResult, s: PretrainSettings) ->
     }
 
 
+
+
+# --- stage 1 of `megatron run`: pre-training, cached by content ---------------------------------------------
+
+PRETRAIN_CACHE_VERSION = 1
+
+
+def _records_fingerprint(tasks: list[Task]) -> str:
+    """A hash of what the source tasks hold: names, categories, every image's file, size and boxes."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for task in tasks:
+        h.update(repr((task.name, list(task.categories), len(task))).encode())
+        for r in task.records:
+            h.update(repr((r.image_id, r.file_name, r.width, r.height, r.frame)).encode())
+            h.update(np.ascontiguousarray(r.boxes, dtype=np.float32).tobytes())
+            h.update(np.ascontiguousarray(r.labels, dtype=np.int64).tobytes())
+            if r.path is not None:
+                try:
+                    h.update(str(Path(r.path).stat().st_size).encode())
+                except OSError:
+                    pass
+    return h.hexdigest()
+
+
+def stage1_settings(cfg: ExperimentConfig) -> PretrainSettings:
+    return PretrainSettings(epochs=cfg.training.pretrain_epochs, lr=cfg.training.pretrain_lr,
+                            batch_size=cfg.training.batch_size)
+
+
+def stage1_cache_key(cfg: ExperimentConfig, sources: list[Task]) -> tuple[str, dict[str, Any]]:
+    """The content hash of everything that determines the stage-1 checkpoint, and what went into it."""
+    import hashlib
+    import json
+    from importlib import metadata
+
+    from megatron import __version__
+
+    def version(pkg: str) -> str | None:
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return None
+
+    s = stage1_settings(cfg)
+    inputs = {
+        "cache_version": PRETRAIN_CACHE_VERSION,
+        "datasets": [spec.model_dump(mode="json") for spec in cfg.data.datasets],
+        "sources": [t.name for t in sources],
+        "source_records": _records_fingerprint(sources),
+        "input_size": cfg.data.input_size, "clahe": cfg.data.clahe, "augment": cfg.data.augment,
+        "detector": {"name": cfg.detector.name, "options": cfg.detector.options},
+        "settings": {"epochs": s.epochs, "lr": s.lr, "batch_size": s.batch_size, "weight_decay": s.weight_decay,
+                     "grad_clip": s.grad_clip},
+        "seed": cfg.seed, "amp": cfg.training.amp,
+        "versions": {"megatron": __version__, **{p: version(p) for p in ("torch", "mmdet", "mmcv", "mmengine")}},
+    }
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+    return key, inputs
+
+
+def stage1_cache_dir(cfg: ExperimentConfig) -> Path:
+    base = cfg.data.cache_dir if cfg.data.cache_dir is not None else Path("~/.cache/megatron")
+    return Path(base).expanduser() / "pretrain"
+
+
+def stage1_checkpoint(cfg: ExperimentConfig, pm, sources: list[Task], progress: Any = True) -> dict[str, Any]:
+    """Stage 1 of the method inside ``megatron run``: the cached pre-trained checkpoint for this config and these
+    sources, trained now (atomically, into the cache) when there is none. Returns the record's ``pretrain``
+    entry: ``checkpoint``, ``cache_key``, ``reused``, ``epochs``, ``wall_s``."""
+    import json
+
+    from megatron.checkpoint import atomic_write_text
+
+    key, inputs = stage1_cache_key(cfg, sources)
+    folder = stage1_cache_dir(cfg)
+    path = folder / f"{cfg.detector.name}-{key[:16]}.pth"
+    info_path = path.with_suffix(".json")
+    if path.exists() and info_path.exists():
+        try:
+            info = json.loads(info_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            info = None
+        if info and info.get("cache_key") == key and info.get("complete"):
+            log.info("stage 1: reusing the cached pre-trained checkpoint %s", path)
+            return {"checkpoint": str(path), "cache_key": key, "reused": True, "epochs": info.get("epochs"),
+                    "wall_s": 0.0, "trained_wall_s": info.get("wall_s"), "losses": info.get("losses")}
+    folder.mkdir(parents=True, exist_ok=True)
+    # per process: two runs that need the same checkpoint at once (benchmark workers) each train their own copy and
+    # the first rename wins; a reader only ever sees a complete file under the key
+    partial = path.with_name(f"{path.stem}.partial-{os.getpid()}.pth")
+    started = time.perf_counter()
+    sub_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"sources": [t.name for t in sources]})})
+    result = pretrain(sub_cfg, pm, partial, stage1_settings(cfg), progress=progress)
+    wall = round(time.perf_counter() - started, 3)
+    partial.replace(path)  # the finished checkpoint appears under its key only when complete
+    info = {"cache_key": key, "complete": True, "epochs": result.epochs, "steps": result.steps,
+            "losses": [round(x, 5) for x in result.losses], "wall_s": wall, "inputs": inputs}
+    atomic_write_text(info_path, json.dumps(info, indent=2, default=str) + "\n")
+    log.info("stage 1: pre-trained %d epochs in %.0f s -> %s", result.epochs, wall, path)
+    return {"checkpoint": str(path), "cache_key": key, "reused": False, "epochs": result.epochs, "wall_s": wall,
+            "losses": info["losses"]}

@@ -23,6 +23,7 @@ RECORD_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.md"
 CURVE_FILE = "map50_curve.png"
+FROC_FILE = "froc_curve.png"  # megatron.training.plots.plot_froc
 
 # the metrics shown in tables, in order, with their display names
 TABLE_METRICS: tuple[tuple[str, str], ...] = (
@@ -31,6 +32,7 @@ TABLE_METRICS: tuple[tuple[str, str], ...] = (
     ("precision", "precision"),
     ("recall", "recall"),
     ("F1", "F1"),
+    ("FROC", "FROC"),  # mean sensitivity at 1/8..8 false positives per image (megatron.evaluation.froc)
 )
 
 _PACKAGES = ("torch", "torchvision", "mmdet", "mmcv", "mmengine", "numpy")
@@ -60,8 +62,10 @@ def describe_device(device: torch.device) -> str:
     return str(device)
 
 
-def collect_versions(device: torch.device) -> dict[str, Any]:
-    """Python, the numeric/detection packages, the platform, the CPU, the device and torch's thread count."""
+def collect_versions(device: torch.device, cfg: Any = None, pm: Any = None,
+                     learners: list[str] | None = None) -> dict[str, Any]:
+    """Python, the numeric/detection packages, the platform, the CPU, the device and torch's thread count; with
+    ``cfg`` and ``pm`` also ``plugins``: every plugin the run uses (:func:`collect_plugin_versions`)."""
     versions: dict[str, Any] = {"python": sys.version.split()[0]}
     for package in _PACKAGES:
         versions[package] = _version(package)
@@ -69,7 +73,46 @@ def collect_versions(device: torch.device) -> dict[str, Any]:
     versions["cpu"] = _cpu_name()
     versions["device"] = describe_device(device)
     versions["threads"] = torch.get_num_threads()
+    if cfg is not None and pm is not None:
+        versions["plugins"] = collect_plugin_versions(cfg, pm, learners)
     return versions
+
+
+_REGISTRATION_HOOKS = ("megatron_register_",)
+
+
+def collect_plugin_versions(cfg: Any, pm: Any, learners: list[str] | None = None) -> list[dict[str, Any]]:
+    """One entry per plugin class the run uses — the configured dataset plugins, the detector, the learners
+    (``learners``, default ``learner.name``; the baseline included when given), the similarity metric when
+    sources are selected, the loggers — and per plugin that implements a lifecycle hook (it is called during
+    the run, so it may change what is written): ``{kind, name, plugin, package, version, builtin}``."""
+    used: list[tuple[str, str]] = [("dataset", spec.plugin) for spec in cfg.data.datasets]
+    used.append(("detector", cfg.detector.name))
+    used += [("learner", name) for name in (learners or [cfg.learner.name])]
+    if getattr(cfg.similarity, "select_sources", None):
+        used.append(("similarity", cfg.similarity.metric))
+    used += [("logger", spec.name) for spec in getattr(cfg, "loggers", None) or []]
+    out: list[dict[str, Any]] = []
+    seen: set[tuple[str, str]] = set()
+
+    def entry(kind: str, name: str, plugin: str) -> dict[str, Any]:
+        info = pm.info.get(plugin)
+        return {"kind": kind, "name": name, "plugin": plugin, "package": info.package if info else "?",
+                "version": info.version if info else "?", "builtin": bool(info.builtin) if info else False}
+
+    for kind, name in used:
+        reg = pm.registers.get(kind)
+        if reg is None or name not in reg or (kind, name) in seen:
+            continue
+        seen.add((kind, name))
+        out.append(entry(kind, name, reg.owner(name)))
+    for plugin_name, plugin in pm.list_name_plugin():
+        if plugin_name not in pm.info:  # logger instances registered for the run: their class is listed above
+            continue
+        hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [] if not h.name.startswith(_REGISTRATION_HOOKS))
+        if hooks:
+            out.append({**entry("hooks", plugin_name, plugin_name), "hooks": hooks})
+    return out
 
 
 def write_record(run_dir: Path, record: dict[str, Any]) -> Path:
@@ -134,9 +177,27 @@ def summary_markdown(record: dict[str, Any]) -> str:
         cells = [row["learner"], *(_fmt(row[k]) for k, _ in TABLE_METRICS), _fmt(row["compute"]),
                  _fmt(row["meta_epochs"]), _fmt(row["baseline_equivalent_epochs"]), _fmt(row["stopped_by"])]
         lines.append("| " + " | ".join(cells) + " |")
+    best = [(name, lrec["best"]) for name, lrec in record.get("learners", {}).items() if lrec.get("best")]
+    for name, b in best:
+        cells = [f"{name} (best on validation, meta-epoch {b.get('meta_epoch')})",
+                 *(_fmt(b.get(k)) for k, _ in TABLE_METRICS), "", "", "", ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    if best:
+        lines += ["", f"'best on validation': the held-out metrics of the meta-epoch whose adapted model scored highest "
+                      f"on the validation split ({record.get('validation_images')} images, never trained on); that "
+                      "model is models/<learner>-best.pth, the last one models/<learner>-final.pth."]
+    pre = record.get("pretrain") or {}
+    if pre:
+        lines += ["", f"Stage 1 (pre-training on the sources): {pre.get('source', '')}"
+                      f"{': ' + str(pre['checkpoint']) if pre.get('checkpoint') else ''}."]
+    if record.get("split"):
+        sizes = {k: len(v) for k, v in record["split"].items()}
+        lines += ["", f"Target split (image ids in run.json): pool {sizes.get('pool')}, validation "
+                      f"{sizes.get('validation')}, held-out {sizes.get('heldout')}."]
     if record.get("comparison"):
         lines += ["", f"Comparison: {record['comparison'].get('how', '')}"]
     if record.get("selection"):
         lines += ["", f"Source selection: {record['selection'].get('reason', '')}"]
-    lines += ["", "Metrics are on the target's held-out split (never used for training); fractions in 0..1."]
+    lines += ["", "Metrics are on the target's held-out split (never used for training); fractions in 0..1. FROC: "
+              "mean lesion sensitivity at 1/8, 1/4, 1/2, 1, 2, 4 and 8 false positives per image."]
     return "\n".join(lines) + "\n"

@@ -119,11 +119,28 @@ def read_checkpoint_file(path: str | Path, allow_unsafe: bool = False) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if not allow_unsafe:
-            reason = " ".join(str(exc).split())[:300]
+        reason = torch_reason(str(exc)).rstrip(".")
+        kind, names = inspect_pickle(path)
+        if kind == "not-a-checkpoint":
             raise CheckpointError(
-                f"checkpoint {path} holds objects other than tensors, numbers and strings (typical of mmdet/mmengine "
-                f"checkpoints, whose 'meta' keeps training state), so the safe loader (torch.load weights_only=True) "
+                f"checkpoint {path} is not a PyTorch checkpoint: it is neither a torch.save zip archive nor a pickle "
+                f"(random, truncated or another kind of file?); torch says: {reason}. Fix: point "
+                "detector.checkpoint / --checkpoint at the .pt/.pth file written by torch.save, `megatron pretrain` "
+                "or mmdet"
+            ) from None
+        if kind == "code":
+            raise CheckpointError(
+                f"checkpoint {path} would run code when loaded: its pickle calls {', '.join(names[:4])} (code, not "
+                f"stored data); the safe loader (torch.load weights_only=True) refused it: {reason}. "
+                "Do not load this file: weights never need such calls. Ask whoever made it for the weights alone "
+                "(a state dict of tensors saved with torch.save)"
+            ) from None
+        if not allow_unsafe:
+            stored = [n for n in names if not n.startswith(("torch.", "collections.OrderedDict"))]
+            classes = f" (it stores {', '.join(stored[:4])})" if stored else ""
+            raise CheckpointError(
+                f"checkpoint {path} holds Python objects other than tensors, numbers and strings{classes}, as "
+                f"mmdet/mmengine checkpoints do in their 'meta'; the safe loader (torch.load weights_only=True) "
                 f"refused it: {reason}. Loading it fully runs code stored in the file: only if you trust where it "
                 f"came from, allow it with {ENV_ALLOW_UNSAFE}=1 (or load_checkpoint(..., allow_unsafe=True)); or "
                 "re-save just its weights: torch.save(torch.load(p, weights_only=False)['state_dict'], 'weights.pth')."
@@ -136,8 +153,128 @@ def read_checkpoint_file(path: str | Path, allow_unsafe: bool = False) -> Any:
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
         raise CheckpointError(
             f"checkpoint {path} is not a readable PyTorch file (truncated or corrupt?): "
-            f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            f"{type(exc).__name__}: {_sentences(' '.join(str(exc).split()), 400)}"
         ) from None
+
+
+# --- why the safe loader refused a file ---------------------------------------------------------------------
+#: modules whose functions run code or commands when a pickle calls them: never in a file of weights
+_CODE_MODULES = ("os", "posix", "nt", "subprocess", "sys", "shutil", "socket", "importlib", "runpy", "pty", "code",
+                 "codeop", "ctypes", "pickle", "_pickle", "marshal", "types", "webbrowser", "commands", "platform",
+                 "multiprocessing", "asyncio", "signal", "operator", "functools", "pydoc", "timeit", "tempfile",
+                 "io", "_io", "pathlib.Path.write")
+#: builtins that are plain data types (everything else in builtins, e.g. eval, exec, getattr, open, is code)
+_DATA_BUILTINS = ("set", "frozenset", "slice", "complex", "bytearray", "bytes", "object", "range", "list", "dict",
+                  "tuple", "str", "int", "float", "bool")
+#: the lines of torch's message that are advice about torch.load, not the reason
+_TORCH_BOILERPLATE = ("weights only load failed", "in pytorch 2.6", "re-running `torch.load`", "please file an issue",
+                      "check the documentation", "this file can still be loaded", "alternatively, to load",
+                      "(1) in pytorch", "(2) alternatively")
+
+
+def torch_reason(message: str, limit: int = 400) -> str:
+    """torch's own reason in a ``weights_only`` UnpicklingError (e.g. ``Unsupported global: GLOBAL
+    numpy.dtype was not an allowed global by default.``), without its general advice, in whole sentences."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", message)
+    kept = []
+    for line in text.splitlines():
+        line = " ".join(line.split())
+        low = line.lower()
+        if not line or any(low.startswith(b) or b in low[:60] for b in _TORCH_BOILERPLATE):
+            continue
+        line = re.sub(r"^(WeightsUnpickler error:\s*)", "", line)
+        if line:
+            kept.append(line)
+    reason = " ".join(kept) or " ".join(text.split())
+    return _sentences(reason, limit)
+
+
+def _sentences(text: str, limit: int) -> str:
+    """``text`` cut to whole sentences within ``limit`` characters (never mid-sentence unless one sentence is
+    longer, then at a word with "...")."""
+    if len(text) <= limit:
+        return text
+    cut = text[:limit]
+    end = max(cut.rfind(". "), cut.rfind("; "))
+    if end > 0:
+        return cut[:end + 1]
+    return cut.rsplit(" ", 1)[0] + " ..."
+
+
+def inspect_pickle(path: Path) -> tuple[str, list[str]]:
+    """Read the pickle opcodes of a checkpoint *without running them* (``pickletools``) and classify it:
+    ``("not-a-checkpoint", [])`` for bytes that are neither a torch zip nor a pickle, ``("code", names)`` when
+    it imports functions that run code (``os.system``, ``builtins.eval``, ``subprocess.*`` ...),
+    ``("objects", names)`` when it stores other classes (numpy scalars, mmengine message hubs ...)."""
+    streams: list[bytes] = []
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return "not-a-checkpoint", []
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                streams = [zf.read(n) for n in zf.namelist() if n.endswith(".pkl")]
+        except (zipfile.BadZipFile, OSError, KeyError):
+            return "not-a-checkpoint", []
+        if not streams:
+            return "not-a-checkpoint", []
+    else:
+        streams = [raw]
+    names: list[str] = []
+    for data in streams:
+        found = _pickle_globals(data)
+        if found is None:
+            return "not-a-checkpoint", []
+        names += [n for n in found if n not in names]
+    if not names:  # a pickle the safe loader refuses that imports nothing: not something torch.save wrote
+        return "not-a-checkpoint", []
+    risky = [n for n in names if _runs_code(n)]
+    return ("code", risky) if risky else ("objects", names)
+
+
+def _runs_code(name: str) -> bool:
+    module, _, attr = name.rpartition(".")
+    if module in ("builtins", "__builtin__"):
+        return attr not in _DATA_BUILTINS
+    return any(name == m or name.startswith(m + ".") for m in _CODE_MODULES)
+
+
+def _pickle_globals(data: bytes) -> list[str] | None:
+    """``module.name`` of every GLOBAL / STACK_GLOBAL / INST in the pickle(s) of ``data`` (legacy torch files hold
+    several pickles back to back); ``None`` when ``data`` does not start with a valid pickle."""
+    import io
+    import pickletools
+
+    names: list[str] = []
+    stream = io.BytesIO(data)
+    first = True
+    while stream.tell() < len(data):
+        strings: list[str] = []
+        memo: dict[int, str] = {}
+        try:
+            for op, arg, _pos in pickletools.genops(stream):
+                if op.name in ("GLOBAL", "INST"):
+                    names.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str) and op.name.endswith("UNICODE") or op.name in ("STRING", "SHORT_BINSTRING",
+                                                                                          "BINSTRING"):
+                    strings.append(str(arg))
+                elif op.name in ("MEMOIZE",) and strings:
+                    memo[len(memo)] = strings[-1]
+                elif op.name in ("BINPUT", "LONG_BINPUT", "PUT") and strings:
+                    memo[int(arg)] = strings[-1]
+                elif op.name in ("BINGET", "LONG_BINGET", "GET") and int(arg) in memo:
+                    strings.append(memo[int(arg)])
+        except Exception:  # noqa: BLE001 - not a pickle (or not one any more: trailing tensor bytes)
+            if first:
+                return None
+            break
+        first = False
+    return names
 
 
 def _tensor_dict(obj: Any) -> bool:

@@ -7,7 +7,7 @@ from pydantic import Field
 
 from megatron import hookimpl
 from megatron.data.coco import default_image_dir, default_task_name, read_coco_task
-from megatron.data.problems import raise_for_errors
+from megatron.data.problems import Problem, raise_for_errors
 from megatron.datasets import DatasetOptions, DatasetPlugin
 from megatron.types import Task
 
@@ -34,13 +34,16 @@ class CocoDataset(DatasetPlugin):
         categories: list[str] | None = Field(None, description="category names to keep, in label order "
                                              "(default: all, ordered by COCO id)")
 
-    def load(self) -> list[Task]:
+    def load_with_problems(self) -> list[tuple[Task, list[Problem]]]:
         o = self.options
         ann = Path(o.annotation_file).expanduser()
         image_dir = Path(o.image_dir).expanduser() if o.image_dir else default_image_dir(ann)
-        task, problems = read_coco_task(ann, image_dir, name=o.name or default_task_name(ann),
-                                        modality=o.modality, categories=o.categories)
-        raise_for_errors(problems, str(ann))
+        return [read_coco_task(ann, image_dir, name=o.name or default_task_name(ann),
+                               modality=o.modality, categories=o.categories)]
+
+    def load(self) -> list[Task]:
+        [(task, problems)] = self.load_with_problems()
+        raise_for_errors(problems, str(Path(self.options.annotation_file).expanduser()))
         return [task]
 
 

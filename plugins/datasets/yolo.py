@@ -6,7 +6,7 @@ from pathlib import Path
 from pydantic import Field
 
 from megatron import hookimpl
-from megatron.data.problems import raise_for_errors
+from megatron.data.problems import Problem, raise_for_errors
 from megatron.data.yolo import read_yolo_task
 from megatron.datasets import DatasetOptions, DatasetPlugin
 from megatron.types import Task
@@ -31,11 +31,14 @@ class YoloDataset(DatasetPlugin):
         split: str | None = Field(None, description="sub-folder of images/ and labels/ to read (e.g. `train`); default: all of them")
         modality: str = Field("", description="imaging modality, informative")
 
-    def load(self) -> list[Task]:
+    def load_with_problems(self) -> list[tuple[Task, list[Problem]]]:
         o = self.options
         root = Path(o.root).expanduser()
-        task, problems = read_yolo_task(root, name=o.name or root.resolve().name, split=o.split, modality=o.modality)
-        raise_for_errors(problems, str(root))
+        return [read_yolo_task(root, name=o.name or root.resolve().name, split=o.split, modality=o.modality)]
+
+    def load(self) -> list[Task]:
+        [(task, problems)] = self.load_with_problems()
+        raise_for_errors(problems, str(Path(self.options.root).expanduser()))
         return [task]
 
 

@@ -260,6 +260,10 @@ class MMDetDetector(Detector):
         """Dispatch used by :func:`torch.func.functional_call` (so every parameter name stays ``model.*``)."""
         if mode == "box_features":
             return self._box_features(inputs, data_samples)
+        if mode == "body":
+            return self._body(inputs)
+        if mode == "head_loss":  # ``inputs`` are the body's features here
+            return self._head_loss(inputs, data_samples)
         return self.model(inputs, data_samples, mode=mode)
 
     def _call(self, params: dict[str, torch.Tensor] | None, *args, **kwargs):
@@ -278,6 +282,42 @@ class MMDetDetector(Detector):
         inputs = self.normalise(batch.images)
         raw = self._call(params, inputs, self.data_samples(batch), mode="loss")
         return sum_losses(raw)
+
+    def supports_head_loss(self) -> bool:
+        """mmdet's single- and two-stage detectors: their ``loss`` is ``extract_feat`` then the head(s)."""
+        from mmdet.models.detectors import SingleStageDetector, TwoStageDetector
+
+        return isinstance(self.model, (SingleStageDetector, TwoStageDetector))
+
+    def body_features(self, batch: Batch, params: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+        """The neck's output levels (``model.extract_feat``), through the functional path when ``params`` is a
+        dict (BatchNorm: batch statistics, running statistics untouched), as :meth:`loss` computes them."""
+        return self._call(params, self.normalise(batch.images), None, mode="body")
+
+    def head_loss(self, features: tuple[torch.Tensor, ...], batch: Batch,
+                  params: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """mmdet's own ``model.loss`` with ``features`` standing in for ``extract_feat``'s output, so the head
+        losses (RPN + RoI head for two-stage models) are exactly those :meth:`loss` computes."""
+        if not self.supports_head_loss():
+            raise NotImplementedError(f"{self.PLUGIN_NAME}: {type(self.model).__name__} has no separable head loss")
+        if params is not None:
+            unknown = set(params) - set(dict(self.named_parameters()))
+            if unknown:
+                raise KeyError(f"{self.PLUGIN_NAME}: unknown parameter name(s) in params: {sorted(unknown)[:5]}")
+        return sum_losses(self._call(params, tuple(features), self.data_samples(batch), mode="head_loss"))
+
+    def _body(self, inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        feats = self.model.extract_feat(inputs)
+        return tuple(feats) if isinstance(feats, (list, tuple)) else (feats,)
+
+    def _head_loss(self, feats: tuple[torch.Tensor, ...], data_samples: list) -> dict:
+        model = self.model
+        # an instance attribute shadows the method for this one call: mmdet's loss runs unchanged after it
+        model.__dict__["extract_feat"] = lambda _inputs: feats
+        try:
+            return model.loss(None, data_samples)
+        finally:
+            del model.__dict__["extract_feat"]
 
     @torch.no_grad()
     def predict(self, batch: Batch) -> list[Detections]:
@@ -373,6 +413,13 @@ class MMDetDetector(Detector):
 
     def _classifier_repeat(self, classifier: nn.Module) -> int:
         return 1
+
+    def get_prototypes(self) -> tuple[torch.Tensor, float] | None:
+        """The (L2-normalised) prototypes and temperature of the cosine classifiers, or ``None``."""
+        if self._saved_classifiers is None:
+            return None
+        cosine = self.model.get_submodule(self.classifier_names()[0])
+        return cosine.prototypes.detach().clone(), float(cosine.temperature)
 
     def set_num_classes(self, num_classes: int) -> None:
         if num_classes < 1:

@@ -16,10 +16,11 @@ import logging
 from typing import Iterable
 
 import torch
+import torch.utils.checkpoint
 
 from megatron.detector import Detector
 from megatron.errors import ConfigError
-from megatron.learner import MetaLearner, make_optimizer
+from megatron.learner import MetaLearner, check_finite, make_optimizer
 from megatron.types import Batch, Episode
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,7 @@ def inner_loop(
     steps: int,
     lr: float,
     first_order: bool,
+    checkpoint: bool = False,
 ) -> tuple[dict[str, torch.Tensor], float]:
     """``steps`` plain SGD steps at ``lr`` on ``batch`` applied functionally to the parameters ``names``.
 
@@ -138,42 +140,118 @@ def inner_loop(
     meta-gradient. First order: the inner gradients are detached, ``d adapted / d theta = I`` (FOMAML).
     The detector's own tensors are never modified. Each step charges ``len(batch)`` images forward and
     ``len(batch)`` backward.
+
+    When every adapted parameter is in the detector's ``head`` group and the detector splits its loss
+    (:meth:`~megatron.detector.Detector.supports_head_loss`), the body's features of ``batch`` are computed
+    once and each step runs the head alone on them (:func:`head_only_inner_loop`): the same adapted tensors and
+    the same meta-gradient (the outer backward still reaches the body through those features, second order),
+    without ``steps - 1`` body forwards. Otherwise every step calls ``detector.loss(batch, params)``.
+
+    ``checkpoint`` (second order only): activation checkpointing of whole inner steps
+    (``torch.utils.checkpoint``, non-reentrant). Only the adapted tensors between steps are kept; each step's
+    forward and first-order backward are recomputed when the outer backward reaches them, so the second-order
+    graph of one step at a time is alive instead of all ``steps``: much less peak memory for one more forward
+    and backward per inner step. Same meta-gradient; the recomputation is not charged to the compute account.
     """
     all_params = dict(detector.named_parameters())
     params = {n: all_params[n] for n in names}
     if not params:
         raise ConfigError(f"{learner.PLUGIN_NAME}: the inner loop has no trainable parameters to adapt")
+    if head_only_inner_loop(detector, params):
+        batch = batch.to(learner.ctx.device)
+        # first order: nothing flows back through the support features, so they need no graph
+        features = body_features(learner, detector, batch, graph=not first_order)
+
+        def support_loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
+            return head_loss(learner, detector, features, batch, p)
+    else:
+        def support_loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
+            return learner.loss(detector, batch, params=p)
     scaler = learner.ctx.scaler
+    # fp16: scale the loss so that small inner gradients do not underflow, unscale them after (the scale only
+    # changes at the outer step, so a step recomputed during the outer backward scales alike)
+    scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+    keys = list(params)
+    compute = learner.ctx.compute
+
+    def make_step():
+        ran = False
+
+        def run(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            """One SGD step: the adapted tensors, then the loss before it (detached)."""
+            nonlocal ran
+            recompute, ran = ran, True
+            saved = compute.state_dict() if recompute else None  # charged once, not again when recomputed
+            try:
+                loss = support_loss(dict(zip(keys, tensors)))
+                grads = torch.autograd.grad(
+                    loss * scale if scale != 1.0 else loss, tensors, create_graph=not first_order, allow_unused=True)
+                compute.backward(len(batch))
+            finally:  # a recomputation may stop early (by an exception) once it has what the backward needs
+                if saved is not None:
+                    compute.load_state_dict(saved)
+            if scale != 1.0 and not all(torch.isfinite(g).all() for g in grads if g is not None):
+                # fp16 overflow: skip this inner step, as GradScaler skips an optimiser step
+                if not recompute:
+                    log.warning("%s: inner-loop gradients overflowed at loss scale %g; step skipped",
+                                learner.PLUGIN_NAME, scale)
+                return (*tensors, loss.detach())
+            new = []
+            for p, g in zip(tensors, grads):
+                if g is None:
+                    new.append(p)
+                    continue
+                if scale != 1.0:
+                    g = g / scale
+                if first_order:
+                    g = g.detach()
+                new.append(p - lr * g)
+            return (*new, loss.detach())
+
+        return run
+
     first_loss = float("nan")
+    tensors = tuple(params.values())
     for step in range(steps):
-        loss = learner.loss(detector, batch, params=params)
+        if checkpoint and not first_order:
+            # keep only the adapted tensors; the step's graph is rebuilt when the outer backward reaches it
+            out = torch.utils.checkpoint.checkpoint(make_step(), *tensors, use_reentrant=False)
+        else:
+            out = make_step()(*tensors)
+        tensors, loss = tuple(out[:-1]), out[-1]
         if step == 0:
-            first_loss = float(loss.detach())
-        # fp16: scale the loss so that small inner gradients do not underflow, unscale them after
-        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-        grads = torch.autograd.grad(
-            loss * scale if scale != 1.0 else loss,
-            list(params.values()),
-            create_graph=not first_order,
-            allow_unused=True,
-        )
-        learner.ctx.compute.backward(len(batch))
-        if scale != 1.0 and not all(torch.isfinite(g).all() for g in grads if g is not None):
-            # fp16 overflow: skip this inner step, as GradScaler skips an optimiser step
-            log.warning("%s: inner-loop gradients overflowed at loss scale %g; step skipped", learner.PLUGIN_NAME, scale)
-            continue
-        new_params = {}
-        for (name, p), g in zip(params.items(), grads):
-            if g is None:
-                new_params[name] = p
-                continue
-            if scale != 1.0:
-                g = g / scale
-            if first_order:
-                g = g.detach()
-            new_params[name] = p - lr * g
-        params = new_params
-    return params, first_loss
+            first_loss = float(loss)
+    return dict(zip(keys, tensors)), first_loss
+
+
+def head_only_inner_loop(detector: Detector, names: Iterable[str]) -> bool:
+    """True when ``names`` are all head parameters and the detector can run its head alone
+    (``body_features`` + ``head_loss``), so an inner loop may compute the body once."""
+    supports = getattr(detector, "supports_head_loss", None)
+    if supports is None or not supports():
+        return False
+    names = set(names)
+    return bool(names) and names <= set(detector.parameter_groups().get("head", ()))
+
+
+def body_features(learner: MetaLearner, detector: Detector, batch: Batch, graph: bool = True):
+    """``detector.body_features(batch)`` on the functional path (BatchNorm running statistics untouched, as
+    ``loss(batch, params)``) under the context's autocast; ``graph=False``: without autograd graph. Not charged
+    to the compute account: :func:`head_loss` charges each head step as an image forward, as before the split."""
+    with torch.set_grad_enabled(graph and torch.is_grad_enabled()), learner.ctx.autocast():
+        return detector.body_features(batch, params={})
+
+
+def head_loss(learner: MetaLearner, detector: Detector, features, batch: Batch,
+              params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The head's total loss on precomputed ``features`` under the context's autocast (float32, checked
+    finite), charged like :meth:`MetaLearner.loss`: ``len(batch)`` images forward."""
+    with learner.ctx.autocast():
+        out = detector.head_loss(features, batch, params=params)
+    learner.ctx.compute.forward(len(batch))
+    loss = out["loss"].float()
+    check_finite(loss, detector)
+    return loss
 
 
 def names_in_groups(detector: Detector, groups: list[str] | None) -> list[str]:

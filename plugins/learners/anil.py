@@ -10,6 +10,13 @@ feeds both the support and the query loss. The meta-gradient is averaged over th
 the outer optimiser. The paper's finding is that MAML's inner loop mostly re-uses features, so adapting the
 head alone loses little accuracy and is cheaper (its paper reports ~1.7x faster training iterations).
 
+The body is computed once per episode: since the inner loop changes only the head, the support batch's body
+features (``detector.body_features``) are the same at every inner step, so each step runs the head alone on them
+(``detector.head_loss``); the outer backward still reaches the body through those features (second order) and
+through the query's. Same meta-gradient as calling ``detector.loss(support, params=head)`` at every step, without
+``k - 1`` body forwards. A detector that does not split its loss (``supports_head_loss()`` False) gets exactly that
+fallback.
+
 At test time (``adapt``) ANIL also adapts the head only by default (``head_only_adapt``): the body stays as
 meta-learned, whatever freeze policy the runner passes.
 
@@ -23,8 +30,8 @@ Example::
     adapted = learner.adapt(target_pool_batches)   # head fine-tuned, body as meta-learned
 
 Compute accounting: as MAML (forward ``k*S + Q`` per episode; backward ``k*S`` inner + ``Q + k*S`` outer,
-or ``Q`` first order) — images are charged the same even though the inner backward stops at the head, so the
-saving shows in wall time, not in the image count.
+or ``Q`` first order) — images are charged the same even though the body runs once on the support batch and
+the inner backward stops at the head, so the saving shows in wall time, not in the image count.
 """
 from __future__ import annotations
 

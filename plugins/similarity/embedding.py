@@ -249,7 +249,7 @@ class EmbeddingSimilarity(SimilarityMetric):
 
     def describe(self) -> str:
         self._get_extractor()
-        return f"{self.options.distance} distance between {self.options.sample_size} embeddings/dataset; {self._extractor_desc}"
+        return f"{self.options.distance} distance between up to {self.options.sample_size} sampled embeddings/dataset; {self._extractor_desc}"
 
 
 @hookimpl

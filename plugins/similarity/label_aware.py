@@ -100,6 +100,7 @@ class LabelAwareSimilarity(SimilarityMetric):
     """
 
     PLUGIN_NAME: ClassVar[str] = "label_aware"
+    USES_LABELS: ClassVar[bool] = True  # compares boxes: skipped for datasets without annotations
     UNIT: ClassVar[str] = "octaves"
     Options: ClassVar[type[LabelAwareOptions]] = LabelAwareOptions
     options: LabelAwareOptions
@@ -144,7 +145,7 @@ class LabelAwareSimilarity(SimilarityMetric):
 
     def describe(self) -> str:
         parts = "box count, size, aspect" + (", lesion contrast" if self.options.contrast else "")
-        return f"OT between per-image annotation statistics ({parts}) of {self.options.sample_size} images/dataset"
+        return f"OT between per-image annotation statistics ({parts}) of up to {self.options.sample_size} sampled images/dataset"
 
 
 @hookimpl

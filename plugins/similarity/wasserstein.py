@@ -125,7 +125,7 @@ class WassersteinSimilarity(SimilarityMetric):
         return wasserstein_1d_hist(a.hist, b.hist, a.centres)
 
     def describe(self) -> str:
-        return (f"{self.options.sample_size} images/dataset, {self.options.bins} bins over grey levels 1..254, "
+        return (f"up to {self.options.sample_size} sampled images/dataset, {self.options.bins} bins over grey levels 1..254, "
                 "distance in grey levels")
 
 

@@ -1,0 +1,1 @@
+"""Pascal VOC XML datasets for megatron."""

@@ -1,0 +1,64 @@
+"""A detector's predictions on a task, scored by the core evaluator — what the runner does after every
+fine-tuning, and what ``megatron evaluate`` does with a saved model."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any
+
+import numpy as np
+import torch
+
+from megatron.types import Detections, Task
+
+
+def predict_task(detector, task: Task, pre_eval, batch_size: int, device: torch.device,
+                 autocast: contextlib.AbstractContextManager | None = None) -> list[Detections]:
+    """Detections for every image of ``task`` (no gradient, in original image coordinates)."""
+    from megatron.data.episodes import iterate_batches
+
+    was_training = detector.training
+    detector.eval()
+    detections: list[Detections] = []
+    with torch.no_grad(), (autocast if autocast is not None else contextlib.nullcontext()):
+        for batch in (iterate_batches(task, batch_size, pre_eval) if task.records else ()):
+            preds = detector.predict(batch.to(device))
+            for det, meta in zip(preds, batch.meta):
+                if det.image_id == -1:
+                    det.image_id = int(meta["image_id"])
+                det.boxes = np.asarray(det.boxes, dtype=np.float32).reshape(-1, 4)
+                det.scores = np.asarray(det.scores, dtype=np.float32).reshape(-1)
+                det.labels = np.asarray(det.labels, dtype=np.int64).reshape(-1)
+            detections.extend(preds)
+    detector.train(was_training)
+    return detections
+
+
+def evaluate_detector(detector, task: Task, pre_eval, cfg, device: torch.device, ctx=None, env=None) -> dict[str, Any]:
+    """Predict on every image of ``task`` (not charged to any compute account) and score with
+    :func:`megatron.evaluation.evaluate` at ``cfg.evaluation``'s thresholds.
+
+    Distributed: each rank predicts its share of the images; rank 0 gathers the detections, scores them and
+    sends the metrics to every rank."""
+    from megatron.evaluation.coco import evaluate
+    from megatron.training import distributed as mdist
+
+    env = env if env is not None else mdist.DistEnv()
+    mine = task
+    if env.enabled:
+        mine = dataclasses.replace(task, records=mdist.shard_records(task.records, env))
+    detections = predict_task(detector, mine, pre_eval, cfg.training.batch_size, device,
+                              ctx.autocast() if ctx is not None else None)
+    ev = cfg.evaluation
+
+    def score() -> dict[str, Any]:
+        return evaluate(detections, task.records, list(task.categories), score_threshold=ev.score_threshold,
+                        iou_threshold=ev.iou_threshold, max_detections=ev.max_detections)
+
+    if not env.enabled:
+        return score()
+    parts = mdist.gather_objects(detections, env)
+    # back in the split's image order, as one process produces them (score ties are then broken alike)
+    position = {r.image_id: i for i, r in enumerate(task.records)}
+    detections = sorted((d for part in parts for d in part), key=lambda d: position.get(d.image_id, -1))
+    return mdist.on_main(score, env)

@@ -1,0 +1,515 @@
+"""The run directory: one run per folder, failures recorded, checkpoints that survive a bad write.
+
+What lives here (the runner calls it; nothing here trains):
+
+- **The lock.** :func:`lock_run_dir` takes an exclusive ``fcntl.flock`` on ``<run_dir>/.lock`` for the run's
+  lifetime and writes the holder's PID and host into it. The operating system releases the lock when the
+  process ends, however it ends (SIGKILL included), so a killed run never blocks its own ``--resume``; a
+  second run into a locked folder gets :class:`RunDirBusy` (a ConfigError: exit 2) naming the holder.
+- **What to do with a folder** (:func:`claim_run_dir`, :func:`decide`): no ``run.json`` -> a fresh run; a
+  complete run -> refused without ``--resume``; a run that failed (or was killed) before its first checkpoint
+  -> started afresh, saying so; an unfinished run with checkpoints -> needs ``--resume``. With the default
+  run name, folders that are taken (complete, in use, or unfinished with checkpoints) are skipped for the
+  next free ``<name>-N``.
+- **Leftovers.** The temporary files of atomic writes killed half-way are removed when a run claims the
+  folder (:func:`megatron.checkpoint.remove_stale_tmp_files`).
+- **Checkpoints.** :func:`save_checkpoint` keeps the previous good checkpoint (``last.pt`` + ``previous.pt``,
+  both written atomically); :func:`load_checkpoint` validates what it reads (format, learner name, any check
+  of the caller) and falls back to ``previous.pt`` with a logged warning, or raises
+  :class:`CheckpointUnusable` naming the file and what to do. It never touches ``run.json``.
+- **Failures.** :func:`mark_failed` writes ``status: failed`` and the error into ``run.json``, keeping
+  everything recorded so far; :func:`carry_history` keeps a resumed run's recorded learners.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import errno
+import fcntl
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from megatron.checkpoint import atomic_torch_save, atomic_write_json, file_mode, remove_stale_tmp_files, safe_torch_load
+from megatron.errors import ConfigError, MegatronError
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = ".lock"
+RECORD_FILE = "run.json"
+CHECKPOINTS_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.pt"
+PREVIOUS_CHECKPOINT = "previous.pt"
+
+Mode = Literal["fresh", "restart", "resume"]
+
+
+# --- errors -----------------------------------------------------------------------------------------------
+
+class RunDirBusy(ConfigError):
+    """Another live process holds the run directory's lock."""
+
+    def __init__(self, path: Path, holder: dict[str, Any] | None):
+        self.path = Path(path)
+        self.holder = holder or {}
+        pid, host = self.holder.get("pid", "unknown"), self.holder.get("host", "unknown host")
+        since = f", since {self.holder['started']}" if self.holder.get("started") else ""
+        super().__init__(
+            f"{self.path} is in use by another run (PID {pid} on {host}{since}): one run per folder. Wait for it "
+            "to finish, or choose another directory (--run-dir, or --name / output.name). The lock is released "
+            "when that process ends, however it ends, so a stopped run's folder can always be resumed."
+        )
+
+    def __reduce__(self):  # picklable (torch.distributed sends rank 0's errors to every rank)
+        return (type(self), (self.path, self.holder))
+
+    @property
+    def pid(self) -> Any:
+        return self.holder.get("pid")
+
+    @property
+    def host(self) -> Any:
+        return self.holder.get("host")
+
+
+class RunDirTaken(ConfigError):
+    """The folder holds a run this run may not replace (complete, or unfinished with checkpoints)."""
+
+
+class CheckpointUnusable(ConfigError):
+    """No checkpoint of a learner can be resumed from (``last.pt`` and ``previous.pt`` unreadable or foreign)."""
+
+
+# --- the lock ----------------------------------------------------------------------------------------------
+
+class RunDirLock:
+    """An exclusive lock on a run directory, held until :meth:`release` (or the process ends)."""
+
+    def __init__(self, path: Path, fd: int):
+        self.path = Path(path)
+        self._fd: int | None = fd
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def __enter__(self) -> "RunDirLock":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __del__(self) -> None:  # a lock that is garbage-collected is released, never leaked
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    def __repr__(self) -> str:
+        return f"RunDirLock({str(self.path)!r}, held={self.held})"
+
+
+def _holder_info() -> dict[str, Any]:
+    return {"pid": os.getpid(), "host": socket.gethostname(),
+            "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds")}
+
+
+def read_lock_holder(run_dir: str | Path) -> dict[str, Any] | None:
+    """What the lock file of ``run_dir`` says about its (last) holder: ``{"pid", "host", "started"}``."""
+    path = Path(run_dir) / LOCK_FILE
+    for _ in range(10):  # the holder writes its details right after taking the lock: give it a moment
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return None
+        try:
+            data = json.loads(text)
+            if isinstance(data, dict) and "pid" in data:
+                return data
+        except json.JSONDecodeError:
+            pass
+        time.sleep(0.02)
+    return None
+
+
+def lock_run_dir(run_dir: str | Path) -> RunDirLock:
+    """Take the exclusive lock of ``run_dir`` (created if needed) or raise :class:`RunDirBusy` at once."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, file_mode())
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise RunDirBusy(run_dir, read_lock_holder(run_dir)) from None
+        raise ConfigError(f"{path}: cannot lock the run directory ({exc.strerror}); flock is needed to keep one "
+                          "run per folder: use a local file system for --out / --run-dir") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(_holder_info()) + "\n").encode(), 0)
+    except OSError:
+        pass  # the lock holds; the details are a courtesy for the error message of a second run
+    return RunDirLock(run_dir, fd)
+
+
+# --- what a folder holds -------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class RunDirState:
+    """What :func:`inspect_run_dir` found in a run directory."""
+
+    path: Path
+    record: dict[str, Any] | None = None  # run.json, when readable
+    record_problem: str | None = None  # why run.json cannot be read
+    checkpoints: list[Path] = dataclasses.field(default_factory=list)
+    started_here: bool = False  # a lock file: some run started in this folder
+
+    @property
+    def has_record(self) -> bool:
+        return self.record is not None or self.record_problem is not None
+
+    @property
+    def status(self) -> str | None:
+        return (self.record or {}).get("status")
+
+    @property
+    def error(self) -> str | None:
+        return (self.record or {}).get("error")
+
+
+def inspect_run_dir(run_dir: str | Path) -> RunDirState:
+    run_dir = Path(run_dir)
+    state = RunDirState(run_dir, started_here=(run_dir / LOCK_FILE).exists())
+    path = run_dir / RECORD_FILE
+    try:
+        record = json.loads(path.read_text())
+        if isinstance(record, dict):
+            state.record = record
+        else:
+            state.record_problem = f"{path} is not a run record (top level: {type(record).__name__})"
+    except FileNotFoundError:
+        pass
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        state.record_problem = f"{path} cannot be read ({exc})"
+    ckpt_root = run_dir / CHECKPOINTS_DIR
+    if ckpt_root.is_dir():
+        state.checkpoints = sorted(p for p in ckpt_root.glob("*/*.pt")
+                                   if p.name in (LAST_CHECKPOINT, PREVIOUS_CHECKPOINT) and p.is_file())
+    return state
+
+
+@dataclasses.dataclass
+class Decision:
+    mode: Mode
+    note: str | None = None
+
+
+def decide(state: RunDirState, resume: bool) -> Decision:
+    """What a run started with (or without) ``--resume`` does with the folder described by ``state``: a
+    :class:`Decision` (``fresh`` / ``restart`` (afresh, over a failed start) / ``resume``), or
+    :class:`RunDirTaken` (a ConfigError: exit 2) saying why not and what to do."""
+    path = state.path
+    if not state.has_record:
+        if resume and not state.started_here:
+            raise RunDirTaken(f"--resume: {path} holds no run to resume (no {RECORD_FILE}); run without --resume")
+        if resume:
+            return Decision("restart", f"{path}: the run started there stopped before writing {RECORD_FILE}, so "
+                                       "there is nothing to resume; starting it afresh")
+        return Decision("fresh")
+    if state.record_problem is not None:
+        if not state.checkpoints:
+            return Decision("restart", f"{state.record_problem}, and the folder holds no checkpoint; starting the "
+                                       "run afresh")
+        raise RunDirTaken(f"{state.record_problem}, but the folder holds checkpoints; restore {RECORD_FILE} to "
+                          f"resume, or move {path} aside and start again")
+    status = state.status
+    if status == "complete":
+        if resume:
+            return Decision("resume")
+        raise RunDirTaken(f"{path} already holds a complete run; choose another directory (--run-dir, or --name / "
+                          "output.name), or move it aside to run again (--resume on it changes nothing)")
+    what = f"failed ({state.error})" if status == "failed" and state.error else \
+        "failed" if status == "failed" else f"stopped (status {status!r}; its process is gone)"
+    if not state.checkpoints:
+        return Decision("restart", f"{path}: the run recorded there {what} before its first checkpoint; "
+                                   "starting it afresh")
+    if resume:
+        return Decision("resume")
+    raise RunDirTaken(f"{path} holds an unfinished run that {what} after writing checkpoints; pass --resume to "
+                      "continue it from its last checkpoint, or choose another directory (--run-dir, or --name / "
+                      "output.name)")
+
+
+# --- claiming a folder for a run -----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class RunDirClaim:
+    """A run directory held by this process: its lock, what the run does there, and what was cleaned."""
+
+    path: Path
+    mode: Mode
+    lock: RunDirLock
+    note: str | None = None
+    record: dict[str, Any] | None = None  # the run.json found there (resume: the history to keep)
+    removed_tmp: list[Path] = dataclasses.field(default_factory=list)
+
+    @property
+    def resume(self) -> bool:
+        """Whether the runner resumes (``--resume`` over a failed start is ``False``: it starts afresh)."""
+        return self.mode == "resume"
+
+    def release(self) -> None:
+        self.lock.release()
+
+    def __enter__(self) -> "RunDirClaim":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _take(path: Path, resume: bool) -> RunDirClaim:
+    created = not path.exists()
+    started_before = (path / LOCK_FILE).exists()  # before this process's own lock file
+    lock = lock_run_dir(path)
+    try:
+        state = inspect_run_dir(path)
+        state.started_here = started_before
+        decision = decide(state, resume)
+        removed = remove_stale_tmp_files(path)
+    except BaseException:
+        lock.release()
+        if created:  # refused (e.g. --resume of a mistyped folder): leave nothing behind
+            with contextlib.suppress(OSError):
+                (path / LOCK_FILE).unlink()
+                path.rmdir()
+        raise
+    if removed:
+        log.info("%s: removed %d temporary file(s) left by a write that was killed", path, len(removed))
+    if decision.note:
+        log.warning("%s", decision.note)
+    return RunDirClaim(path, decision.mode, lock, decision.note, state.record, removed)
+
+
+def claim_run_dir(run_dir: str | Path | None, default_base: str | Path, resume: bool) -> RunDirClaim:
+    """Lock and claim the folder a run writes to; the claim holds the lock until released (keep it for the
+    whole run).
+
+    ``run_dir`` given (``--run-dir``): that folder, or :class:`RunDirBusy` / a ConfigError (see
+    :func:`decide`). Otherwise the default ``default_base`` (``<output.dir>/<name>``): a fresh run takes the
+    first of ``<name>``, ``<name>-2``, ... that is free or holds a run that failed before its first checkpoint
+    (skipping folders in use, complete, or unfinished with checkpoints); ``resume`` takes the newest of them
+    that holds a run.
+    """
+    if run_dir is not None:
+        return _take(Path(run_dir), resume)
+    base = Path(default_base)
+    if resume:
+        existing = [p for p in _numbered(base) if (p / RECORD_FILE).exists()]
+        if not existing:
+            raise ConfigError(f"--resume: no run to resume under {base} (run without --resume first)")
+        return _take(existing[-1], True)
+    n = 1
+    while True:
+        path = base if n == 1 else base.parent / f"{base.name}-{n}"
+        n += 1
+        if path.exists() and (path / RECORD_FILE).exists():
+            state = inspect_run_dir(path)
+            if state.status == "complete" or state.checkpoints:
+                if state.status != "complete":
+                    log.warning("%s holds an unfinished run with checkpoints (status %s); this run goes to the next "
+                                "free folder. To continue that run instead, pass --resume", path, state.status)
+                continue
+        try:
+            claim = _take(path, False)
+        except RunDirBusy as exc:
+            log.warning("%s is in use by PID %s on %s; this run goes to the next free folder", path, exc.pid, exc.host)
+            continue
+        except RunDirTaken:
+            continue  # taken between the look and the lock
+        return claim
+
+
+def _numbered(base: Path) -> list[Path]:
+    """``base``, ``base-2``, ``base-3`` ... that exist, in order of N."""
+    found = [base] if base.is_dir() else []
+    numbered = []
+    if base.parent.is_dir():
+        for p in base.parent.glob(f"{base.name}-*"):
+            suffix = p.name[len(base.name) + 1:]
+            if suffix.isdigit() and int(suffix) >= 2 and p.is_dir():
+                numbered.append((int(suffix), p))
+    return found + [p for _, p in sorted(numbered)]
+
+
+# --- the record ---------------------------------------------------------------------------------------------
+
+def describe_error(error: BaseException | str) -> str:
+    """The text a failed run records: a MegatronError's message as is, other exceptions with their type."""
+    if isinstance(error, str):
+        return error
+    if isinstance(error, MegatronError):
+        return str(error)
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted (Ctrl-C / SIGINT)"
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def mark_failed(run_dir: str | Path, error: BaseException | str, record: dict[str, Any] | None = None
+                ) -> dict[str, Any] | None:
+    """Record in ``run_dir/run.json`` that the run failed: ``status: failed``, ``error`` (text) and
+    ``failed_at``, keeping everything recorded so far (``record``, the runner's in-memory record, else the
+    file's). Call it only for a run this process started or resumed (never for a folder it was refused).
+    Never raises: a failure to record the failure is logged, and the original error is what the user sees.
+    Returns the record written (``None`` when nothing could be written)."""
+    run_dir = Path(run_dir)
+    try:
+        if record is None:
+            state = inspect_run_dir(run_dir)
+            record = state.record if state.record is not None else {"learners": {}}
+        record["status"] = "failed"
+        record["error"] = describe_error(error)
+        record["failed_at"] = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+        atomic_write_json(run_dir / RECORD_FILE, record)
+        return record
+    except Exception as exc:  # noqa: BLE001 - never mask the error being recorded
+        log.error("could not record the failure in %s: %s", run_dir / RECORD_FILE, exc)
+        return None
+
+
+def carry_history(new_record: dict[str, Any], old_record: dict[str, Any] | None) -> dict[str, Any]:
+    """A resumed run's record: ``new_record`` (the fresh header: config, versions, ``status: running``) with
+    what ``old_record`` (the run.json found) holds beyond it — every learner recorded so far, the split — so
+    that nothing recorded is lost even if the resumed run fails before it reaches its checkpoints. An earlier
+    failure moves from ``error`` to ``earlier_errors``."""
+    if not old_record:
+        return new_record
+    merged = {**old_record, **new_record}
+    merged["learners"] = {**dict(old_record.get("learners") or {}), **dict(new_record.get("learners") or {})}
+    earlier = list(old_record.get("earlier_errors") or [])
+    if old_record.get("error"):
+        earlier.append(old_record["error"])
+    merged.pop("error", None)
+    merged.pop("failed_at", None)
+    if earlier:
+        merged["earlier_errors"] = earlier
+    return merged
+
+
+# --- checkpoints -------------------------------------------------------------------------------------------
+
+def checkpoint_dir(run_dir: str | Path, learner: str) -> Path:
+    return Path(run_dir) / CHECKPOINTS_DIR / learner
+
+
+def save_checkpoint(state: dict[str, Any], directory: str | Path) -> Path:
+    """Write ``state`` as ``directory/last.pt``, keeping the one it replaces as ``previous.pt``.
+
+    Both steps are atomic (a rename, then temp file + rename): a kill at any moment leaves a complete
+    ``last.pt`` or, between the two steps, a complete ``previous.pt`` that :func:`load_checkpoint` falls back
+    to."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    last = directory / LAST_CHECKPOINT
+    if last.exists():
+        os.replace(last, directory / PREVIOUS_CHECKPOINT)
+    atomic_torch_save(state, last)
+    return last
+
+
+@dataclasses.dataclass
+class LoadedCheckpoint:
+    state: dict[str, Any]
+    path: Path  # the file used (last.pt, or previous.pt after a fallback)
+    fell_back: bool = False
+    problems: list[str] = dataclasses.field(default_factory=list)  # why the files not used were refused
+
+
+def _check_state(state: Any, fmt: Any, learner: str, required: tuple[str, ...],
+                 check: Callable[[dict[str, Any]], None] | None) -> None:
+    if not isinstance(state, dict):
+        raise ValueError(f"not a megatron run checkpoint (top level: {type(state).__name__})")
+    if state.get("format") != fmt:
+        raise ValueError(f"checkpoint format {state.get('format')!r}, expected {fmt!r} (not a checkpoint of this "
+                         "megatron version, or not a run checkpoint)")
+    if state.get("learner_name") != learner:
+        raise ValueError(f"it is a checkpoint of learner {state.get('learner_name')!r}, not {learner!r}")
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise ValueError(f"it lacks {', '.join(missing)}")
+    if check is not None:
+        check(state)
+
+
+def load_checkpoint(directory: str | Path, learner: str, fmt: Any, *, required: tuple[str, ...] = (),
+                    check: Callable[[dict[str, Any]], None] | None = None) -> LoadedCheckpoint | None:
+    """The newest usable checkpoint in ``directory`` (``last.pt``, else ``previous.pt``), or ``None`` when
+    there is none at all (the learner starts from scratch).
+
+    A file is usable when it loads with ``torch.load(weights_only=True)``, its ``format`` is ``fmt``, its
+    ``learner_name`` is ``learner``, it holds every ``required`` key, and ``check(state)`` (the caller's own
+    test, e.g. that the weights fit the detector) does not raise. A refused ``last.pt`` is renamed
+    ``last.pt.corrupt`` (kept for inspection; the next save then cannot rotate it over the good
+    ``previous.pt``) and the fallback is logged as a warning. When no file is usable:
+    :class:`CheckpointUnusable` naming the files, why, and what to do. ``run.json`` is never touched."""
+    directory = Path(directory)
+    problems: list[str] = []
+    candidates = [directory / LAST_CHECKPOINT, directory / PREVIOUS_CHECKPOINT]
+    if not any(p.exists() for p in candidates):
+        return None
+    for i, path in enumerate(candidates):
+        if not path.exists():
+            problems.append(f"{path}: missing")
+            continue
+        try:
+            state = safe_torch_load(path)
+            _check_state(state, fmt, learner, required, check)
+        except Exception as exc:  # noqa: BLE001 - any failure makes this file unusable; the next is tried
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            if len(reason) > 400:
+                reason = reason[:400].rsplit(" ", 1)[0] + " ..."
+            problems.append(f"{path}: {reason}")
+            continue
+        if i > 0:
+            bad = candidates[0]
+            if bad.exists():
+                aside = _aside(bad)
+                os.replace(bad, aside)
+                problems[-1] += f" (moved to {aside.name})"
+            log.warning("learner %r: cannot resume from %s; resuming from the previous good checkpoint %s "
+                        "(meta-epoch %s): the meta-epoch after it is trained again", learner, problems[0],
+                        path, state.get("meta_epoch", "?"))
+        return LoadedCheckpoint(state, path, fell_back=i > 0, problems=problems)
+    run_dir = directory.parent.parent
+    raise CheckpointUnusable(
+        f"cannot resume learner {learner!r}: no usable checkpoint in {directory}:\n  " + "\n  ".join(problems)
+        + f"\n{run_dir / RECORD_FILE} is unchanged. To train {learner!r} again from its start (the other "
+        f"learners' results are kept), move {directory} aside and resume again; or start a new run in another "
+        "directory."
+    )
+
+
+def _aside(path: Path) -> Path:
+    aside = path.with_name(path.name + ".corrupt")
+    n = 2
+    while aside.exists():
+        aside = path.with_name(f"{path.name}.corrupt-{n}")
+        n += 1
+    return aside

@@ -1,0 +1,70 @@
+"""``folder``: a folder of unannotated images (PNG/JPEG/TIFF/... and DICOM) as one task without boxes."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from megatron import hookimpl
+from megatron.data.dicom import DicomDisplay
+from megatron.data.folder import read_image_folder
+from megatron.data.problems import Problem, raise_for_errors
+from megatron.datasets import DatasetOptions, DatasetPlugin
+from megatron.types import Task
+
+
+class FolderDataset(DatasetPlugin):
+    """Unannotated images for the image-only similarity metrics (asked before anything is annotated).
+
+    Every raster image (PNG, JPEG, TIFF, BMP, ...) and DICOM file under ``root`` is one image (each frame of
+    a multi-frame DICOM file, by default). The task has no boxes and no categories: ``megatron similarity``
+    ranks it with the image-only metrics; ``megatron run`` refuses it (a detector needs boxes).
+
+    Example (config)::
+
+        data:
+          datasets:
+            - plugin: folder
+              options: {root: data/eit_unlabelled, name: eit}
+          target: eit
+    """
+
+    PLUGIN_NAME = "folder"
+
+    class Options(DatasetOptions):
+        root: Path = Field(description="folder of images and/or DICOM files")
+        name: str | None = Field(None, description="task name (default: the folder's name)")
+        modality: str = Field("", description="imaging modality, informative")
+        recursive: bool = Field(True, description="search sub-folders too")
+        window: Literal["file", "none"] | tuple[float, float] = Field(
+            "file", description="DICOM files: grayscale display, as the `dicom` plugin's option")
+        window_index: int = Field(0, ge=0, description="DICOM files: which of the file's windows / VOI LUTs")
+        frames: Literal["all", "first", "middle"] = Field(
+            "all", description="multi-frame DICOM files: the frames that become images")
+
+        @model_validator(mode="after")
+        def _window(self):
+            if not isinstance(self.window, str) and not self.window[1] >= 1:
+                raise ValueError(f"window width {self.window[1]:g} must be >= 1 ([center, width])")
+            return self
+
+    def load_with_problems(self) -> list[tuple[Task, list[Problem]]]:
+        o = self.options
+        root = Path(o.root).expanduser()
+        display = DicomDisplay(window=o.window, window_index=o.window_index)
+        task, problems = read_image_folder(root, o.name or root.resolve().name, modality=o.modality,
+                                           recursive=o.recursive, frames=o.frames, display=display)
+        return [(task, problems)]
+
+    def load(self) -> list[Task]:
+        out = []
+        for task, problems in self.load_with_problems():
+            raise_for_errors(problems, str(Path(self.options.root).expanduser()))
+            out.append(task)
+        return out
+
+
+@hookimpl
+def megatron_register_datasets() -> list[type]:
+    return [FolderDataset]

@@ -1,0 +1,1 @@
+"""Built-in logger plugins (TensorBoard, CSV), registered exactly as third-party plugins are."""
