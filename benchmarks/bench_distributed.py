@@ -83,20 +83,33 @@ def bench_rank(env: mdist.DistEnv, out_dir: str, model: str, input_size: int, st
         buffers = sum(b.numel() for b in learner.detector.buffers() if b.is_floating_point())
         # cache off: each step decodes its images, so "data" measures decoding, not cache hits
         sampler = EpisodeSampler(2, 2, Preprocessor(input_size, cache_size=0), seed=0)
+        # its twin loads the whole meta-batch (what every rank decoded before sharding), timed side by side
+        twin = EpisodeSampler(2, 2, Preprocessor(input_size, cache_size=0), seed=0)
         rows = []
         for i in range(warmup + steps):
+            mdist.barrier(env)
+            if i % 2:  # the twin's whole meta-batch, before or after (alternating) this rank's share
+                w0 = time.process_time()
+                twin.meta_batch(tasks, meta_batch)
+                whole_cpu = time.process_time() - w0
             mdist.barrier(env)
             t0, d0 = time.perf_counter(), time.process_time()
             episodes = sampler.meta_batch(tasks, meta_batch, shard=env)  # this rank's share, decoded
             t1, data_cpu = time.perf_counter(), time.process_time() - d0
+            if not i % 2:
+                w0 = time.process_time()
+                twin.meta_batch(tasks, meta_batch)
+                whole_cpu = time.process_time() - w0
+            mdist.barrier(env)
+            ts = time.perf_counter()
             comm0, calls0, cpu0 = stats.seconds, stats.calls, time.process_time()
             learner.meta_step(episodes)
             tb = time.perf_counter()
             mdist.all_reduce_buffers_mean(learner.detector, env)
             t2, cpu = time.perf_counter(), time.process_time() - cpu0
             if i >= warmup:
-                rows.append({"data_s": t1 - t0, "data_cpu_s": data_cpu, "images": sum(len(e.support) + len(e.query) for e in episodes),
-                             "step_s": t2 - t1, "comm_s": stats.seconds - comm0 + (t2 - tb), "cpu_s": cpu,
+                rows.append({"data_s": t1 - t0, "data_cpu_s": data_cpu, "whole_cpu_s": whole_cpu, "images": sum(len(e.support) + len(e.query) for e in episodes),
+                             "step_s": t2 - ts, "comm_s": stats.seconds - comm0 + (t2 - tb), "cpu_s": cpu,
                              "calls": stats.calls - calls0})
         mdist.check_in_sync(learner.detector, env, key)
         results[key] = {"rows": rows, "params": params, "buffers": buffers,
@@ -118,8 +131,11 @@ def summarise(per_rank: list[dict], world: int, steps: int) -> dict:
         total = statistics.median(totals)
         images = [max(r[key]["rows"][i]["images"] for r in per_rank) for i in range(steps)]
         data_cpu = [max(r[key]["rows"][i]["data_cpu_s"] for r in per_rank) for i in range(steps)]
+        # per rank and step: decoding the whole meta-batch / decoding the rank's share, measured back to back
+        share_ratio = [row["whole_cpu_s"] / row["data_cpu_s"] for r in per_rank for row in r[key]["rows"] if row["data_cpu_s"]]
         out[key] = {"world": world, "step_total_s": total, "data_s": statistics.median(data),
-                    "images_decoded_per_rank": statistics.median(images), "data_cpu_s": statistics.median(data_cpu), "rank_cpu_s": statistics.median(cpu),
+                    "images_decoded_per_rank": statistics.median(images), "data_cpu_s": statistics.median(data_cpu),
+                    "data_whole_over_share": statistics.median(share_ratio), "rank_cpu_s": statistics.median(cpu),
                     "comm_s": statistics.median(comm), "comm_share": statistics.median(comm) / total if total else 0.0,
                     "bare_all_reduce_s": max(r[key]["bare_all_reduce_s"] for r in per_rank),
                     "params": per_rank[0][key]["params"], "buffers": per_rank[0][key]["buffers"],
@@ -162,19 +178,21 @@ def main(argv=None) -> int:
     table = Table(title=f"time per outer step, global meta-batch {args.meta_batch} (support 2 + query 2 images), CPU, "
                         "1 thread per process", caption="step = data + meta_step (incl. comm), slowest rank, wall time; data = draw the meta-batch + decode "
                                                        "this rank's share (cache off; wall, and CPU s of the slowest rank, "
-                                                       "whose ratio is the data speed-up, aim 2x); rank cpu = CPU seconds "
+                                                       "whose ratio is the data speed-up, aim 2x; whole/share: CPU time to decode the whole meta-batch, as every "
+                                                       "rank did before, over the rank's share, measured back to back in each rank); rank cpu = CPU seconds "
                                                        "one rank spends in meta_step (the work division, whatever else "
                                                        "runs on the machine); comm = inside the all-reduce(s) incl. waiting; "
                                                        "bare = one all-reduce of the P parameters alone")
-    for col in ("model", "learner", "P", "procs", "step s", "speed-up", "data s", "data cpu s", "data speed-up", "images/rank",
+    for col in ("model", "learner", "P", "procs", "step s", "speed-up", "data s", "data cpu s", "data speed-up", "whole/share", "images/rank",
                 "rank cpu s", "comm s", "comm %", "bare s", "reduces/step"):
         table.add_column(col, justify="left" if col in ("model", "learner") else "right")
     for r in results:
         table.add_row(r["model"], r["learner"], f"{r['params'] / 1e6:.2f} M", str(r["world"]), f"{r['step_total_s']:.3f}",
                       f"{r['speedup']:.2f}x", f"{r['data_s']:.3f}", f"{r['data_cpu_s']:.4f}", f"{r['data_speedup']:.2f}x",
+                      f"{r['data_whole_over_share']:.2f}x",
                       f"{r['images_decoded_per_rank']:.0f}", f"{r['rank_cpu_s']:.3f}", f"{r['comm_s']:.4f}", f"{100 * r['comm_share']:.1f}%",
                       f"{r['bare_all_reduce_s']:.4f}", f"{r['all_reduce_calls_per_step']:.0f}")
-    Console(width=150).print(table)
+    Console(width=200).print(table)
     OUT.mkdir(parents=True, exist_ok=True)
     out = OUT / "bench_distributed.json"
     out.write_text(json.dumps({"quick": args.quick, "steps": steps, "meta_batch": args.meta_batch,

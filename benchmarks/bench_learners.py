@@ -14,7 +14,9 @@ mmdet data samples built once beforehand:
 - reptile: snapshot the weights, k Adam(beta1=0) steps on support+query, delta, interpolate (eps = 1);
 - proto: prototypes from the support box features, the cosine classifier swapped in, query loss, backward,
   one Adam step;
-- finetune: one plain Adam step on the support batch, then one on the query batch, per episode.
+- finetune: one plain Adam step on the support batch, then one on the query batch, per episode;
+- maml-ckpt (only when named in ``--learners``): second-order MAML with ``checkpoint_inner_steps``, against the
+  plain second-order bare loop, so its overhead is what the option costs in time and its peak memory what it saves.
 
 The detector's weights are restored to the same snapshot before every timed step, so learner and reference
 see the same weights (and the same SimOTA assignments). Runs are interleaved (ABBA order over repeats) so that

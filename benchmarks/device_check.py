@@ -402,6 +402,10 @@ def part_summary(out: Path) -> int:
         if bench.get("anil_speedup_over_maml"):
             a = bench["anil_speedup_over_maml"]
             lines.append(f"\nANIL speed-up over second-order MAML: {a['learner']:.2f}x (bare loops {a['bare']:.2f}x)")
+        if bench.get("checkpoint_inner_steps"):
+            c = bench["checkpoint_inner_steps"]
+            lines.append(f"\ncheckpoint_inner_steps (second-order MAML): {100 * c['peak_saving']:.0f}% less peak memory "
+                         f"for {c['time_ratio']:.2f}x the time")
     elif (out / "bench_learners.skipped").exists():
         lines += ["", f"bench_learners: skipped ({(out / 'bench_learners.skipped').read_text().strip()})"]
     else:

@@ -66,10 +66,11 @@ timeout --kill-after=10 "$T_DIST" "$PY" benchmarks/device_check.py distributed -
 echo "== 3/3 learner benchmark"
 if [ "$CPU_ONLY" = 1 ]; then
   # the same script path on the CPU, shortened; CUDA timings and memory are what it cannot give here
-  BENCH=(--device cpu --threads 1 --input-size 64 --inner-steps 3 --repeats 1 --learners maml,anil,finetune)
+  BENCH=(--device cpu --threads 1 --input-size 64 --inner-steps 3 --repeats 1 --learners maml,maml-ckpt,anil,finetune)
   echo "skipped on CPU: CUDA timings (the benchmark runs shortened on the CPU instead)"
 else
-  BENCH=(--device cuda --inner-steps 3)
+  # every learner, plus second-order MAML with checkpoint_inner_steps (peak CUDA memory saved, time it costs)
+  BENCH=(--device cuda --inner-steps 3 --learners maml,maml-ckpt,maml-fo,reptile,anil,proto,finetune)
 fi
 if timeout --kill-after=10 "$T_BENCH" "$PY" benchmarks/bench_learners.py "${BENCH[@]}" 2>&1 | tee "$OUT/bench_learners.log"; then
   cp benchmarks/out/bench_learners.json "$OUT/bench_learners.json"

@@ -27,16 +27,18 @@ class DatasetSpec(_Model):
 
 class DataConfig(_Model):
     datasets: list[DatasetSpec] = Field(
-        default_factory=lambda: [DatasetSpec(plugin="medsynth")],
+        # the built-in synthetic suite at the size the default CPU run is measured at (README, "what to expect")
+        default_factory=lambda: [DatasetSpec(plugin="medsynth", options={"images_per_task": 60, "target_images": 200,
+                                                                         "image_size": 128})],
         description="dataset plugins to load; their tasks make up the task set",
     )
     target: str = Field("eit", description="name of the few-shot target task")
     sources: list[str] | None = Field(None, description="source task names (default: every task but the target)")
     shots: int = Field(20, ge=1, description="K: images in the target's few-shot training pool (the method: 20 or 40)")
-    eval_images: int | None = Field(None, ge=1, description="held-out target images for evaluation (default: all the rest)")
-    validation_images: int = Field(0, ge=0, description="target images kept apart from the pool and the held-out split to choose the reported model on (the `-best` model); 0: no validation split, the final model is reported")
+    eval_images: int | None = Field(None, ge=1, description="target images kept out of training for evaluation: the validation split (data.validation_images) and the held-out test split (default: all but the largest pool, see split_target)")
+    validation_images: int | None = Field(None, ge=0, description="target images set apart from the evaluation images to choose the reported model on (the `-best` model; never trained on); null: a quarter of the evaluation images, at most 20; 0: no validation split, the final model is reported")
     split_from: Path | None = Field(None, description="reuse the exact target split (pool / validation / held-out image ids) of another run's run.json")
-    input_size: int = Field(256, ge=32, description="square detector input size in pixels (letterbox)")
+    input_size: int = Field(128, ge=32, description="square detector input size in pixels (letterbox)")
     clahe: bool = Field(False, description="apply CLAHE to grayscale images before resizing")
     augment: bool = Field(True, description="training augmentations (flips, small rotations, scale/translate, brightness/contrast)")
     cache_dir: Path | None = Field(None, description="where generated/decoded data is cached (default ~/.cache/megatron)")
@@ -65,32 +67,30 @@ class TrainingConfig(_Model):
     """Meta-epochs, learning rates, compute budget, precision and device.
 
     A meta-epoch is ``source_epochs`` (M) epochs of outer steps over the source tasks, then
-    ``finetune_epochs`` (F) fine-tuning epochs on the target pool and an evaluation on the held-out split;
-    it is worth M + F baseline epochs (the method: M = 10, F = 5, 20 meta-epochs ~ 300 baseline epochs;
-    see examples/configs/gpu.yaml). The defaults (4 meta-epochs of M = 1, F = 3, meta-batch 2 of 4 + 4
-    images) are sized so that `megatron run --learner reptile --detector yolox` (reptile, then finetune at
-    the same compute) finishes in about 10 minutes on a 2-core CPU: measured 1.4-1.75 CPU-s per outer step
-    (YOLOX-tiny, 256 px, 16 images) on one thread, 45 steps per source epoch for the built-in suite; the
-    projection of benchmarks/bench_runner.py is ~570 CPU-s for both learners (plus ~50 s to generate the
-    suite on first use). Measured end to end with one thread while other jobs shared the machine: 16 min.
-    From random weights this budget ends near 0 mAP50: pre-train first (`megatron pretrain`, README).
-    Second-order MAML costs several times more per step (cap it with --budget).
+    ``finetune_epochs`` (F) fine-tuning epochs on the target pool and an evaluation on the validation and held-out
+    splits; it is worth M + F baseline epochs (the method: M = 10, F = 5, 20 meta-epochs ~ 300 baseline epochs;
+    see examples/configs/gpu.yaml). Stage 1 (``pretrain_*``) runs first and is cached. The defaults are sized for
+    `megatron run --learner reptile --detector yolox` on a 2-core CPU (YOLOX-tiny at 128 px, the built-in suite at
+    60 images per source task): measured times and numbers are in the README's "what to expect". The
+    fine-tuning recipe (cosine decay after a warm-up, precise BatchNorm statistics) is what makes the answer
+    stable from seed to seed (benchmarks/bench_seed_spread.py). Second-order MAML costs several times more per
+    step than Reptile (cap it with --budget).
     """
 
     meta_epochs: int = Field(4, ge=1, description="meta-epochs (each: source training, target fine-tuning, evaluation)")
     source_epochs: int = Field(1, ge=1, description="M: passes over the source tasks per meta-epoch (method: 10)")
-    finetune_epochs: int = Field(3, ge=0, description="F: fine-tuning epochs on the target pool per meta-epoch (method: 5)")
+    finetune_epochs: int = Field(10, ge=0, description="F: fine-tuning epochs on the target pool per meta-epoch (method: 5)")
     steps_per_epoch: int | None = Field(None, ge=1, description="outer steps per source epoch (default: enough to see each source image once)")
     meta_batch: int = Field(2, ge=1, description="tasks (episodes) per outer step")
     inner_steps: int = Field(1, ge=1, description="inner-loop adaptation steps per episode")
     inner_lr: float = Field(0.01, gt=0, description="inner-loop (fast adaptation) learning rate")
-    outer_lr: float = Field(0.001, gt=0, description="outer (meta) learning rate")
+    outer_lr: float = Field(1e-4, gt=0, description="outer (meta) learning rate; after stage 1 a fine-tuning rate (1e-3 perturbs the pre-trained detector so much that the target mAP50 swings from one meta-epoch to the next)")
     outer_optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     finetune_lr: float = Field(0.001, gt=0, description="learning rate when fine-tuning on the target pool")
     finetune_schedule: Literal["constant", "cosine"] = Field("cosine", description="fine-tuning learning-rate schedule after the warm-up (cosine: decays to 5% over the fine-tuning)")
     finetune_warmup: float = Field(0.1, ge=0, le=1, description="fraction of the fine-tuning steps with a linear learning-rate warm-up")
     finetune_ema: float = Field(0.0, ge=0, lt=1, description="decay of an exponential moving average of the weights while fine-tuning (YOLOX's recipe; the average is the adapted model); 0: off")
-    finetune_bn: Literal["train", "frozen"] = Field("train", description="BatchNorm while fine-tuning on the target pool: train (statistics from the tiny batches) or frozen (kept from the meta-model)")
+    finetune_bn: Literal["train", "frozen", "precise"] = Field("precise", description="BatchNorm while fine-tuning on the target pool: precise (trained, then the statistics recomputed on the pool for the final weights: 'precise BN'), train (running statistics as trained), or frozen (statistics and affine parameters kept from the meta-model)")
     batch_size: int = Field(8, ge=1, description="images per batch when fine-tuning / evaluating")
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float | None = Field(10.0, description="gradient-norm clip (None: off)")
@@ -99,8 +99,9 @@ class TrainingConfig(_Model):
     amp: Literal["off", "bf16", "fp16"] = Field("off", description="mixed precision (autocast; fp16 adds a gradient scaler)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's)")
-    pretrain_epochs: int = Field(10, ge=0, description="stage 1: epochs of joint training on the source tasks before meta-training when no detector.checkpoint is given (cached by content hash and reused); 0: start from random weights")
+    pretrain_epochs: int = Field(15, ge=0, description="stage 1: epochs of joint training on the source tasks before meta-training when no detector.checkpoint is given (cached by content hash and reused); 0: start from random weights")
     pretrain_lr: float = Field(2e-3, gt=0, description="stage 1: peak learning rate (AdamW, one-cycle schedule)")
+    pretrain_seed: int = Field(0, description="stage 1's seed: fixed, so every run of a study (every seed of a benchmark) starts from the same pre-trained detector, as it would from published weights; vary it to put pre-training into the seed-to-seed spread")
     replicate: int = Field(0, ge=0, description="an independent repetition: changes the training randomness — initial head, episode draws, augmentation and batch order — but not the target split or the stage-1 checkpoint")
 
 

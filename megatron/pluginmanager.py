@@ -24,7 +24,6 @@ import importlib.metadata as md
 import logging
 import os
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any, Iterable
 
 import pluggy

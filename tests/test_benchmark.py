@@ -71,6 +71,19 @@ def test_cell_config_equal_compute_no_runner_baseline(tmp_path):
     assert cfg.output.dir == tmp_path / "cells" and cfg.output.name == cell.id
 
 
+def test_finetune_epochs_scale_with_one_over_k_so_every_k_gets_the_same_passes(tmp_path):
+    bcfg, base = make({"learners": ["reptile"], "seeds": [0], "shots": [10, 20, 40], "budget": 1234})
+    plan = bm.expand_grid(bcfg, base)
+    ref = ExperimentConfig.model_validate(plan.base)
+    passes = {}
+    for cell in (c for c in plan.cells if c.learner == "reptile"):
+        cfg = bm.cell_config(cell, plan.base, tmp_path, bcfg.grid.lr_keys, finetune_per_image=True)
+        passes[cell.shots] = cfg.training.finetune_epochs * cell.shots
+        unscaled = bm.cell_config(cell, plan.base, tmp_path, bcfg.grid.lr_keys)
+        assert unscaled.training.finetune_epochs == ref.training.finetune_epochs
+    assert len(set(passes.values())) == 1 and passes[ref.data.shots] == ref.training.finetune_epochs * ref.data.shots
+
+
 def test_budget_derived_from_schedule_or_error():
     base = ExperimentConfig.model_validate({"training": {"meta_epochs": 2, "source_epochs": 3, "steps_per_epoch": 5,
                                                           "meta_batch": 2, "finetune_epochs": 4},

@@ -286,7 +286,7 @@ def test_reptile_adam_inner_loop_matches_hand_computation():
     """Adam with beta1 = 0 (the paper's inner optimiser): m = g, v = beta2 v + (1 - beta2) g^2, bias-corrected."""
     det = QuadraticDetector()
     lr, k, eps_adam, beta2 = 0.1, 2, 1e-8, 0.999
-    learner = Reptile(det, Reptile.Options(eps_start=1.0, eps_end=1.0), ctx(inner_steps=k, inner_lr=lr))
+    learner = Reptile(det, Reptile.Options(eps_start=1.0, eps_end=1.0, inner_optimizer="adam"), ctx(inner_steps=k, inner_lr=lr))
     ep = quad_episodes()[0]
     s = batch_stats(make_union(ep))
     a, c = 1 + s[2], s[:2]

@@ -15,7 +15,8 @@ from megatron.checkpoint import atomic_write_json
 from megatron.cli import main
 from megatron.benchmark.report import ReportError, build_report, load_rows
 
-BASE = {"data": {"sources": fakes.SOURCES}, "training": {"meta_epochs": 3, "source_epochs": 10, "finetune_epochs": 5}}
+BASE = {"data": {"sources": fakes.SOURCES},
+        "training": {"meta_epochs": 3, "source_epochs": 10, "finetune_epochs": 5, "outer_lr": 0.001}}
 FROZEN = {"name": "incremental", "label": "incremental-frozen",
           "options": {"label_for_fake": "incremental-frozen"}}
 

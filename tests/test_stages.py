@@ -20,7 +20,7 @@ from megatron.training.runner import run_experiment  # noqa: E402
 
 
 def staged_config(tmp_path: Path, **overrides):
-    base = {"training.pretrain_epochs": 2, "training.meta_epochs": 2, "data.validation_images": 4,
+    base = {"training.pretrain_epochs": 2, "training.meta_epochs": 2, "data.validation_images": 4, "data.eval_images": 12,
             "data.datasets": [{"plugin": "blobs", "options": {"images_per_task": 20}}]}
     base.update(overrides)
     return tiny_config(tmp_path, **base)
@@ -49,7 +49,9 @@ def test_stage1_cache_key_changes_with_every_input_and_only_then(tmp_path):
     key, inputs = stage1_cache_key(cfg, sources)
     assert stage1_cache_key(staged_config(tmp_path), sources)[0] == key  # same config, same key
     assert stage1_cache_key(staged_config(tmp_path, **{"training.meta_epochs": 5}), sources)[0] == key  # not an input
-    for changed in ({"seed": 1}, {"training.pretrain_epochs": 3}, {"training.pretrain_lr": 1e-4},
+    # the run's seed is not an input (stage 1 has its own, fixed by default): every seed of a study shares it
+    assert stage1_cache_key(staged_config(tmp_path, seed=5), sources)[0] == key
+    for changed in ({"training.pretrain_seed": 1}, {"training.pretrain_epochs": 3}, {"training.pretrain_lr": 1e-4},
                     {"data.input_size": 32}, {"detector.options": {"width": 8}},
                     {"data.datasets": [{"plugin": "blobs", "options": {"images_per_task": 21}}]}):
         other = staged_config(tmp_path, **changed)
@@ -95,6 +97,20 @@ def test_split_is_on_record_disjoint_and_reusable(tmp_path):
     assert again["split"] == split
     drawn = run_experiment(staged_config(tmp_path, seed=7), run_dir=tmp_path / "c", pm=make_pm(), progress=False)
     assert drawn["split"] != split
+
+
+def test_validation_is_carved_from_the_evaluation_images_the_same_for_every_k(tmp_path):
+    from megatron.training.prepare import auto_validation_images, split_target_three
+
+    cfg = staged_config(tmp_path, **{"data.datasets": [{"plugin": "blobs", "options": {"images_per_task": 60}}]})
+    target = build_taskset(cfg, load_tasks(cfg, make_pm())).target
+    splits = {k: split_target_three(target, k, None, 5, seed=3) for k in (10, 20)}
+    ids = {k: [[r.image_id for r in t.records] for t in parts] for k, parts in splits.items()}
+    assert ids[10][1] == ids[20][1] and ids[10][2] == ids[20][2]  # validation and held-out do not depend on K
+    assert set(ids[10][0]) < set(ids[20][0])  # nested pools
+    assert auto_validation_images(160) == 20 and auto_validation_images(40) == 10 and auto_validation_images(19) == 0
+    with pytest.raises(DataError, match="data.validation_images"):
+        split_target_three(target, 10, 6, 6, seed=3)
 
 
 def test_split_from_refuses_naming_the_missing_ids(tmp_path):

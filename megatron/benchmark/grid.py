@@ -121,6 +121,9 @@ class GridSpec(_Model):
                            "controls of the power check")
     control_settings: Literal["first", "all"] = Field(
         "first", description="where the controls run: the grid's first setting, or every setting")
+    finetune_per_image: bool = Field(
+        True, description="scale training.finetune_epochs with 1/K (reference: the base config's data.shots), so every "
+        "K spends the same fine-tuning image passes: K = 40 gets half the epochs of K = 20")
 
     @field_validator("learners", mode="before")
     @classmethod
@@ -347,7 +350,8 @@ def expand_grid(bcfg: BenchmarkConfig, base: dict[str, Any], all_sources: list[s
         budget = base_cfg.training.compute_budget
         note = f"given: {budget:,} image passes per cell (training.compute_budget)"
     else:
-        budget, note = derive_budget(base_cfg, max(shots_list))
+        # with fine-tuning scaled per image every K costs the same; else the largest K sets the budget
+        budget, note = derive_budget(base_cfg, base_cfg.data.shots if g.finetune_per_image else max(shots_list))
     detector = g.detector or base_cfg.detector.name
     settings = []
     for n in g.n_sources:
@@ -381,9 +385,18 @@ def expand_grid(bcfg: BenchmarkConfig, base: dict[str, Any], all_sources: list[s
     return Plan(cells, budget, note, list(all_sources), base, notes)
 
 
-def cell_config(cell: Cell, base: dict[str, Any], out_dir: Path, lr_keys: list[str]) -> ExperimentConfig:
-    """The experiment config of one cell (validated)."""
+def finetune_epochs_for(base_cfg: ExperimentConfig, shots: int) -> int:
+    """``training.finetune_epochs`` at K = ``shots`` with the fine-tuning image passes of the base config's K."""
+    return max(1, round(base_cfg.training.finetune_epochs * base_cfg.data.shots / shots))
+
+
+def cell_config(cell: Cell, base: dict[str, Any], out_dir: Path, lr_keys: list[str],
+                finetune_per_image: bool = False) -> ExperimentConfig:
+    """The experiment config of one cell (validated); ``finetune_per_image``: see
+    :attr:`GridSpec.finetune_per_image`."""
     d = copy.deepcopy(base)
+    if finetune_per_image:
+        set_dotted(d, "training.finetune_epochs", finetune_epochs_for(_validate_experiment(base, "base"), cell.shots))
     for key, value in cell.overrides.items():  # the variant's keys first: the grid's own keys below win
         set_dotted(d, key, value)
     set_dotted(d, "learner.name", cell.learner_name)
@@ -529,7 +542,7 @@ def run_benchmark(bcfg: BenchmarkConfig, base: dict[str, Any], out_dir: str | Pa
             (cdir / RECORD_FILE).unlink(missing_ok=True)
             shutil.rmtree(cdir / "checkpoints", ignore_errors=True)
             state = "new"
-        cfg = cell_config(cell, plan.base, out, bcfg.grid.lr_keys)
+        cfg = cell_config(cell, plan.base, out, bcfg.grid.lr_keys, bcfg.grid.finetune_per_image)
         todo.append((cell, cfg.model_dump(mode="json"), cdir, state == "partial"))
 
     ran: list[str] = []

@@ -30,9 +30,9 @@ import json
 import logging
 import shutil
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 from megatron.benchmark import stats
 from megatron.checkpoint import atomic_write_json, atomic_write_text

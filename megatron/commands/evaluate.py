@@ -71,7 +71,7 @@ def read_dataset(path: Path, format: str | None = None, image_dir: str | None = 
 
 def match_classes(task, class_names: list[str], dataset: str, model: str):
     """``task`` with its labels renumbered to the model's label order (classes matched by name)."""
-    from megatron.types import ImageRecord, Task
+    from megatron.types import Task
 
     index = {name: i for i, name in enumerate(class_names)}
     unknown = [c for c in task.categories if c not in index]

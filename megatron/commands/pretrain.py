@@ -3,6 +3,7 @@ that ``megatron run --checkpoint PATH`` starts from."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from megatron.commands.common import COMBINE_HELP, add_config_arguments, config_from_args, config_option
@@ -21,8 +22,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     # replaces the config's --out (output.dir): this command writes one checkpoint file
     p.add_argument("--out", dest="pretrain_out", metavar="PATH", required=True,
                    help="checkpoint file to write, e.g. checkpoints/yolox-pretrained.pt")
-    p.add_argument("--epochs", type=int, default=10, help="passes over every source image (default: 10)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, AdamW with one-cycle schedule (default: 1e-3)")
+    config_option(p, "--epochs", key="training.pretrain_epochs", type=int,
+                  help="passes over every source image (default: the config's, as stage 1 of `megatron run`)")
+    config_option(p, "--lr", key="training.pretrain_lr", type=float,
+                  help="peak learning rate, AdamW with one-cycle schedule (default: the config's)")
     config_option(p, "--batch-size", key="training.batch_size", type=int, help="images per batch")
     p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (quick trials)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -37,7 +40,7 @@ def _run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from megatron import get_plugin_manager
-    from megatron.training.pretrain import PretrainSettings, pretrain
+    from megatron.training.pretrain import pretrain, stage1_settings
 
     from megatron.loggers import active_loggers, call_logger_hook, log_scalars, validate_loggers, with_cli_loggers
 
@@ -45,10 +48,9 @@ def _run(args: argparse.Namespace) -> int:
     pm = get_plugin_manager()  # a plugin that failed to load stops the command here (exit 2)
     validate_loggers(cfg, pm)
     out = Path(args.pretrain_out)
-    settings = PretrainSettings(
-        epochs=args.epochs, lr=args.lr, batch_size=cfg.training.batch_size,
-        weight_decay=cfg.training.weight_decay, grad_clip=cfg.training.grad_clip, max_steps=args.max_steps,
-    )
+    # the settings of stage 1 of `megatron run` (with the default seeds, this command writes the checkpoint a run
+    # would train; `run` seeds stage 1 with training.pretrain_seed, this command with --seed)
+    settings = dataclasses.replace(stage1_settings(cfg), max_steps=args.max_steps)
     log_dir = out.with_name(f"{out.stem}-logs")
     with active_loggers(cfg, pm, log_dir) as loggers:
         if loggers:

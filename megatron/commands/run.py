@@ -12,21 +12,24 @@ from megatron.commands.common import add_config_arguments, config_from_args, con
 from megatron.training.record import CURVE_FILE, RECORD_FILE, TABLE_METRICS
 
 DESCRIPTION = """\
-Meta-train a detector on the source tasks, fine-tune it on the target's K-image pool, evaluate it on the
-target's held-out split, and compare it with the `finetune` transfer-learning baseline at the same compute.
+The method's three stages: (1) pre-train the detector on the source tasks (stage 1; cached by content hash
+and reused, skipped with --checkpoint FILE or --no-pretrain), (2) meta-train it on episodes of the source
+tasks with the learner, (3) fine-tune a copy on the target's K-image pool after every meta-epoch and evaluate
+it on the validation and held-out splits; and the `finetune` transfer-learning baseline from the same stage-1
+checkpoint at the same compute. The adapted models are kept in RUN_DIR/models/ (`megatron predict`).
 
-With no config it runs the built-in medsynth suite (6 source modalities, the EIT-like target, K = 20 shots)
-on defaults sized to finish in about 10 minutes on an idle 2-core CPU (16 min measured on a busy one); from
-random weights that budget shows the machinery, not an answer: start from `megatron pretrain`'s checkpoint
-(--checkpoint) for numbers worth comparing. A config file scales it up (examples/configs/gpu.yaml has the
-method's full settings).
+With no config it runs the built-in medsynth suite (6 source modalities, the EIT-like target, K = 20 shots) at
+CPU size (YOLOX-tiny, 128 px): measured about 6 minutes on an idle 2-core CPU with a cold cache, less with a
+warm one (README, "what to expect"). A config file scales it up (examples/configs/gpu.yaml has the method's
+full settings).
 
 Meta-epochs, as the method counts them: one meta-epoch = M source epochs (training.source_epochs; an epoch
 is enough outer steps for the meta-batches to see each source image about once, or
 training.steps_per_epoch) + F fine-tuning epochs on the target pool (training.finetune_epochs), then an
-evaluation on the held-out split. It is worth M + F baseline epochs: the method's M = 10, F = 5 makes
-20 meta-epochs about 300 baseline epochs. The CPU defaults are 4 meta-epochs of M = 1, F = 3 (16 baseline-equivalent epochs);
-second-order MAML costs several times more per outer step than Reptile (use --budget to cap it).
+evaluation on the validation and held-out splits. It is worth M + F baseline epochs: the method's M = 10,
+F = 5 makes 20 meta-epochs about 300 baseline epochs. The CPU defaults are 4 meta-epochs of M = 1, F = 10
+(44 baseline-equivalent epochs); second-order MAML costs several times more per outer step than Reptile (use
+--budget to cap it).
 
 Compute is counted in image passes (forward + backward). By default the learner runs its meta-epochs and
 the baseline then trains until it has spent the same; --budget N instead trains every learner until N.
@@ -188,7 +191,7 @@ def results_table(record: dict) -> Table:
                   caption=f"metrics in %; P/R/F1 at score >= {ev.get('score_threshold', '?')}, IoU >= "
                           f"{ev.get('iou_threshold', '?')}; compute in image passes (forward + backward); "
                           "epochs: meta-epochs (baseline-equivalent epochs)")
-    table.add_column("learner")
+    table.add_column("learner", no_wrap=True)
     for key, title in TABLE_METRICS:
         table.add_column(short.get(key, title), justify="right")
     table.add_column("compute", justify="right")
@@ -207,16 +210,16 @@ def results_table(record: dict) -> Table:
         table.caption += f"; difference: {names[0]} − {names[1]}, in points"
     best = {n: learners[n].get("best") for n in names if learners[n].get("best")}
     for name, b in best.items():
-        table.add_row(f"{name} (best on validation)", *(f"{100 * b[k]:.1f}" if b.get(k) is not None else "–"
+        table.add_row(f"{name} best", *(f"{100 * b[k]:.1f}" if b.get(k) is not None else "–"
                                                         for k, _ in TABLE_METRICS), "", f"{b['meta_epoch']}",
                       style="dim")
     if len(best) == 2:
         a, b = best.values()
-        table.add_row("difference (best)", *(f"{100 * (a[k] - b[k]):+.1f}" for k, _ in TABLE_METRICS), "", "",
+        table.add_row("diff. best", *(f"{100 * (a[k] - b[k]):+.1f}" for k, _ in TABLE_METRICS), "", "",
                       style="dim bold")
     if best:
-        table.caption += ("; 'best on validation': the held-out metrics of the meta-epoch whose adapted model scored "
-                          "highest on the validation split (the model in models/<learner>-best.pth)")
+        table.caption += ("; '<learner> best': the held-out metrics of the meta-epoch (epochs column) whose adapted "
+                          "model scored highest on the validation split (models/<learner>-best.pth)")
     return table
 
 

@@ -7,7 +7,6 @@ lets the core cache summaries and time decoding and distance separately.
 from __future__ import annotations
 
 import logging
-import time
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from megatron.errors import ConfigError, DataError, PluginError
+from megatron.errors import ConfigError, DataError
 from megatron.types import Task
 
 log = logging.getLogger(__name__)

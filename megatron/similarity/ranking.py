@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import logging
 import time
-import zlib
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 
-from megatron.errors import ConfigError, DataError, PluginError
+from megatron.errors import ConfigError, PluginError
 from megatron.similarity.base import SimilarityContext, SimilarityMetric
 from megatron.types import Task
 

@@ -56,19 +56,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; a CUDA device that is not there is a ConfigError."""
+def resolve_device(name: str | None, where: str = "training.device") -> torch.device:
+    """``auto`` (or None) -> ``cuda`` when available, else ``cpu``; a device that is not there is a ConfigError
+    naming ``where`` (the config key or the option it came from)."""
+    name = (name or "auto").strip()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"training.device: {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+        raise ConfigError(f"{where}: {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"training.device: {name!r} asked for, but torch sees no CUDA GPU; use --device cpu or auto")
+            raise ConfigError(f"{where}: {name!r} asked for, but torch sees no CUDA GPU; use --device cpu or auto")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"training.device: {name!r} does not exist; this machine has "
+            raise ConfigError(f"{where}: {name!r} does not exist; this machine has "
                               f"{torch.cuda.device_count()} GPU(s)")
     return device
 

@@ -133,8 +133,8 @@ class DrawLog:
         self.digest = digest
         self.draws = 0
 
-    def add(self, episodes: list) -> None:
-        ids = [(m.get("task"), m.get("image_id")) for ep in episodes for b in (ep.support, ep.query) for m in b.meta]
+    def add_ids(self, ids: list) -> None:
+        """``(task, image id)`` of every image drawn, in order (``EpisodeSampler.last_drawn_ids``)."""
         self.digest = hashlib.sha256((self.digest + repr(ids)).encode()).hexdigest()
         self.draws += len(ids)
 
@@ -310,10 +310,11 @@ class LearnerRun:
                 self.learner.set_progress((e + step / total_steps) / self.t.meta_epochs)
             before = compute.spent
             counted = (compute.images_forward, compute.images_backward)
-            episodes = self.sampler.meta_batch(tasks, self.t.meta_batch)  # the same global meta-batch on every rank
-            self.draws.add(episodes)
+            # every rank draws the whole meta-batch (the same random numbers) and decodes only its share
+            episodes = self.sampler.meta_batch(tasks, self.t.meta_batch, shard=env)
+            self.draws.add_ids(self.sampler.last_drawn_ids)  # the whole meta-batch's images, the same on every rank
             try:
-                stats = self.learner.meta_step(mdist.shard(episodes, env))
+                stats = self.learner.meta_step(episodes)
             except torch.OutOfMemoryError as exc:
                 raise TrainingError(f"out of memory in meta-epoch {e + 1}, step {step + 1}: lower "
                                     "episodes.support_size/query_size, training.meta_batch or data.input_size") from exc

@@ -368,18 +368,6 @@ def load_model(path: str | Path, pm=None, device: str | torch.device = "cpu") ->
 # --- using it -----------------------------------------------------------------------------------------
 def resolve_device(name: str | None) -> torch.device:
     """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``; clear error when unavailable."""
-    from megatron.errors import ConfigError
+    from megatron.training.environment import resolve_device as resolve
 
-    name = (name or "auto").strip()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r}: not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {name}: CUDA is not available here; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s); use cuda:0..")
-    return device
+    return resolve(name, where="--device")

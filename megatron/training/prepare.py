@@ -1,17 +1,18 @@
 """Stage "prepare": the task set and the target split, with the exact image ids on record.
 
 The target is split three ways (:func:`split_target_three`): the K-image training **pool**, a **validation**
-split the reported ``-best`` model is chosen on (``data.validation_images``; 0 = none) and the **held-out**
-test split that no training or selection step ever sees. The held-out split is drawn first and does not
-depend on K (see :func:`megatron.data.episodes.split_target`); validation is carved out of the images left
-outside it, so adding a validation split never changes the pool or the held-out images.
+split the reported ``-best`` model is chosen on (``data.validation_images``; 0 = none, null = a quarter of the
+evaluation images, at most 20) and the **held-out** test split that no training or selection step ever sees.
+The evaluation images are drawn first and do not depend on K (see :func:`megatron.data.episodes.split_target`);
+the validation split is carved out of them, seeded, so every K of one seed is validated and tested on the same
+images, and the pool is never touched. In a real few-shot setting the validation images are labelled images
+too: count them in what the study needed (the built-in suite's images are free).
 
 ``data.split_from: RUN_DIR/run.json`` reuses another run's split exactly, by image id, and refuses with the
 missing ids when the data no longer holds them.
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,54 +65,53 @@ def prepare_data(cfg: ExperimentConfig, pm: PluginManager, env: mdist.DistEnv) -
     return PreparedData(target, list(taskset.sources), pool, validation, heldout)
 
 
-def split_target_three(target: Task, shots: int, eval_images: int | None, validation_images: int,
+def auto_validation_images(heldout: int) -> int:
+    """``data.validation_images: null``: a quarter of the held-out images, at most 20, none below 20 held out."""
+    return min(20, heldout // 4) if heldout >= 20 else 0
+
+
+def split_target_three(target: Task, shots: int, eval_images: int | None, validation_images: int | None,
                        seed: int) -> tuple[Task, Task | None, Task]:
-    """``(pool, validation or None, heldout)``: :func:`~megatron.data.episodes.split_target` for the pool and
-    the held-out split, then ``validation_images`` drawn (stratified by findings, seeded) from the images that
-    are in neither."""
+    """``(pool, validation or None, heldout)``: :func:`~megatron.data.episodes.split_target` for the pool and the
+    evaluation images, then ``validation_images`` of those (stratified by findings, seeded) set apart as the
+    validation split. The evaluation images do not depend on K, and neither does this carving, so for one seed
+    every K is validated and tested on the same images. ``validation_images=None``: see
+    :func:`auto_validation_images`."""
     from megatron.data.episodes import split_target
 
-    pool, heldout = split_target(target, shots, eval_images, seed)
-    if not validation_images:
-        return pool, None, heldout
-    used = {r.image_id for r in pool.records} | {r.image_id for r in heldout.records}
-    free = [i for i, r in enumerate(target.records) if r.image_id not in used]
-    if eval_images is None and len(free) < validation_images:
-        # the default held-out split takes every image outside the K-reserve: validation comes out of it instead
-        pool, heldout = split_target(target, shots, max(1, len(heldout) - validation_images), seed)
-        used = {r.image_id for r in pool.records} | {r.image_id for r in heldout.records}
-        free = [i for i, r in enumerate(target.records) if r.image_id not in used]
-    if len(free) < validation_images:
-        fixes = ([f"lower data.validation_images to at most {len(free)}"] if free else []) + (
-            ["lower data.eval_images"] if eval_images is not None else []) + [
-            "set data.validation_images: 0 (the final model is then reported, without selection)",
-            f"add {validation_images - len(free)} image(s) to the target"]
+    pool, held = split_target(target, shots, eval_images, seed)
+    n_val = auto_validation_images(len(held)) if validation_images is None else validation_images
+    if not n_val:
+        return pool, None, held
+    if len(held) - n_val < 1:
+        fixes = ([f"lower data.validation_images to at most {len(held) - 1}"] if len(held) > 1 else []) + [
+            "raise data.eval_images" if eval_images is not None else "add images to the target",
+            "set data.validation_images: 0 (the final model is then reported, without selection)"]
         raise DataError(
-            f"target task {target.name!r} has {len(target)} images: the pool (K={shots}, data.shots) and the held-out "
-            f"split ({len(heldout)}, data.eval_images) leave {len(free)} for a validation split of {validation_images} "
-            f"(data.validation_images); fix: {', or '.join(fixes)}"
-        )
+            f"target task {target.name!r}: the evaluation images ({len(held)}, data.eval_images) must hold the "
+            f"validation split ({n_val}, data.validation_images) and at least one held-out test image; "
+            f"fix: {', or '.join(fixes)}")
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0x7A11D])
-    with_f = [i for i in free if len(target.records[i].boxes)]
-    without = [i for i in free if not len(target.records[i].boxes)]
-    n_with = min(len(with_f), max(validation_images - len(without), round(validation_images * len(with_f) / len(free))))
-    chosen = list(rng.permutation(with_f)[:n_with]) + list(rng.permutation(without)[:validation_images - n_with])
-    validation = target.subset(sorted(int(i) for i in chosen))
-    log.info("target %r: validation split of %d images (%d with findings)", target.name, len(validation), n_with)
+    records = held.records
+    with_f = [i for i, r in enumerate(records) if len(r.boxes)]
+    without = [i for i, r in enumerate(records) if not len(r.boxes)]
+    n_with = min(len(with_f), max(n_val - len(without), round(n_val * len(with_f) / len(records))))
+    chosen = {int(i) for i in rng.permutation(with_f)[:n_with]} | {int(i) for i in rng.permutation(without)[:n_val - n_with]}
+    validation = held.subset(sorted(chosen))
+    heldout = held.subset([i for i in range(len(records)) if i not in chosen])
+    log.info("target %r: validation split of %d images (%d with findings), %d held out", target.name,
+             len(validation), n_with, len(heldout))
     return pool, validation, heldout
 
 
 def read_split_manifest(path: str | Path) -> dict[str, list[dict[str, Any]]]:
     """The ``split`` section of a run record (``run.json`` or its run directory)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "run.json"
+    from megatron.training.record import load_record
+
     try:
-        record = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"data.split_from: {path} does not exist; give the run.json of the run whose split to reuse") from None
-    except json.JSONDecodeError as exc:
-        raise DataError(f"data.split_from: {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+        record = load_record(path)
+    except DataError as exc:
+        raise DataError(f"data.split_from: {exc}") from None
     split = record.get("split") if isinstance(record, dict) else None
     if not isinstance(split, dict) or not all(isinstance(split.get(k), list) for k in ("pool", "heldout")):
         raise DataError(f"data.split_from: {path} holds no target split (no 'split' section with 'pool' and 'heldout'); "

@@ -215,8 +215,20 @@ def stage1_settings(cfg: ExperimentConfig) -> PretrainSettings:
                             batch_size=cfg.training.batch_size)
 
 
-def stage1_cache_key(cfg: ExperimentConfig, sources: list[Task]) -> tuple[str, dict[str, Any]]:
-    """The content hash of everything that determines the stage-1 checkpoint, and what went into it."""
+def _validated_options(pm, kind: str, name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """A plugin's options with its defaults filled in, so ``{}`` and the same defaults written out hash alike."""
+    from megatron.config import validate_plugin_options
+
+    try:
+        cls = pm.registers[kind].get(name)
+    except KeyError:
+        return dict(options)
+    return validate_plugin_options(cls, options, f"{kind} {name!r} options").model_dump(mode="json")
+
+
+def stage1_cache_key(cfg: ExperimentConfig, sources: list[Task], pm=None) -> tuple[str, dict[str, Any]]:
+    """The content hash of everything that determines the stage-1 checkpoint, and what went into it (plugin
+    options with their defaults filled in when the plugin manager ``pm`` is given)."""
     import hashlib
     import json
     from importlib import metadata
@@ -232,14 +244,17 @@ def stage1_cache_key(cfg: ExperimentConfig, sources: list[Task]) -> tuple[str, d
     s = stage1_settings(cfg)
     inputs = {
         "cache_version": PRETRAIN_CACHE_VERSION,
-        "datasets": [spec.model_dump(mode="json") for spec in cfg.data.datasets],
+        "datasets": [{"plugin": spec.plugin, "options": _validated_options(pm, "dataset", spec.plugin, spec.options)
+                      if pm is not None else spec.options} for spec in cfg.data.datasets],
         "sources": [t.name for t in sources],
         "source_records": _records_fingerprint(sources),
         "input_size": cfg.data.input_size, "clahe": cfg.data.clahe, "augment": cfg.data.augment,
-        "detector": {"name": cfg.detector.name, "options": cfg.detector.options},
+        "detector": {"name": cfg.detector.name, "options": _validated_options(pm, "detector", cfg.detector.name,
+                                                                               cfg.detector.options)
+                     if pm is not None else cfg.detector.options},
         "settings": {"epochs": s.epochs, "lr": s.lr, "batch_size": s.batch_size, "weight_decay": s.weight_decay,
                      "grad_clip": s.grad_clip},
-        "seed": cfg.seed, "amp": cfg.training.amp,
+        "seed": cfg.training.pretrain_seed, "amp": cfg.training.amp,
         "versions": {"megatron": __version__, **{p: version(p) for p in ("torch", "mmdet", "mmcv", "mmengine")}},
     }
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
@@ -259,7 +274,7 @@ def stage1_checkpoint(cfg: ExperimentConfig, pm, sources: list[Task], progress: 
 
     from megatron.checkpoint import atomic_write_text
 
-    key, inputs = stage1_cache_key(cfg, sources)
+    key, inputs = stage1_cache_key(cfg, sources, pm)
     folder = stage1_cache_dir(cfg)
     path = folder / f"{cfg.detector.name}-{key[:16]}.pth"
     info_path = path.with_suffix(".json")
@@ -277,7 +292,9 @@ def stage1_checkpoint(cfg: ExperimentConfig, pm, sources: list[Task], progress: 
     # the first rename wins; a reader only ever sees a complete file under the key
     partial = path.with_name(f"{path.stem}.partial-{os.getpid()}.pth")
     started = time.perf_counter()
-    sub_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"sources": [t.name for t in sources]})})
+    # the sources this run uses (after selection), and stage 1's own seed
+    sub_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"sources": [t.name for t in sources]}),
+                                     "seed": cfg.training.pretrain_seed})
     result = pretrain(sub_cfg, pm, partial, stage1_settings(cfg), progress=progress)
     wall = round(time.perf_counter() - started, 3)
     partial.replace(path)  # the finished checkpoint appears under its key only when complete

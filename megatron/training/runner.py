@@ -97,7 +97,7 @@ def _run_in(cfg, pm, options, names, run_dir: Path, device, amp, env, resume: bo
         events.emit("megatron_run_start", config=cfg, run_dir=run_dir)
 
         try:
-            return _run_stages(cfg, pm, options, names, run_dir, device, amp, env, events, record, resume, progress)
+            return _run_stages(cfg, pm, options, names, run_dir, device, amp, env, events, record, resume)
         except BaseException as exc:
             # the record says the run failed and why (a set-up failure too), and keeps what was recorded
             if record.get("status") != "failed":
@@ -108,11 +108,10 @@ def _run_in(cfg, pm, options, names, run_dir: Path, device, amp, env, resume: bo
             raise
 
 
-def _run_stages(cfg, pm, options, names, run_dir, device, amp, env, events: Events, record: dict, resume: bool,
-                progress: bool) -> dict:
+def _run_stages(cfg, pm, options, names, run_dir, device, amp, env, events: Events, record: dict, resume: bool) -> dict:
     data = _stage_prepare(cfg, pm, env, events, record, resume)
     sources = _stage_select(cfg, pm, data, device, env, events, record)
-    start_checkpoint = _stage_pretrain(cfg, pm, sources, env, events, record, progress)
+    start_checkpoint = _stage_pretrain(cfg, pm, sources, env, events, record)
     state = RunState(cfg, pm, run_dir, device, amp, data, sources, record["head_classes"], options, events,
                      record, start_checkpoint, env)
     state.update_record()
@@ -182,7 +181,7 @@ def _stage_select(cfg, pm, data: PreparedData, device, env, events: Events, reco
     return sources
 
 
-def _stage_pretrain(cfg, pm, sources, env, events: Events, record: dict, progress: bool) -> Path | None:
+def _stage_pretrain(cfg, pm, sources, env, events: Events, record: dict) -> Path | None:
     """Stage 1: the checkpoint every learner starts from (``detector.checkpoint``, the cached stage-1
     checkpoint, or none with ``training.pretrain_epochs: 0``)."""
     if cfg.detector.checkpoint is not None:
@@ -196,7 +195,7 @@ def _stage_pretrain(cfg, pm, sources, env, events: Events, record: dict, progres
         return None
     from megatron.training.pretrain import stage1_cache_key, stage1_checkpoint
 
-    events.stage_start("pretrain", epochs=cfg.training.pretrain_epochs, cache_key=stage1_cache_key(cfg, sources)[0])
+    events.stage_start("pretrain", epochs=cfg.training.pretrain_epochs, cache_key=stage1_cache_key(cfg, sources, pm)[0])
     # rank 0 trains (or finds) the checkpoint; the others wait for it and read the same file
     bars = pm.get_plugin(PROGRESS_PLUGIN_NAME)
     shown = bars.bar if bars is not None else False  # a row in the run's own bars (one live display at a time)
@@ -211,17 +210,16 @@ def _stage_pretrain(cfg, pm, sources, env, events: Events, record: dict, progres
 @contextlib.contextmanager
 def _run_plugins(pm: PluginManager, cfg: ExperimentConfig, env, progress: bool) -> Iterator[None]:
     """The built-in recorder (and progress bars on a terminal) registered as lifecycle plugins for the run, on
-    rank 0 only; configured loggers likewise."""
+    rank 0 only."""
     from megatron.training.progress import RunProgress, progress_bars
     from megatron.training.recorder import RECORDER_PLUGIN_NAME, RunRecorder
 
-    registered: list[Any] = []
     with contextlib.ExitStack() as stack:
         if env.is_main:
-            registered.append(pm.register(RunRecorder(plots=cfg.output.plots), name=RECORDER_PLUGIN_NAME))
+            pm.register(RunRecorder(plots=cfg.output.plots), name=RECORDER_PLUGIN_NAME)
             bar = stack.enter_context(progress_bars(progress))
             if bar is not None:
-                registered.append(pm.register(RunProgress(bar), name=PROGRESS_PLUGIN_NAME))
+                pm.register(RunProgress(bar), name=PROGRESS_PLUGIN_NAME)
         try:
             yield
         finally:

@@ -33,6 +33,12 @@ layers in train mode normalise with batch statistics but the module's own runnin
 untouched (the meta-parameters' statistics only move in plain ``loss(batch)`` calls, i.e. outer/fine-tune
 steps). BatchNorm layers in frozen groups (:meth:`Detector.freeze`) stay in eval mode and use their running
 statistics in both paths.
+
+The loss split at the body/head boundary (:meth:`MMDetDetector.body_features` + :meth:`MMDetDetector.head_loss`,
+for mmdet's single- and two-stage detectors): ``body_features`` is ``model.extract_feat`` (backbone + neck),
+``head_loss`` runs mmdet's own ``model.loss`` with those features standing in for ``extract_feat``'s output, so
+``head_loss(body_features(batch, params), batch, params) == loss(batch, params)``; ANIL's inner loop uses it to
+compute the body once per episode.
 """
 from __future__ import annotations
 

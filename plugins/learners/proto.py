@@ -14,8 +14,8 @@ over the meta-batch and the outer optimiser (``training.outer_optimizer`` at ``o
 Classes of the head that have no box in the support batch get a zero prototype (cosine 0).
 
 Adaptation (``adapt``): on a copy, prototypes from the whole target pool; with ``finetune: true`` the copy is
-then fine-tuned on the pool with the prototype classifier in place (Adam at ``training.finetune_lr``, the
-runner's freeze policy), and the prototypes are recomputed from the pool with the fine-tuned weights. Pool
+then fine-tuned on the pool with the prototype classifier in place (the shared recipe of
+:func:`megatron.learner.finetune`: ``training.finetune_*``, the runner's freeze policy), and the prototypes are recomputed from the pool with the fine-tuned weights. Pool
 prototypes are computed in eval mode (BatchNorm running statistics), as predictions are.
 
 Example::
@@ -41,7 +41,7 @@ from pydantic import Field
 
 from megatron import hookimpl
 from megatron.detector import Detector
-from megatron.learner import LearnerOptions, MetaLearner, make_optimizer
+from megatron.learner import LearnerOptions, MetaLearner, finetune
 from megatron.types import Batch, Episode
 
 from megatron_plugins.learners._functional import (
@@ -155,15 +155,14 @@ class Proto(OuterOptimizerMixin, MetaLearner):
         return protos
 
     def adapt(self, batches: Iterable[Batch], freeze: str = "none") -> Detector:
-        batches = list(batches)
+        batches = batches if hasattr(batches, "__len__") else list(batches)  # iterated more than once
         adapted = copy.deepcopy(self.detector)
         adapted.freeze(freeze)
         adapted.train()
         self.set_pool_prototypes(adapted, batches)
         if self.options.finetune:
-            opt = make_optimizer("adam", adapted.parameters(), self.ctx.finetune_lr, self.ctx.weight_decay)
-            for batch in batches:
-                self.train_step(adapted, opt, batch)
+            # the shared fine-tuning recipe (schedule, BatchNorm policy) with the prototype classifier in place
+            adapted = finetune(self, adapted, batches)
             self.set_pool_prototypes(adapted, batches)
         return adapted
 

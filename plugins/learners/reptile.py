@@ -2,7 +2,7 @@
 
 Per episode (task), starting from the meta-parameters ``theta``, take k = ``training.inner_steps`` optimiser
 steps on the task's images (each step on the union of the support and the query batch) at
-``training.inner_lr`` — Adam with ``beta1 = 0`` as in the paper (default), or plain SGD (``inner_optimizer``),
+``training.inner_lr`` — plain SGD (default), or Adam with ``beta1 = 0`` as in the paper (``inner_optimizer``),
 its state fresh for every task — giving ``phi_task``. The outer update moves ``theta`` towards the adapted weights::
 
     theta <- theta + eps * mean_tasks(phi_task - theta)
@@ -49,7 +49,8 @@ class ReptileOptions(LearnerOptions):
     eps_start: float = Field(1.0, gt=0, le=1, description="outer step size eps at the start of the run")
     eps_end: float = Field(0.0, ge=0, le=1, description="outer step size eps at the end (linear annealing by run progress)")
     inner_optimizer: Literal["adam", "sgd"] = Field(
-        "adam", description="inner-loop optimiser: Adam with beta1=0 (the paper's choice) or plain SGD; fresh state per task"
+        "sgd", description="inner-loop optimiser, fresh state per task: plain SGD (default: from a pre-trained detector a "
+        "fresh Adam moves every weight by about the learning rate at its first step) or Adam with beta1=0 (the paper's)"
     )
 
 
