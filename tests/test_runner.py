@@ -82,7 +82,8 @@ class Broken:
 
 
 def epoch_numbers(record, name):
-    return [(e["meta_epoch"], e["compute"], e["metrics"], e["train_loss"]) for e in record["learners"][name]["epochs"]]
+    return [(e["meta_epoch"], e["compute"], e["metrics"], e["train_loss"], e["episodes"])
+            for e in record["learners"][name]["epochs"]]
 
 
 def test_resume_after_kill_ends_with_exactly_the_uninterrupted_metrics(tmp_path):

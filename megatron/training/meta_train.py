@@ -129,9 +129,9 @@ class DrawLog:
     """A chained hash of every source image the episodes drew (task, image id, in order): a compact, checkable
     record per meta-epoch that ``--resume`` verifies against the restored sampler."""
 
-    def __init__(self, digest: str = ""):
+    def __init__(self, digest: str = "", draws: int = 0):
         self.digest = digest
-        self.draws = 0
+        self.draws = draws
 
     def add_ids(self, ids: list) -> None:
         """``(task, image id)`` of every image drawn, in order (``EpisodeSampler.last_drawn_ids``)."""
@@ -195,7 +195,7 @@ class LearnerRun:
         self.compute.load_state_dict(state["compute"])
         self.compute.budget = self.budget.limit
         self.finetune_cost, self.step_cost = state["finetune_cost"], state["step_cost"]
-        self.draws = DrawLog(state.get("draws", ""))
+        self.draws = DrawLog(state.get("draws", ""), int(state.get("draws_count", 0)))
         recorded = (self.lrec["epochs"][-1].get("episodes") or {}).get("sha256") if self.lrec["epochs"] else ""
         if recorded and recorded != self.draws.digest:
             raise ConfigError(f"--resume: {self.ckpt_path} does not match the run record (the episodes drawn up to "
@@ -216,7 +216,7 @@ class LearnerRun:
             "meta_epoch": len(self.lrec["epochs"]), "detector": self.learner.detector.state_dict(),
             "learner": self.learner.state_dict(), "sampler": self.sampler.state_dict(),
             "compute": self.compute.state_dict(), "rng": rng_state(), "finetune_cost": self.finetune_cost,
-            "step_cost": self.step_cost, "draws": self.draws.digest, "record": self.lrec,
+            "step_cost": self.step_cost, "draws": self.draws.digest, "draws_count": self.draws.draws, "record": self.lrec,
         }, self.ckpt_path.parent)  # last.pt, the previous one kept as previous.pt
 
     # --- the loop ----------------------------------------------------------------------------------

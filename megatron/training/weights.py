@@ -152,8 +152,14 @@ def read_checkpoint_file(path: str | Path, allow_unsafe: bool = False) -> Any:
             raise CheckpointError(f"checkpoint {path} cannot be read: {type(exc2).__name__}: {exc2}") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
         raise CheckpointError(
-            f"checkpoint {path} is not a readable PyTorch file (truncated or corrupt?): "
+            f"checkpoint {path} is not a PyTorch checkpoint that can be read (truncated or corrupt?): "
             f"{type(exc).__name__}: {_sentences(' '.join(str(exc).split()), 400)}"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - random bytes can trip the safe unpickler in any way (IndexError...)
+        raise CheckpointError(
+            f"checkpoint {path} is not a PyTorch checkpoint: the safe loader could not parse it ({type(exc).__name__}: "
+            f"{_sentences(' '.join(str(exc).split()), 200)}; random, truncated or another kind of file?). Fix: point "
+            "detector.checkpoint / --checkpoint at the .pt/.pth file written by torch.save, `megatron pretrain` or mmdet"
         ) from None
 
 
