@@ -7,36 +7,15 @@ import inspect
 import pytest
 import torch
 
-from megatron import hookimpl
 from megatron.errors import ConfigError
-from megatron.learner import LearnerContext
 from megatron_plugins.learners._functional import concat_batches
 from megatron_plugins.learners.merge import Merge
 from megatron_plugins.learners.reptile import Reptile
 
 from learner_models import GROUP_WEIGHTS, CoupledDetector, QuadraticDetector, batch_stats, make_batch, make_episode
+from test_learners import ctx, quad_episodes
+from test_runner import KillAt
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def ctx(**kw) -> LearnerContext:
-    kw.setdefault("grad_clip", None)
-    return LearnerContext(**kw)
-
-
-def quad_episodes():
-    """Two tasks with different statistics (constant images: s = channel values / 255)."""
-    return [
-        make_episode("t1", make_batch([[51, 102, 127.5], [51, 102, 127.5]]), make_batch([[204, 25.5, 51]], first_id=10)),
-        make_episode("t2", make_batch([[153, 76.5, 25.5]], first_id=20),
-                     make_batch([[10.2, 229.5, 204], [10.2, 229.5, 204]], first_id=30)),
-    ]
 
 
 def coupled_episodes():
@@ -201,18 +180,6 @@ def test_errors_name_the_problem():
 
 
 # --- through the runner ------------------------------------------------------------------------------------
-class _KillAt:
-    """Simulates a kill (Ctrl-C) at an outer step."""
-
-    def __init__(self, meta_epoch: int, step: int):
-        self.at = (meta_epoch, step)
-
-    @hookimpl
-    def megatron_meta_step_end(self, learner, meta_epoch, step, stats):
-        if (meta_epoch, step) == self.at:
-            raise KeyboardInterrupt
-
-
 def test_a_run_through_the_runner_resumes_exactly(tmp_path):
     import megatron
     import tiny_detector
@@ -233,7 +200,7 @@ def test_a_run_through_the_runner_resumes_exactly(tmp_path):
 
     full = run_experiment(cfg, run_dir=tmp_path / "full", pm=pm(), progress=False)
     with pytest.raises(KeyboardInterrupt):
-        run_experiment(cfg, run_dir=tmp_path / "killed", pm=pm(_KillAt(2, 2)), progress=False)
+        run_experiment(cfg, run_dir=tmp_path / "killed", pm=pm(KillAt(2, 2)), progress=False)
     resumed = run_experiment(cfg, run_dir=tmp_path / "killed", pm=pm(), resume=True, progress=False)
     epochs = lambda rec: [(e["meta_epoch"], e["train_loss"], e["metrics"]["mAP50"])  # noqa: E731
                           for e in rec["learners"]["merge"]["epochs"]]

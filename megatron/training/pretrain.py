@@ -266,15 +266,17 @@ def stage1_cache_dir(cfg: ExperimentConfig) -> Path:
     return Path(base).expanduser() / "pretrain"
 
 
-def stage1_checkpoint(cfg: ExperimentConfig, pm, sources: list[Task], progress: Any = True) -> dict[str, Any]:
+def stage1_checkpoint(cfg: ExperimentConfig, pm, sources: list[Task], progress: Any = True,
+                      cache_key: tuple[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Stage 1 of the method inside ``megatron run``: the cached pre-trained checkpoint for this config and these
-    sources, trained now (atomically, into the cache) when there is none. Returns the record's ``pretrain``
-    entry: ``checkpoint``, ``cache_key``, ``reused``, ``epochs``, ``wall_s``."""
+    sources, trained now (atomically, into the cache) when there is none. ``cache_key``: what
+    :func:`stage1_cache_key` returned, when the caller has it already (it hashes every source record). Returns
+    the record's ``pretrain`` entry: ``checkpoint``, ``cache_key``, ``reused``, ``epochs``, ``wall_s``."""
     import json
 
     from megatron.checkpoint import atomic_write_text
 
-    key, inputs = stage1_cache_key(cfg, sources, pm)
+    key, inputs = cache_key if cache_key is not None else stage1_cache_key(cfg, sources, pm)
     folder = stage1_cache_dir(cfg)
     path = folder / f"{cfg.detector.name}-{key[:16]}.pth"
     info_path = path.with_suffix(".json")

@@ -195,11 +195,12 @@ def _stage_pretrain(cfg, pm, sources, env, events: Events, record: dict) -> Path
         return None
     from megatron.training.pretrain import stage1_cache_key, stage1_checkpoint
 
-    events.stage_start("pretrain", epochs=cfg.training.pretrain_epochs, cache_key=stage1_cache_key(cfg, sources, pm)[0])
+    key = stage1_cache_key(cfg, sources, pm)  # once: it hashes every source record
+    events.stage_start("pretrain", epochs=cfg.training.pretrain_epochs, cache_key=key[0])
     # rank 0 trains (or finds) the checkpoint; the others wait for it and read the same file
     bars = pm.get_plugin(PROGRESS_PLUGIN_NAME)
     shown = bars.bar if bars is not None else False  # a row in the run's own bars (one live display at a time)
-    entry = mdist.on_main(lambda: stage1_checkpoint(cfg, pm, sources, progress=shown), env)
+    entry = mdist.on_main(lambda: stage1_checkpoint(cfg, pm, sources, progress=shown, cache_key=key), env)
     record["pretrain"] = {**entry, "source": "stage 1 (cached)" if entry["reused"] else "stage 1 (trained now)"}
     events.stage_end("pretrain", checkpoint=entry["checkpoint"], reused=entry["reused"], wall_s=entry["wall_s"])
     return Path(entry["checkpoint"])
