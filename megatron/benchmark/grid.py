@@ -30,6 +30,14 @@ Resume: a cell whose ``run.json`` says ``complete`` is not run again; a cell wit
 (killed mid-run) is resumed through the runner's ``resume=True``. ``cell.json`` pins the cell's definition; a
 changed definition under the same directory is an error rather than a silent mix of two experiments.
 
+Reuse (``reuse=[DIR, ...]``, ``--reuse DIR``): a cell not yet run whose experiment is the same as a complete
+cell of another benchmark directory — the same resolved config but for where it writes and caches, and the same
+megatron, torch, mmdet, mmcv, mmengine and plugin versions — takes that cell's record (marked ``reused_from``)
+instead of running again. Experiments that share their reference setting (the five of examples/benchmarks/ all
+contain the default recipe with every source task at K = 20, and its controls) then pay for it once. A cell is
+deterministic given its config only up to floating-point non-associativity across thread counts, so a reused
+cell is the same experiment, not a bit-identical rerun.
+
 Parallel: ``workers > 1`` runs cells in a spawn-context process pool, each process using ``cores // workers``
 torch threads. Across machines: ``shard=(i, n)`` keeps the cells whose index in the full grid is ``i`` mod ``n``
 (see examples/benchmarks/README.md); ``megatron report DIR1 DIR2 ...`` merges the results.
@@ -112,6 +120,9 @@ class GridSpec(_Model):
     lr_keys: list[Literal["outer_lr", "inner_lr", "finetune_lr"]] = Field(
         default_factory=lambda: ["outer_lr", "finetune_lr"],
         description="which training learning rates a swept `lrs` value sets")
+    lr_scale: bool = Field(False, description="`lrs` are multipliers of the base config's rates: each key of "
+                           "`lr_keys` is set to its base value times the multiplier, so 1 is the base recipe "
+                           "(and its cells are the same experiment as the other grids' base cells)")
     selection: list[Selection] = Field(default_factory=lambda: ["random"], min_length=1,
                                        description="how N < all source tasks are chosen: random | closest | all")
     detector: str | None = Field(None, description="detector plugin (default: the base config's)")
@@ -213,13 +224,14 @@ class Cell:
     detector: str
     overrides: dict = field(default_factory=dict)  # the variant's dotted config keys
     control: str | None = None  # "positive" | "negative" for the power check's cells
+    lr_scale: bool = False  # lr is a multiplier of the base config's rates (GridSpec.lr_scale)
 
     @property
     def id(self) -> str:
         parts = [_slug(self.learner), f"n{self.n_sources if self.n_sources is not None else 'all'}",
                  f"k{self.shots}"]
         if self.lr is not None:
-            parts.append(f"lr{self.lr:g}")
+            parts.append(f"lrx{self.lr:g}" if self.lr_scale else f"lr{self.lr:g}")
         parts += [self.selection, f"s{self.seed}"]
         return "__".join(parts)
 
@@ -377,7 +389,7 @@ def expand_grid(bcfg: BenchmarkConfig, base: dict[str, Any], all_sources: list[s
                 else:
                     sources = None
                 cell = Cell(len(cells), v.id, v.name, dict(v.options), int(seed), n, k, lr, sel, sources, budget,
-                            detector, dict(v.overrides), control)
+                            detector, dict(v.overrides), control, bool(g.lr_scale and lr is not None))
                 if cell.id in seen:
                     continue
                 seen.add(cell.id)
@@ -406,8 +418,11 @@ def cell_config(cell: Cell, base: dict[str, Any], out_dir: Path, lr_keys: list[s
     set_dotted(d, "data.shots", cell.shots)
     set_dotted(d, "training.compute_budget", cell.budget)
     if cell.lr is not None:
+        base_training = _validate_experiment(base, "base").training if cell.lr_scale else None
         for key in lr_keys:
-            set_dotted(d, f"training.{key}", cell.lr)
+            # products rounded to 10 significant digits: 3 x 1e-4 is recorded as 0.0003, not 0.00030000000000000003
+            value = float(f"{getattr(base_training, key) * cell.lr:.10g}") if cell.lr_scale else cell.lr
+            set_dotted(d, f"training.{key}", value)
     if cell.sources is not None:
         set_dotted(d, "data.sources", list(cell.sources))
         set_dotted(d, "similarity.select_sources", None)
@@ -484,11 +499,65 @@ def _check_cell_file(cell: Cell, cell_dir: Path) -> None:
         return
     # the index may move when a grid gains a learner; the cell itself is what must not change (cells written
     # before variants had overrides and controls read as having none)
-    drop = lambda d: {"overrides": {}, "control": None, **{k: v for k, v in d.items() if k != "index"}}  # noqa: E731
+    drop = lambda d: {"overrides": {}, "control": None, "lr_scale": False,  # noqa: E731
+                      **{k: v for k, v in d.items() if k != "index"}}  # noqa: E731
     if drop(existing) != drop(mine):
         diff = sorted(k for k in mine if k != "index" and existing.get(k) != mine.get(k))
         raise ConfigError(f"{path}: this cell was started with a different definition ({', '.join(diff)} differ); "
                           "use a fresh --out directory, or delete that cell folder to re-run it")
+
+
+#: config keys that say where a cell writes or caches, or how many threads it uses: not what it computes
+_PLACE_KEYS = (("output", "dir"), ("output", "name"), ("data", "cache_dir"), ("training", "num_threads"))
+_VERSION_KEYS = ("megatron", "torch", "mmdet", "mmcv", "mmengine")
+_PLUGIN_KINDS = ("dataset", "detector", "learner", "similarity", "logger")
+
+
+def experiment_fingerprint(cfg_json: dict, versions: dict | None = None) -> str:
+    """What makes two cells the same experiment: the config without :data:`_PLACE_KEYS`, plus ``versions``
+    (the record's: the libraries and plugins that computed it)."""
+    d = copy.deepcopy(cfg_json)
+    for section, key in _PLACE_KEYS:
+        (d.get(section) or {}).pop(key, None)
+    v = versions or {}
+    pinned = {k: v.get(k) for k in _VERSION_KEYS}
+    pinned["plugins"] = sorted((p.get("kind"), p.get("name"), p.get("package"), p.get("version"))
+                               for p in v.get("plugins") or [] if p.get("kind") in _PLUGIN_KINDS)
+    return json.dumps({"config": d, "versions": pinned}, sort_keys=True, default=str)
+
+
+def _current_versions(cfg_json: dict, pm=None) -> dict:
+    """The versions a cell of ``cfg_json`` would record if it ran now (see :func:`experiment_fingerprint`)."""
+    from megatron import __version__, get_plugin_manager
+    from megatron.training.record import _version, collect_plugin_versions
+
+    cfg = ExperimentConfig.model_validate(cfg_json)
+    return {"megatron": __version__, **{p: _version(p) for p in _VERSION_KEYS[1:]},
+            "plugins": collect_plugin_versions(cfg, pm or get_plugin_manager(), [cfg.learner.name])}
+
+
+def reuse_index(dirs: list[Path]) -> dict[str, Path]:
+    """Fingerprint -> cell folder, for every complete cell record under ``dirs`` (each a benchmark --out folder)."""
+    index: dict[str, Path] = {}
+    for d in dirs:
+        root = Path(d) / CELLS_DIR
+        if not root.is_dir():
+            raise ConfigError(f"--reuse {d}: no {CELLS_DIR}/ folder there (expected a `megatron benchmark` --out "
+                              "folder or a committed result folder)")
+        for cdir in sorted(p for p in root.iterdir() if p.is_dir()):
+            rec = read_json(cdir / RECORD_FILE)
+            if rec and rec.get("status") == "complete" and rec.get("config"):
+                versions = {**(rec.get("versions") or {}), "megatron": rec.get("megatron_version")}
+                index.setdefault(experiment_fingerprint(rec["config"], versions), cdir)
+    return index
+
+
+def _reuse_cell(src: Path, cdir: Path) -> dict:
+    rec = read_json(src / RECORD_FILE) or {}
+    rec["reused_from"] = str(src)
+    cdir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(cdir / RECORD_FILE, rec)
+    return rec
 
 
 @dataclass
@@ -499,18 +568,20 @@ class BenchmarkResult:
     skipped: list[str]
     failed: dict[str, str]
     report: Any = None  # the ReportResult when a report was written
+    reused: dict[str, str] = field(default_factory=dict)  # cell id -> the folder its record came from
 
 
 def run_benchmark(bcfg: BenchmarkConfig, base: dict[str, Any], out_dir: str | Path, *, workers: int = 1,
                   shard: tuple[int, int] = (0, 1), resume: bool = True, pm=None, progress: bool = True,
                   runner: Callable[..., dict] | None = None, all_sources: list[str] | None = None,
-                  report: bool = True, cores: int | None = None, prune_checkpoints: bool = False
-                  ) -> BenchmarkResult:
+                  report: bool = True, cores: int | None = None, prune_checkpoints: bool = False,
+                  reuse: list[str | Path] | None = None) -> BenchmarkResult:
     """Run (or resume) the grid's cells into ``out_dir/cells/``, then write results and report.
 
     ``runner``: the function run per cell (default :data:`run_cell_experiment`); with ``workers > 1`` it must be a
     picklable top-level function. A failed cell is recorded and the others go on. ``prune_checkpoints``: delete
     each cell's checkpoints once it is complete (tens of MB per cell; only a killed cell needs them).
+    ``reuse``: benchmark folders whose complete cells stand in for this grid's identical ones (module docstring).
     """
     out = Path(out_dir)
     i_shard, n_shard = shard
@@ -531,6 +602,9 @@ def run_benchmark(bcfg: BenchmarkConfig, base: dict[str, Any], out_dir: str | Pa
 
     todo: list[tuple[Cell, dict, Path, bool]] = []
     skipped: list[str] = []
+    reused: dict[str, str] = {}
+    index = reuse_index([Path(d) for d in reuse]) if reuse else {}
+    versions = None
     for cell in mine:
         cdir = out / CELLS_DIR / cell.id
         _check_cell_file(cell, cdir)
@@ -543,7 +617,20 @@ def run_benchmark(bcfg: BenchmarkConfig, base: dict[str, Any], out_dir: str | Pa
             shutil.rmtree(cdir / "checkpoints", ignore_errors=True)
             state = "new"
         cfg = cell_config(cell, plan.base, out, bcfg.grid.lr_keys, bcfg.grid.finetune_per_image)
-        todo.append((cell, cfg.model_dump(mode="json"), cdir, state == "partial"))
+        cfg_json = cfg.model_dump(mode="json")
+        if index and state == "new":
+            if versions is None:  # the same for every cell of a grid but for its learner plugin
+                versions = {}
+            key = cell.learner_name
+            if key not in versions:
+                versions[key] = _current_versions(cfg_json, pm)
+            src = index.get(experiment_fingerprint(cfg_json, versions[key]))
+            if src is not None:
+                _reuse_cell(src, cdir)
+                reused[cell.id] = str(src)
+                log.info("cell %s: the same experiment as %s, its record reused", cell.id, src)
+                continue
+        todo.append((cell, cfg_json, cdir, state == "partial"))
 
     ran: list[str] = []
     failed: dict[str, str] = {}
@@ -586,7 +673,7 @@ def run_benchmark(bcfg: BenchmarkConfig, base: dict[str, Any], out_dir: str | Pa
         from megatron.benchmark.report import build_report
 
         written = build_report([out], out)  # shards report what they hold; `megatron report` merges them
-    return BenchmarkResult(out, plan, ran, skipped, failed, written)
+    return BenchmarkResult(out, plan, ran, skipped, failed, written, reused)
 
 
 class _progress:

@@ -146,6 +146,8 @@ def plot_lr(rows: list[dict], out: Path, fixed: str = "") -> list[Path]:
     if len(lrs) < 2:
         return []
     learners = sorted({r["learner"] for r in rows}, key=lambda x: (x != BASELINE, x))
+    scaled = any(r.get("lr_scale") for r in rows)
+    name = "lr ×" if scaled else "lr ="
     fig, axes = plt.subplots(1, len(learners), figsize=(5.5 * len(learners), 4.5), squeeze=False, sharey=True)
     cmap = plt.get_cmap("viridis")
     for ax, learner in zip(axes[0], learners):
@@ -155,7 +157,7 @@ def plot_lr(rows: list[dict], out: Path, fixed: str = "") -> list[Path]:
                 continue
             x, m, lo, hi, _ = _epoch_series(rs)
             c = cmap(j / max(1, len(lrs) - 1))
-            ax.plot(x, m, marker="o", color=c, label=f"lr = {lr:g}")
+            ax.plot(x, m, marker="o", color=c, label=f"{name} {lr:g}")
             ax.fill_between(x, lo, hi, color=c, alpha=0.12)
         ax.set(title=f"{learner}", xlabel="epoch (meta-epoch for meta-learners)", ylabel=Y_POINTS)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -179,8 +181,9 @@ def plot_lr(rows: list[dict], out: Path, fixed: str = "") -> list[Path]:
             ax.errorbar(a[:, 0], a[:, 1], yerr=[a[:, 1] - a[:, 2], a[:, 3] - a[:, 1]], marker="o", capsize=4,
                         color=colors[learner], label=learner)
     ax.set_xscale("log")
-    ax.set(xlabel="learning rate (log scale)", ylabel="final " + Y_POINTS,
-           title="Final mAP50 vs learning rate (mean, 95% CI over seeds)" + _title_suffix(rows, ("n_sources", "shots")))
+    ax.set(xlabel=("multiplier of the base config's learning rates" if scaled else "learning rate") + " (log scale)",
+           ylabel=Y_POINTS + " (measured model)",
+           title="mAP50 vs learning rate (mean, 95% CI over seeds)" + _title_suffix(rows, ("n_sources", "shots")))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -261,7 +264,7 @@ def plot_selection(rows: list[dict], out: Path, fixed: str = "") -> list[Path]:
     _grouped_bars(ax, learners, groups, colors, width, lambda learner, g: [
         r["mAP50"] * POINTS for r in rows if r["learner"] == learner and (r["selection"], r["n_tasks"]) == g])
     ax.set_xticks(range(len(groups)), [f"{s}\nN={n}" for s, n in groups])
-    ax.set(xlabel="source-task choice", ylabel="final " + Y_POINTS,
+    ax.set(xlabel="source-task choice", ylabel=Y_POINTS + " (measured model)",
            title="Source-task choice: closest by similarity vs random vs all" + _title_suffix(rows, ("shots", "lr"))
                  + "\n(mean, error bar = 95% CI over seeds)")
     ax.grid(axis="y", alpha=0.3)
@@ -334,7 +337,7 @@ def _title_suffix(rows: list[dict], keys: tuple[str, ...]) -> str:
             if k == "shots":
                 parts.append(f"K={v}")
             elif k == "lr" and v is not None:
-                parts.append(f"lr={v:g}")
+                parts.append(f"lr ×{v:g}" if any(r.get("lr_scale") for r in rows) else f"lr={v:g}")
             elif k == "n_sources":
                 parts.append(f"N={'all' if v is None else v}")
     return f" [{', '.join(parts)}]" if parts else ""

@@ -37,7 +37,7 @@ from typing import Iterable
 from megatron.benchmark import stats
 from megatron.checkpoint import atomic_write_json, atomic_write_text
 from megatron.benchmark.rows import (  # noqa: F401 - re-exported for readers of the report
-    BASELINE, CSV_COLUMNS, METRIC_LABELS, METRICS, POINTS, UNIT, Loaded, ReportError, complete, fixed_epoch, load_rows,
+    BASELINE, CSV_COLUMNS, DEFAULT_MODEL, METRIC_LABELS, METRICS, POINTS, UNIT, Loaded, ReportError, complete, fixed_epoch, load_rows,
     n_all, setting_label, setting_of, slug, _skey,
 )
 
@@ -294,14 +294,15 @@ def copy_records(rows: list[dict], loaded: Loaded, out: Path) -> int:
 
 
 def build_report(dirs: Iterable[str | Path], out: str | Path, epoch: int | None = None,
-                 copy: bool | None = None) -> ReportResult:
+                 copy: bool | None = None, model: str = DEFAULT_MODEL) -> ReportResult:
     """Rebuild results.csv, results.json, report.md and plots/*.png in ``out`` from the cell records in ``dirs``.
 
     ``copy`` (default: when ``out`` is not one of ``dirs``): also copy the cell records into ``out``
-    (:func:`copy_records`), which makes ``out`` a self-contained, rebuildable result folder."""
+    (:func:`copy_records`), which makes ``out`` a self-contained, rebuildable result folder. ``model``: whose
+    metrics, each cell's validation-``selected`` model or its ``final`` one (:data:`~megatron.benchmark.rows.MODELS`)."""
     dirs = [Path(d) for d in dirs]
     out = Path(out)
-    loaded = load_rows(dirs)
+    loaded = load_rows(dirs, model)
     rows = loaded.rows
     out.mkdir(parents=True, exist_ok=True)
     if copy is None:
@@ -367,6 +368,19 @@ def _control_line(c: ControlCheck, n_sources_all: int | None) -> str:
             f"seed(s) → {c.diff.verdict}: {result}.")
 
 
+def _model_words(done: list[dict]) -> str:
+    used = defaultdict(int)
+    for r in done:
+        used[r.get("model") or "final"] += 1
+    words = {"selected": "the model chosen on the target's validation split (the meta-epoch with the best "
+                         "validation mAP50), measured on the held-out test split it never saw",
+             "final": "the model after the last meta-epoch"}
+    if len(used) <= 1:
+        return words[next(iter(used), "final")]
+    return "; ".join(f"{words[m]} in {n} cell(s)" for m, n in sorted(used.items())) + \
+        " (cells without a validation split fall back to the final model)"
+
+
 def render_markdown(rows: list[dict], summary: dict, comparisons: list[Comparison], loaded: Loaded,
                     dirs: list[Path], plots: list[Path], check: PowerCheck | None = None) -> str:
     check = check if check is not None else control_checks(rows)
@@ -382,7 +396,8 @@ def render_markdown(rows: list[dict], summary: dict, comparisons: list[Compariso
 
     # ---- the answer first
     mc = [c for c in comparisons if c.metric == "mAP50"]
-    L += ["## Answer: each learner against the `finetune` baseline (mAP50)", ""]
+    L += ["## Answer: each learner against the `finetune` baseline (mAP50)", "", f"Model measured: {_model_words(done)}.",
+          ""]
     if check.status == "under-powered":
         failed = [c for c in check.controls if c.kind == "positive" and c.passed is False]
         L += ["**Verdicts withheld: this grid is under-powered.** Its positive control failed — the pre-trained "
@@ -462,7 +477,12 @@ def render_markdown(rows: list[dict], summary: dict, comparisons: list[Compariso
           f"- cells: {len(done)} complete of {len(rows)}; detector: {', '.join(det)}; target: {', '.join(tgt)}; "
           f"seeds: {', '.join(map(str, seeds)) or '–'}",
           f"- metrics on the target's held-out split, in **{UNIT}**; intervals are 95% Student-t confidence "
-          "intervals over seeds, shown as `mean [low, high]`"]
+          "intervals over seeds, shown as `mean [low, high]`",
+          f"- model measured: {_model_words(done)}"]
+    reused = [r for r in done if r.get("reused_from")]
+    if reused:
+        L.append(f"- {len(reused)} of the {len(done)} complete cells are identical experiments taken from other grids "
+                 "(`--reuse`: same config but for paths, same versions), e.g. `" + str(reused[0]["reused_from"]) + "`")
     budgets = sorted({b.get("budget_note") for b in loaded.benchmark if b.get("budget_note")})
     for note in budgets:
         L.append(f"- compute budget per cell: {note}")

@@ -20,8 +20,16 @@ METRIC_LABELS = {"mAP50": "mAP50", "mAP50_95": "mAP50:95", "precision": "precisi
 POINTS = 100.0  # fractions -> points
 UNIT = "points (x100 of a fraction in 0..1; 1 point = 0.01 mAP)"
 CSV_COLUMNS = ("cell_id", "learner", "learner_plugin", "control", "seed", "n_sources", "n_tasks", "sources", "shots", "lr",
-               "selection", "detector", "target", "status", *METRICS, "compute_spent", "compute_budget",
-               "stopped_by", "baseline_equivalent_epochs", "n_epochs", "wall_s", "epochs")
+               "lr_scale", "selection", "detector", "target", "status", "model", "selected_epoch", *METRICS, "final_mAP50",
+               "compute_spent", "compute_budget", "stopped_by", "baseline_equivalent_epochs", "n_epochs", "wall_s",
+               "epochs")
+
+#: which adapted model of a cell the metrics describe. ``selected``: the one chosen on the target's validation
+#: split (the meta-epoch with the best validation mAP50; its metrics are on the held-out test split, which the
+#: choice never saw) — what a user deploys, and far less noisy than the last one, because each meta-epoch's
+#: adaptation to K images is a fresh draw. ``final``: the model after the last meta-epoch.
+MODELS = ("selected", "final")
+DEFAULT_MODEL = "selected"
 
 
 class ReportError(MegatronError):
@@ -73,13 +81,29 @@ def _epochs(lrec: dict) -> list[dict]:
     return out
 
 
-def row_from_record(cell_dir: Path, rec: dict | None, cell: dict | None) -> dict:
-    """One results row from a cell's record and (optional) cell definition."""
+def _model_metrics(lrec: dict | None, model: str) -> tuple[dict, str | None, int | None]:
+    """(metrics, model used, its meta-epoch) of a learner record. ``selected`` falls back to ``final`` for a
+    record without a validation choice (no validation split, or made before it existed)."""
+    if model not in MODELS:
+        raise ReportError(f"unknown model {model!r}: expected one of {', '.join(MODELS)}")
+    final = (lrec or {}).get("final") or {}
+    best = (lrec or {}).get("best") or {}
+    if model == "selected" and best.get("mAP50") is not None:
+        return best, "selected", best.get("meta_epoch")
+    if not final:
+        return {}, None, None
+    return final, "final", len((lrec or {}).get("epochs") or []) or None
+
+
+def row_from_record(cell_dir: Path, rec: dict | None, cell: dict | None, model: str = DEFAULT_MODEL) -> dict:
+    """One results row from a cell's record and (optional) cell definition; the metrics are those of ``model``
+    (see :data:`MODELS`)."""
     cfg = (rec or {}).get("config") or {}
     plugin = (cell or {}).get("learner_name") or (cfg.get("learner") or {}).get("name") or "?"
     label = (cell or {}).get("learner") or plugin
     lrec = _learner_record(rec, plugin) if rec else None
     final = (lrec or {}).get("final") or {}
+    metrics, used, epoch = _model_metrics(lrec, model)
     sources = (rec or {}).get("sources")
     if sources is None and cell:
         sources = cell.get("sources")
@@ -102,17 +126,21 @@ def row_from_record(cell_dir: Path, rec: dict | None, cell: dict | None) -> dict
         "sources": list(sources) if sources is not None else None,
         "shots": (cell or {}).get("shots", (rec or {}).get("shots", (cfg.get("data") or {}).get("shots"))),
         "lr": (cell or {}).get("lr"),
+        "lr_scale": bool((cell or {}).get("lr_scale")),  # lr is a multiplier of the base config's rates
         "selection": selection,
         "detector": (cell or {}).get("detector") or (cfg.get("detector") or {}).get("name"),
         "target": (rec or {}).get("target") or (cfg.get("data") or {}).get("target"),
         "status": status,
-        **{k: final.get(k) for k in METRICS},
+        "model": used, "selected_epoch": epoch,
+        **{k: metrics.get(k) for k in METRICS},
+        "final_mAP50": final.get("mAP50"),
         "compute_spent": compute.get("spent"),
         "compute_budget": compute.get("budget", (cell or {}).get("budget")),
         "stopped_by": (lrec or {}).get("stopped_by"),
         "baseline_equivalent_epochs": (lrec or {}).get("baseline_equivalent_epochs"),
         "n_epochs": len(epochs),
         "wall_s": wall,
+        "reused_from": (rec or {}).get("reused_from"),  # the identical cell of another grid it was taken from
         "epochs": epochs,
         "_dir": str(cell_dir),
     }
@@ -126,8 +154,8 @@ class Loaded:
     benchmark: list[dict] = field(default_factory=list)  # benchmark.json of each directory
 
 
-def load_rows(dirs: Iterable[str | Path]) -> Loaded:
-    """Every cell of every directory, identical cells counted once."""
+def load_rows(dirs: Iterable[str | Path], model: str = DEFAULT_MODEL) -> Loaded:
+    """Every cell of every directory, identical cells counted once; metrics of ``model`` (:data:`MODELS`)."""
     loaded = Loaded([])
     by_id: dict[str, dict] = {}
     for d in dirs:
@@ -145,7 +173,7 @@ def load_rows(dirs: Iterable[str | Path]) -> Loaded:
             else:
                 cells = [cell]
             for c in cells:
-                row = row_from_record(cdir, rec, c)
+                row = row_from_record(cdir, rec, c, model)
                 if rec and row["status"] == "complete" and not loaded.records:
                     loaded.records.append(rec)
                 _merge(by_id, row, loaded.warnings)
@@ -170,7 +198,8 @@ def _merge(by_id: dict[str, dict], row: dict, warnings: list[str]) -> None:
 
 def setting_of(row: dict) -> tuple:
     n = row["n_sources"] if row["n_sources"] is not None else "all"
-    return (n, row["shots"], row["lr"], row["selection"])
+    lr = f"x{row['lr']:g}" if row.get("lr_scale") and row["lr"] is not None else row["lr"]
+    return (n, row["shots"], lr, row["selection"])
 
 
 def _skey(setting: tuple) -> tuple:
@@ -181,7 +210,9 @@ def setting_label(setting: tuple, n_all: int | None = None) -> str:
     n, k, lr, sel = setting
     ns = f"N=all ({n_all})" if n == "all" and n_all else f"N={n}"
     parts = [ns if n == "all" else f"{ns} ({sel})", f"K={k}"]
-    if lr is not None:
+    if isinstance(lr, str):  # a multiplier of the base rates
+        parts.append(f"lr ×{lr[1:]}")
+    elif lr is not None:
         parts.append(f"lr={lr:g}")
     return ", ".join(parts)
 

@@ -62,6 +62,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-controls", action="store_true",
                    help="skip the power check's controls (finetune from random weights; an A/A replicate of finetune), "
                    "which otherwise run in the grid's first setting; the report then cannot vouch for its verdicts")
+    p.add_argument("--reuse", action="append", default=[], metavar="DIR",
+                   help="a benchmark folder (or committed result folder) whose complete cells stand in for this grid's "
+                   "identical ones: same resolved config but for output/cache paths, same versions; repeatable")
     p.add_argument("--dry-run", action="store_true", help="list the cells and the budget, run nothing")
     p.add_argument("--no-resume", action="store_true", help="start every cell of this run over (deletes their earlier run.json and checkpoints)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -106,8 +109,10 @@ def run(args: argparse.Namespace) -> int:
             console.print(f"note: {note}")
         return 0
     result = run_benchmark(bcfg, base, args.out, workers=args.workers, shard=shard, resume=not args.no_resume,
-                           progress=not args.no_progress, prune_checkpoints=args.prune_checkpoints)
-    console.print(f"cells: {len(result.ran)} run, {len(result.skipped)} already complete, {len(result.failed)} failed "
+                           progress=not args.no_progress, prune_checkpoints=args.prune_checkpoints,
+                           reuse=args.reuse)
+    console.print(f"cells: {len(result.ran)} run, {len(result.skipped)} already complete, {len(result.reused)} reused, "
+                  f"{len(result.failed)} failed "
                   f"(of {len(result.plan.cells)} in the grid; shard {shard[0]}/{shard[1]})")
     for cid, err in result.failed.items():
         console.print(f"[red]failed[/] {cid}: {err}", highlight=False)

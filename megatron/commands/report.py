@@ -14,6 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "into --out (default: the single DIR).")
     p.add_argument("dirs", nargs="+", metavar="DIR", help="benchmark output directories")
     p.add_argument("--out", help="where to write (required with several DIRs)")
+    p.add_argument("--model", choices=["selected", "final"], default="selected",
+                   help="whose metrics: `selected` (default) = each cell's model chosen on the target's validation "
+                        "split, measured on the held-out test split; `final` = the model after the last meta-epoch")
     p.add_argument("--epoch", type=int, help="the epoch of the fixed-epoch bar chart (default: the last all reached)")
     p.set_defaults(func=run)
 
@@ -26,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     if len(args.dirs) > 1 and not args.out:
         raise ConfigError("megatron report: with several directories give --out (where the merged report goes)")
     out = args.out or args.dirs[0]
-    res = build_report(args.dirs, out, epoch=args.epoch)
+    res = build_report(args.dirs, out, epoch=args.epoch, model=args.model)
     console = Console()
     n_done = sum(r["status"] == "complete" for r in res.rows)
     console.print(f"{n_done} complete cell(s) of {len(res.rows)}; {len(res.plots)} plot(s)")
