@@ -302,3 +302,73 @@ def test_cell_files_from_before_controls_still_resume(tmp_path):
     fakes.CALLS.clear()
     res = bm.run_benchmark(bcfg, base, tmp_path, runner=fakes.fake_runner, progress=False, report=False)
     assert "reptile__nall__k20__all__s0" in res.skipped and fakes.CALLS == []
+
+
+# --- reuse of identical cells across grids; learning rates as multipliers of the base recipe ---------------------
+def _fake_versions(cfg_json, pm=None):
+    return {"megatron": "0.1.0", "torch": "2.x"}  # what the fake runner records
+
+
+def test_reuse_takes_identical_cells_of_another_grid_and_runs_the_rest(tmp_path, monkeypatch):
+    monkeypatch.setattr(bm, "_current_versions", _fake_versions)
+    first, base = make({"learners": ["reptile"], "seeds": [0, 1], "budget": 600})
+    bm.run_benchmark(first, base, tmp_path / "a", runner=fakes.fake_runner, progress=False, report=False)
+    fakes.CALLS.clear()
+    # the second grid shares reptile/finetune at every source task and its controls, and adds N = 2
+    second, _ = make({"learners": ["reptile"], "seeds": [0, 1], "n_sources": [None, 2], "budget": 600})
+    res = bm.run_benchmark(second, base, tmp_path / "b", runner=fakes.fake_runner, progress=False,
+                           reuse=[tmp_path / "a"])
+    shared = {c.id for c in bm.expand_grid(first, base).cells}
+    assert set(res.reused) == shared and len(shared) == 8  # 2 learners + 2 controls, 2 seeds
+    assert {name for name, _ in fakes.CALLS} == {c.id for c in res.plan.cells} - shared  # the N = 2 cells only
+    rec = json.loads((tmp_path / "b" / "cells" / "reptile__nall__k20__all__s0" / "run.json").read_text())
+    assert rec["reused_from"] == str(tmp_path / "a" / "cells" / "reptile__nall__k20__all__s0")
+    same = json.loads((tmp_path / "a" / "cells" / "reptile__nall__k20__all__s0" / "run.json").read_text())
+    assert rec["learners"] == same["learners"]
+    assert "identical experiments taken from other grids" in (tmp_path / "b" / "report.md").read_text()
+    # a rerun of the second grid finds its cells complete: nothing runs, nothing is re-copied
+    fakes.CALLS.clear()
+    again = bm.run_benchmark(second, base, tmp_path / "b", runner=fakes.fake_runner, progress=False, report=False,
+                             reuse=[tmp_path / "a"])
+    assert fakes.CALLS == [] and again.reused == {}
+
+
+def test_reuse_needs_the_same_experiment_and_versions(tmp_path, monkeypatch):
+    monkeypatch.setattr(bm, "_current_versions", _fake_versions)
+    grid, base = make({"learners": ["reptile"], "seeds": [0], "budget": 600, "controls": False})
+    bm.run_benchmark(grid, base, tmp_path / "a", runner=fakes.fake_runner, progress=False, report=False)
+    other_budget, _ = make({"learners": ["reptile"], "seeds": [0], "budget": 700, "controls": False})
+    res = bm.run_benchmark(other_budget, base, tmp_path / "b", runner=fakes.fake_runner, progress=False,
+                           report=False, reuse=[tmp_path / "a"])
+    assert res.reused == {} and len(res.ran) == 2
+    # another output folder and cache are the same experiment; another torch is not
+    moved = {**base, "data": {**base["data"], "cache_dir": str(tmp_path / "elsewhere")}}
+    res = bm.run_benchmark(grid, moved, tmp_path / "c", runner=fakes.fake_runner, progress=False, report=False,
+                           reuse=[tmp_path / "a"])
+    assert len(res.reused) == 2 and res.ran == []
+    monkeypatch.setattr(bm, "_current_versions", lambda cfg_json, pm=None: {"megatron": "0.1.0", "torch": "3.x"})
+    res = bm.run_benchmark(grid, base, tmp_path / "d", runner=fakes.fake_runner, progress=False, report=False,
+                           reuse=[tmp_path / "a"])
+    assert res.reused == {} and len(res.ran) == 2
+    with pytest.raises(ConfigError, match="no cells/ folder"):
+        bm.run_benchmark(grid, base, tmp_path / "e", runner=fakes.fake_runner, progress=False, report=False,
+                         reuse=[tmp_path / "nothing"])
+
+
+def test_lr_scale_multiplies_each_base_rate(tmp_path):
+    base = {"data": {"sources": fakes.SOURCES},
+            "training": {"meta_epochs": 3, "inner_lr": 0.01, "outer_lr": 1e-4, "finetune_lr": 1e-3}}
+    bcfg, base = make({"learners": ["reptile"], "seeds": [0], "lrs": [1, 0.3, 3], "lr_scale": True,
+                       "lr_keys": ["inner_lr", "outer_lr", "finetune_lr"], "budget": 600}, base)
+    plan = bm.expand_grid(bcfg, base)
+    by_id = {c.id: c for c in plan.cells}
+    assert "reptile__nall__k20__lrx0.3__all__s0" in by_id
+    cfg = bm.cell_config(by_id["reptile__nall__k20__lrx0.3__all__s0"], plan.base, tmp_path, bcfg.grid.lr_keys)
+    assert (cfg.training.inner_lr, cfg.training.outer_lr, cfg.training.finetune_lr) == (0.003, 3e-05, 0.0003)
+    one = bm.cell_config(by_id["reptile__nall__k20__lrx1__all__s0"], plan.base, tmp_path, bcfg.grid.lr_keys)
+    plain = bm.cell_config(bm.expand_grid(make({"learners": ["reptile"], "seeds": [0], "budget": 600}, base)[0],
+                                          base).cells[0], plan.base, tmp_path, bcfg.grid.lr_keys)
+    assert one.training == plain.training  # x1 is the base recipe itself, so --reuse can take it
+    bm.run_benchmark(bcfg, base, tmp_path / "run", runner=fakes.fake_runner, progress=False)
+    text = (tmp_path / "run" / "report.md").read_text()
+    assert "N=all (6), K=20, lr ×0.3" in text and (tmp_path / "run" / "plots" / "lr_final.png").exists()

@@ -293,3 +293,32 @@ def test_report_elsewhere_copies_the_records_and_rebuilds_alone(comparison_dir, 
     assert [(r["cell_id"], r["mAP50"], r["control"]) for r in after] == [
         (r["cell_id"], r["mAP50"], r["control"]) for r in before]
     assert (moved / "report.md").read_text().replace(str(moved), str(out)) == text
+
+
+def _with_selection(out: Path, best_of: dict[str, float]) -> None:
+    """Give the cells named in ``best_of`` a validation-selected model with that test mAP50 (as the runner does)."""
+    for cid, value in best_of.items():
+        path = out / "cells" / cid / "run.json"
+        rec = json.loads(path.read_text())
+        lrec = next(iter(rec["learners"].values()))
+        lrec["best"] = {**lrec["final"], "mAP50": value, "meta_epoch": 2, "validation_mAP50": 0.5}
+        atomic_write_json(path, rec)
+
+
+def test_report_measures_the_validation_selected_model_and_final_on_request(tmp_path):
+    out = run_grid(tmp_path / "g", report=False, learners=["reptile"], seeds=[0, 1], controls=False)
+    _with_selection(out, {"reptile__nall__k20__all__s0": 0.61})
+    selected = {r["cell_id"]: r for r in load_rows([out]).rows}
+    chosen, plain = selected["reptile__nall__k20__all__s0"], selected["reptile__nall__k20__all__s1"]
+    assert (chosen["mAP50"], chosen["model"], chosen["selected_epoch"]) == (0.61, "selected", 2)
+    assert chosen["final_mAP50"] != 0.61
+    assert (plain["model"], plain["mAP50"]) == ("final", plain["final_mAP50"])  # no validation split: the final one
+    final = {r["cell_id"]: r for r in load_rows([out], model="final").rows}
+    assert final["reptile__nall__k20__all__s0"]["mAP50"] == chosen["final_mAP50"]
+    assert main(["report", str(out), "--model", "final"]) == 0
+    assert "the model after the last meta-epoch" in (out / "report.md").read_text()
+    assert main(["report", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "chosen on the target's validation split" in text and "fall back to the final model" in text
+    with pytest.raises(ReportError, match="unknown model"):
+        load_rows([out], model="best")
