@@ -604,7 +604,7 @@ def run_benchmark(bcfg: BenchmarkConfig, base: dict[str, Any], out_dir: str | Pa
     skipped: list[str] = []
     reused: dict[str, str] = {}
     index = reuse_index([Path(d) for d in reuse]) if reuse else {}
-    versions = None
+    versions: dict[str, dict] = {}  # learner plugin -> what a cell of it would record (the rest is the grid's)
     for cell in mine:
         cdir = out / CELLS_DIR / cell.id
         _check_cell_file(cell, cdir)
@@ -619,12 +619,9 @@ def run_benchmark(bcfg: BenchmarkConfig, base: dict[str, Any], out_dir: str | Pa
         cfg = cell_config(cell, plan.base, out, bcfg.grid.lr_keys, bcfg.grid.finetune_per_image)
         cfg_json = cfg.model_dump(mode="json")
         if index and state == "new":
-            if versions is None:  # the same for every cell of a grid but for its learner plugin
-                versions = {}
-            key = cell.learner_name
-            if key not in versions:
-                versions[key] = _current_versions(cfg_json, pm)
-            src = index.get(experiment_fingerprint(cfg_json, versions[key]))
+            if cell.learner_name not in versions:
+                versions[cell.learner_name] = _current_versions(cfg_json, pm)
+            src = index.get(experiment_fingerprint(cfg_json, versions[cell.learner_name]))
             if src is not None:
                 _reuse_cell(src, cdir)
                 reused[cell.id] = str(src)

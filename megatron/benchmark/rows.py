@@ -19,10 +19,10 @@ METRIC_LABELS = {"mAP50": "mAP50", "mAP50_95": "mAP50:95", "precision": "precisi
                  "FROC": "FROC (mean sens.)"}
 POINTS = 100.0  # fractions -> points
 UNIT = "points (x100 of a fraction in 0..1; 1 point = 0.01 mAP)"
-CSV_COLUMNS = ("cell_id", "learner", "learner_plugin", "control", "seed", "n_sources", "n_tasks", "sources", "shots", "lr",
-               "lr_scale", "selection", "detector", "target", "status", "model", "selected_epoch", *METRICS, "final_mAP50",
-               "compute_spent", "compute_budget", "stopped_by", "baseline_equivalent_epochs", "n_epochs", "wall_s",
-               "epochs")
+CSV_COLUMNS = ("cell_id", "learner", "learner_plugin", "control", "seed", "n_sources", "n_tasks", "sources", "shots",
+               "lr", "lr_scale", "selection", "detector", "target", "status", "model", "selected_epoch", *METRICS,
+               "final_mAP50", "compute_spent", "compute_budget", "stopped_by", "baseline_equivalent_epochs",
+               "n_epochs", "wall_s", "epochs")
 
 #: which adapted model of a cell the metrics describe. ``selected``: the one chosen on the target's validation
 #: split (the meta-epoch with the best validation mAP50; its metrics are on the held-out test split, which the
