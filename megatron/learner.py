@@ -164,16 +164,23 @@ def freeze_batchnorm(detector: Detector) -> None:
     detector.train(detector.training)
 
 
-def recompute_batchnorm(detector: Detector, batches: Iterable[Batch], account: ComputeAccount | None = None) -> None:
+def recompute_batchnorm(detector: Detector, batches: Iterable[Batch], account: ComputeAccount | None = None,
+                        modules: list[torch.nn.Module] | None = None) -> None:
     """Re-estimate every BatchNorm layer's running statistics for the detector's current weights ("precise BN",
     Wu & Johnson 2021, *Rethinking "Batch" in BatchNorm*; detectron2's PreciseBN): forward passes in train mode,
     without gradient, averaging the batch statistics exactly (``momentum=None``) instead of the exponential
     average that lags behind fast-changing weights. After a short fine-tuning with a high learning rate the
     lagging statistics can turn a model whose training loss is low into one that detects nothing in eval mode;
-    this is measured in the README's recipe notes. Forward passes are charged to ``account``."""
-    bns = [m for m in detector.modules()
-           if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-           and all(m is not f for f in getattr(detector, "_frozen_bn_modules", []))]
+    this is measured in the README's recipe notes. Forward passes are charged to ``account``.
+
+    ``modules``: re-estimate these BatchNorm layers only, frozen ones included (default: every layer that is not
+    frozen) — :func:`finetune` uses it for the layers of a frozen backbone (AdaBN)."""
+    if modules is None:
+        bns = [m for m in detector.modules()
+               if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+               and all(m is not f for f in getattr(detector, "_frozen_bn_modules", []))]
+    else:
+        bns = [m for m in modules if m.track_running_stats]
     if not bns:
         return
     was_training = detector.training
@@ -182,6 +189,8 @@ def recompute_batchnorm(detector: Detector, batches: Iterable[Batch], account: C
         m.reset_running_stats()
         m.momentum = None
     detector.train()
+    for m in bns:  # a frozen layer stays in eval mode under detector.train(): these must see batch statistics
+        m.train()
     seen = 0
     with torch.no_grad():
         for batch in batches:
@@ -214,11 +223,21 @@ def finetune(learner: "MetaLearner", detector: Detector, batches: Iterable[Batch
     ``frozen``, and — with ``finetune_ema`` — an exponential moving average of the weights (the YOLOX recipe:
     the decay ramps up as ``ema * (1 - exp(-step / 20))``, so a short fine-tuning is not dominated by the
     start), which is what is returned. With ``finetune_bn: precise`` the returned model's BatchNorm statistics
-    are then recomputed on one pass over the batches (:func:`recompute_batchnorm`). Every step is charged through
+    are then recomputed on one pass over the batches (:func:`recompute_batchnorm`), and the BatchNorm layers of a
+    frozen part (``detector.freeze``, ANIL's head-only adaptation) are first re-estimated on one pass over the
+    pool, weights untouched (AdaBN). Every step is charged through
     :meth:`MetaLearner.train_step` (and the recomputation's forward passes to the compute account)."""
     ctx = learner.ctx
+    frozen_by_policy = list(getattr(detector, "_frozen_bn_modules", []))
     if ctx.finetune_bn == "frozen":
         freeze_batchnorm(detector)
+    elif ctx.finetune_bn == "precise" and frozen_by_policy:
+        # a frozen backbone keeps its weights, not the source images' statistics: its BatchNorm layers are
+        # re-estimated on the target pool first (AdaBN, Li et al. 2016), so the head is trained on, and later
+        # sees, the target's features; with the source statistics a frozen body gave ~0 mAP50 on the target
+        per_epoch = getattr(batches, "batches_per_epoch", None)
+        recompute_batchnorm(detector, _FirstEpoch(batches, per_epoch) if per_epoch else batches, ctx.compute,
+                            modules=frozen_by_policy)
     optimizer = make_optimizer("adamw" if ctx.weight_decay else "adam", detector.parameters(), ctx.finetune_lr,
                                ctx.weight_decay)
     total = len(batches) if hasattr(batches, "__len__") else None

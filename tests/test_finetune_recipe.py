@@ -112,3 +112,59 @@ def test_ema_returns_the_average_and_frozen_bn_keeps_statistics():
     finetune(Plain(frozen, None, LearnerContext(finetune_lr=0.05, finetune_bn="frozen")), frozen, batches(2))
     assert torch.equal(frozen.bn.running_mean, stats[0]) and torch.equal(frozen.bn.running_var, stats[1])
     assert not frozen.bn.weight.requires_grad and frozen.bn.training is False
+
+
+class BodyBNDetector(Detector):
+    """conv -> BN (the backbone) -> conv (the head): a frozen backbone whose BatchNorm sits in the frozen part."""
+
+    PLUGIN_NAME = "body-bn-test"
+
+    def __init__(self):
+        super().__init__(1, 8)
+        self.body = nn.Conv2d(1, 2, 1, bias=False)
+        self.body_bn = nn.BatchNorm2d(2)
+        self.head = nn.Conv2d(2, 1, 1)
+
+    def loss(self, batch, params=None):
+        return {"loss": (self.head(self.body_bn(self.body(batch.images))) - 1.0).pow(2).mean()}
+
+    def parameter_groups(self):
+        return {"backbone": ["body.weight", "body_bn.weight", "body_bn.bias"], "neck": [],
+                "head": ["head.weight", "head.bias"]}
+
+
+def test_a_frozen_backbone_gets_the_target_statistics_before_the_head_is_trained():
+    torch.manual_seed(0)
+    det = BodyBNDetector()
+    det.body_bn.running_mean.fill_(5.0)  # the source images' statistics, far from the target's
+    det.body_bn.running_var.fill_(9.0)
+    det.freeze("backbone")
+    body = det.body.weight.detach().clone()
+    head = det.head.weight.detach().clone()
+    seen_means = []
+    data = Sized(batches(4))  # two epochs of two batches
+
+    class Watching(Plain):
+        def train_step(self, detector, optimizer, batch):  # what the head is trained on
+            seen_means.append(detector.body_bn.running_mean.clone())
+            return super().train_step(detector, optimizer, batch)
+
+    ctx = LearnerContext(finetune_lr=0.05, finetune_bn="precise")
+    out = finetune(Watching(det, None, ctx), det, data)
+    with torch.no_grad():
+        feats = [det.body(b.images) for b in data[:2]]
+    mean = torch.stack([f.mean(dim=(0, 2, 3)) for f in feats]).mean(0)
+    var = torch.stack([f.var(dim=(0, 2, 3), unbiased=True) for f in feats]).mean(0)
+    # re-estimated on one pass over the pool before the first step, then left alone (eval mode, frozen weights)
+    assert torch.allclose(seen_means[0], mean, atol=1e-5) and all(torch.equal(m, seen_means[0]) for m in seen_means)
+    assert torch.allclose(out.body_bn.running_var, var, atol=1e-4)
+    assert torch.equal(out.body.weight, body) and not torch.equal(out.head.weight, head)
+    assert out.body_bn.training is False and out.body_bn.momentum == 0.1
+    assert ctx.compute.images_forward == 2 * 4 + 4 * 4  # the statistics pass, then four training steps
+
+    # BatchNorm `train` (or `frozen`) keeps the old behaviour: a frozen backbone keeps its statistics
+    det2 = BodyBNDetector()
+    det2.body_bn.running_mean.fill_(5.0)
+    det2.freeze("backbone")
+    finetune(Plain(det2, None, LearnerContext(finetune_lr=0.05, finetune_bn="train")), det2, data)
+    assert torch.equal(det2.body_bn.running_mean, torch.full((2,), 5.0))

@@ -17,8 +17,11 @@ through the query's. Same meta-gradient as calling ``detector.loss(support, para
 ``k - 1`` body forwards. A detector that does not split its loss (``supports_head_loss()`` False) gets exactly that
 fallback.
 
-At test time (``adapt``) ANIL also adapts the head only by default (``head_only_adapt``): the body stays as
-meta-learned, whatever freeze policy the runner passes.
+At test time (``adapt``) ANIL also adapts the head only by default (``head_only_adapt``): the body's weights stay
+as meta-learned, whatever freeze policy the runner passes. Its BatchNorm statistics do not: with the recipe's
+``finetune_bn: precise`` they are re-estimated on the target pool before the head is trained (AdaBN; with the
+source images' statistics the frozen body's features were off on the CPU benchmark's target, and head-only
+adaptation gave about 0.5 mAP50 against 12.5 for full fine-tuning at the first meta-epoch; with them, 9.2).
 
 Example::
 
