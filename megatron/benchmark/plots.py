@@ -20,7 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import MaxNLocator, NullFormatter  # noqa: E402
 
 from megatron.benchmark import stats  # noqa: E402
 from megatron.benchmark.rows import (BASELINE, METRIC_LABELS, POINTS, complete, fixed_epoch, n_all,  # noqa: E402
@@ -181,6 +181,8 @@ def plot_lr(rows: list[dict], out: Path, fixed: str = "") -> list[Path]:
             ax.errorbar(a[:, 0], a[:, 1], yerr=[a[:, 1] - a[:, 2], a[:, 3] - a[:, 1]], marker="o", capsize=4,
                         color=colors[learner], label=learner)
     ax.set_xscale("log")
+    ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs])  # the swept values themselves, not powers of ten
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set(xlabel=("multiplier of the base config's learning rates" if scaled else "learning rate") + " (log scale)",
            ylabel=Y_POINTS + " (measured model)",
            title="mAP50 vs learning rate (mean, 95% CI over seeds)" + _title_suffix(rows, ("n_sources", "shots")))
