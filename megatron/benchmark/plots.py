@@ -220,7 +220,7 @@ def plot_ntasks(rows: list[dict], out: Path, epoch: int | None, fixed: str = "")
                title=METRIC_LABELS[metric])
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("Final metrics on the held-out target vs number of source tasks (box: spread over seeds)"
+    fig.suptitle("Metrics of the measured model on the held-out target vs number of source tasks (box: spread over seeds)"
                  + _title_suffix(rows, ("shots", "lr")))
     fig.tight_layout()
     p1 = _save(fig, out / f"ntasks_boxplots{_suffix(fixed)}.png")
