@@ -22,8 +22,8 @@ as meta-learned, whatever freeze policy the runner passes. Its BatchNorm statist
 ``finetune_bn: precise`` they are re-estimated on the target pool before the head is trained (AdaBN). Measured
 on the CPU benchmark's target: `finetune` with backbone and neck frozen gave 0.5 mAP50 with the source
 statistics and 9.2 with AdaBN (12.5 unfrozen) after one meta-epoch; ANIL's cells over four meta-epochs went from
-0.4–0.9 to 3.8, still far below the learners that fine-tune the whole detector there
-(benchmarks/results/few_shot).
+0.4–0.9 to 3.8, still far below the learners that fine-tune the whole detector there; with
+``head_only_adapt: false`` the same meta-training was on par with them (benchmarks/results/few_shot, `anil-full`).
 
 Example::
 
