@@ -216,6 +216,12 @@ class _FirstEpoch:
             yield batch
 
 
+def _one_pass(batches: Iterable[Batch]) -> Iterable[Batch]:
+    """One pass over the pool: the first epoch when the batches say how many make one, else all of them."""
+    per_epoch = getattr(batches, "batches_per_epoch", None)
+    return _FirstEpoch(batches, per_epoch) if per_epoch else batches
+
+
 def finetune(learner: "MetaLearner", detector: Detector, batches: Iterable[Batch]) -> Detector:
     """Fine-tune ``detector`` in place on ``batches`` with the context's recipe and return the model to use:
     Adam(W) at ``finetune_lr``, a linear warm-up over ``finetune_warmup`` of the steps, then constant or cosine
@@ -235,9 +241,7 @@ def finetune(learner: "MetaLearner", detector: Detector, batches: Iterable[Batch
         # a frozen backbone keeps its weights, not the source images' statistics: its BatchNorm layers are
         # re-estimated on the target pool first (AdaBN, Li et al. 2016), so the head is trained on, and later
         # sees, the target's features; with the source statistics a frozen body gave ~0 mAP50 on the target
-        per_epoch = getattr(batches, "batches_per_epoch", None)
-        recompute_batchnorm(detector, _FirstEpoch(batches, per_epoch) if per_epoch else batches, ctx.compute,
-                            modules=frozen_by_policy)
+        recompute_batchnorm(detector, _one_pass(batches), ctx.compute, modules=frozen_by_policy)
     optimizer = make_optimizer("adamw" if ctx.weight_decay else "adam", detector.parameters(), ctx.finetune_lr,
                                ctx.weight_decay)
     total = len(batches) if hasattr(batches, "__len__") else None
@@ -266,9 +270,7 @@ def finetune(learner: "MetaLearner", detector: Detector, batches: Iterable[Batch
                         e.copy_(p)
     model = ema if ema is not None else detector
     if ctx.finetune_bn == "precise":
-        # one pass over the pool: the number of batches per epoch, when the batches say it
-        per_epoch = getattr(batches, "batches_per_epoch", None)
-        recompute_batchnorm(model, _FirstEpoch(batches, per_epoch) if per_epoch else batches, ctx.compute)
+        recompute_batchnorm(model, _one_pass(batches), ctx.compute)
     return model
 
 

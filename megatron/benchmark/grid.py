@@ -552,12 +552,12 @@ def reuse_index(dirs: list[Path]) -> dict[str, Path]:
     return index
 
 
-def _reuse_cell(src: Path, cdir: Path) -> dict:
+def _reuse_cell(src: Path, cdir: Path) -> None:
+    """Copy ``src``'s record into ``cdir``, marked with where it came from."""
     rec = read_json(src / RECORD_FILE) or {}
     rec["reused_from"] = str(src)
     cdir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(cdir / RECORD_FILE, rec)
-    return rec
 
 
 @dataclass
