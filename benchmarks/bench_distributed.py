@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the tiny detector and the process launcher live with the tests
 
 import dist_workers as dw  # noqa: E402
-from megatron.training import distributed as mdist  # noqa: E402
+from megatron.runtime import distributed as mdist  # noqa: E402
 from megatron.data.episodes import EpisodeSampler  # noqa: E402
 from megatron.data.preprocess import Preprocessor  # noqa: E402
 

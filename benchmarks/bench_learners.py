@@ -60,7 +60,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_detector import PeakRSS, make_batch  # noqa: E402  (same folder; shared synthetic data + RSS probe)
 
-from megatron.learner import LearnerContext  # noqa: E402
+from megatron.api.learner import LearnerContext  # noqa: E402
 from megatron.types import Batch, Episode  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"

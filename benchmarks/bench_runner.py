@@ -63,8 +63,8 @@ def main() -> None:
     from megatron.data.episodes import EpisodeSampler
     from megatron.data.preprocess import Preprocessor
     from megatron.experiment import build_detector, build_taskset, load_tasks
-    from megatron.learner import LearnerContext
-    from megatron.training.environment import seed_everything, training_seed
+    from megatron.api.learner import LearnerContext
+    from megatron.runtime.environment import seed_everything, training_seed
     from megatron.training.meta_train import head_classes_for, steps_per_source_epoch
     from megatron.training.runner import run_experiment
 

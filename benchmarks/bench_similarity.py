@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megatron.similarity import SimilarityContext, pairwise_distances, sample_indices
+from megatron.api.similarity import SimilarityContext, sample_indices
+from megatron.similarity import pairwise_distances
 from megatron_plugins.datasets.medsynth import MedSynthDataset
 from megatron_plugins.similarity.embedding import EmbeddingSimilarity
 from megatron_plugins.similarity.label_aware import LabelAwareSimilarity

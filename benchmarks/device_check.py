@@ -126,7 +126,7 @@ def perturbed(episodes, gray_levels: float = 1.0, seed: int = 5):
 def part_amp(device: torch.device, size: int, steps: int, learners: list[str], out: Path, cpu_only: bool) -> dict:
     from bench_detector import make_batch
     from bench_learners import GRAD_CLIP, INNER_LR, NUM_CLASSES, OUTER_LR, make_episodes
-    from megatron.learner import LearnerContext
+    from megatron.api.learner import LearnerContext
     from megatron_plugins.detectors.yolox import YOLOX
 
     # the controls: fp32 on imperceptibly perturbed images (two draws), the noise floor of the comparison
@@ -236,7 +236,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 def _rank(rank: int, world: int, port: int, backend: str, device_type: str, out_dir: str) -> None:
     import torch.distributed as dist
 
-    from megatron.training import distributed as mdist
+    from megatron.runtime import distributed as mdist
 
     torch.set_num_threads(1)
     try:
@@ -261,7 +261,7 @@ def train_cases(env, device: torch.device) -> dict:
     import dist_workers as dw
     from megatron.data.episodes import EpisodeSampler
     from megatron.data.preprocess import Preprocessor
-    from megatron.training import distributed as mdist
+    from megatron.runtime import distributed as mdist
 
     tasks = dw.blobs_tasks()
     factory = dw.tiny_detector_factory()
@@ -303,7 +303,7 @@ def spawn(world: int, backend: str, device_type: str, timeout_s: float) -> list[
 
 def part_distributed(device: torch.device, out: Path, cpu_only: bool, timeout_s: float) -> dict:
     import dist_workers as dw
-    from megatron.training.distributed import DistEnv
+    from megatron.runtime.distributed import DistEnv
 
     skipped, attempts = [], []
     backends = ["nccl", "gloo"] if device.type == "cuda" else ["gloo"]

@@ -3,7 +3,7 @@
 - ``registry_docs/hooks/<hook>.md`` starts with ``# <hook>`` and holds, in a ```python block, the exact
   signature line :func:`hook_signature` gives. A lifecycle hook whose argument is a dict lists its keys in a
   table (:func:`documented_keys` reads them; a test compares them with what the runner sends).
-- ``registry_docs/plugins/<kind>/<name>.md`` holds, between ``<!-- options:start -->`` and
+- ``registry_docs/plugins/<kind folder>/<name>.md`` (the folder named as in ``plugins/``) holds, between ``<!-- options:start -->`` and
   ``<!-- options:end -->``, exactly the table :func:`options_table` gives for the plugin class.
 - ``registry_docs/contracts/<kind>.md``: what a plugin of each kind implements (written by hand).
 
@@ -22,13 +22,17 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from megatron.pluginmanager import KIND_FOLDERS
+from megatron import hookspecs
+from megatron.errors import ConfigError
+from megatron import get_plugin_manager
+
 DOCS = Path(__file__).resolve().parent.parent / "registry_docs"
 START, END = "<!-- options:start -->", "<!-- options:end -->"
 
 
 def hook_signature(pm: Any, hook_name: str) -> str:
     """``def megatron_xxx(a: int, b: str) -> None`` as written in hookspecs.py."""
-    from megatron import hookspecs
 
     fn = getattr(hookspecs, hook_name)
     return f"def {hook_name}{inspect.signature(fn)}".replace("'", "")
@@ -63,7 +67,7 @@ def hook_page_path(hook_name: str) -> Path:
 
 
 def plugin_page_path(kind: str, name: str) -> Path:
-    return DOCS / "plugins" / kind / f"{name}.md"
+    return DOCS / "plugins" / KIND_FOLDERS.get(kind, kind) / f"{name}.md"
 
 
 #: plugin kinds with a contract page ``registry_docs/contracts/<kind>.md``
@@ -144,7 +148,6 @@ def write(pm: Any) -> list[Path]:
 def find_plugin(pm: Any, name: str, kind: str | None = None) -> tuple[str, type]:
     """``(kind, class)`` of the plugin named ``name`` (any kind unless ``kind`` is given). Unknown: a
     ConfigError listing every plugin name per kind; a name used by several kinds needs ``kind``."""
-    from megatron.errors import ConfigError
 
     regs = pm.registers
     if kind is not None and kind not in regs:
@@ -208,7 +211,6 @@ def main(argv: list[str] | None = None) -> int:
         "get a skeleton). --check only lists what is missing or stale. Third-party plugins: `megatron docs NAME`.")
     parser.add_argument("--check", action="store_true", help="list missing or stale pages and exit 1 if any; write nothing")
     args = parser.parse_args(argv)
-    from megatron import get_plugin_manager
 
     pm = get_plugin_manager(autoload=False)
     if args.check:

@@ -10,6 +10,7 @@ from megatron.config import ExperimentConfig, validate_plugin_options
 from megatron.errors import ConfigError, DataError, PluginError
 from megatron.pluginmanager import PluginManager
 from megatron.types import Task, TaskSet
+from megatron.training.weights import load_weights
 
 
 @dataclass
@@ -101,7 +102,7 @@ def build_detector(cfg: ExperimentConfig, pm: PluginManager, num_classes: int, c
                    options: BaseModel | None = None):
     """The configured detector plugin with ``num_classes`` classes at ``data.input_size``, its options validated
     (or the already validated ``options``), with ``checkpoint``'s weights loaded when one is given (megatron
-    pretrain, mmdet or torchvision weights; see :func:`megatron.training.weights.load_checkpoint`). The one
+    pretrain, mmdet or torchvision weights; see :func:`megatron.training.weights.load_weights`). The one
     place a detector is built from a config: the runner, pre-training and similarity features use it."""
     import logging
 
@@ -115,7 +116,6 @@ def build_detector(cfg: ExperimentConfig, pm: PluginManager, num_classes: int, c
     except Exception as exc:
         raise PluginError(f"detector plugin {cfg.detector.name!r} failed to build: {type(exc).__name__}: {exc}") from exc
     if checkpoint is not None:
-        from megatron.training.weights import load_checkpoint
 
-        logging.getLogger(__name__).info("%s", load_checkpoint(detector, checkpoint))
+        logging.getLogger(__name__).info("%s", load_weights(detector, checkpoint))
     return detector

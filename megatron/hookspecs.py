@@ -16,7 +16,7 @@ hookspec = pluggy.HookspecMarker("megatron")
 
 @hookspec
 def megatron_register_datasets() -> list[type]:
-    """Return dataset plugin classes (subclasses of :class:`megatron.datasets.DatasetPlugin`).
+    """Return dataset plugin classes (subclasses of :class:`megatron.api.dataset.DatasetPlugin`).
 
     Each class has a unique ``PLUGIN_NAME`` and an ``Options`` pydantic model; ``load()`` returns tasks.
     """
@@ -24,12 +24,12 @@ def megatron_register_datasets() -> list[type]:
 
 @hookspec
 def megatron_register_detectors() -> list[type]:
-    """Return detector plugin classes (subclasses of :class:`megatron.detector.Detector`)."""
+    """Return detector plugin classes (subclasses of :class:`megatron.api.detector.Detector`)."""
 
 
 @hookspec
 def megatron_register_learners() -> list[type]:
-    """Return learner plugin classes (subclasses of :class:`megatron.learner.MetaLearner`)."""
+    """Return learner plugin classes (subclasses of :class:`megatron.api.learner.MetaLearner`)."""
 
 
 @hookspec
@@ -39,7 +39,7 @@ def megatron_register_similarity_metrics() -> list[type]:
 
 @hookspec
 def megatron_register_loggers() -> list[type]:
-    """Return logger plugin classes (subclasses of :class:`megatron.loggers.Logger`).
+    """Return logger plugin classes (subclasses of :class:`megatron.api.logger.Logger`).
 
     A logger is switched on per run by the config's ``loggers:`` list (or ``--logger NAME``); megatron then
     validates its ``Options``, instantiates it and registers the instance for the run's duration, so its

@@ -29,13 +29,14 @@ from typing import Any, Iterable
 import pluggy
 
 from megatron import hookspecs
-from megatron.datasets import DatasetPlugin
-from megatron.detector import Detector
+from megatron.api.dataset import DatasetPlugin
+from megatron.api.detector import Detector
 from megatron.errors import DuplicateNameError, PluginError, UnknownNameError
-from megatron.learner import MetaLearner
-from megatron.loggers import Logger
+from megatron.api.learner import MetaLearner
+from megatron.api.logger import Logger
 from megatron.registry import Register
-from megatron.similarity import SimilarityMetric
+from megatron.api.similarity import SimilarityMetric
+from megatron import __version__
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,10 @@ KINDS: dict[str, tuple[str, type]] = {
     "similarity": ("megatron_register_similarity_metrics", SimilarityMetric),
     "logger": ("megatron_register_loggers", Logger),
 }
+
+#: kind -> the folder its built-ins live in, under ``plugins/`` and under ``registry_docs/plugins/``
+KIND_FOLDERS: dict[str, str] = {"dataset": "datasets", "detector": "detectors", "learner": "learners",
+                                "similarity": "similarity", "logger": "loggers"}
 
 #: what a failure happened in, as the messages say it
 _STAGES = {"import": "failed to import", "hooks": "has an invalid hook implementation",
@@ -145,7 +150,6 @@ def _validation_reason(pm: pluggy.PluginManager, plugin: Any, exc: pluggy.Plugin
 
 
 def _megatron_version() -> str:
-    from megatron import __version__
 
     return __version__
 

@@ -14,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from megatron.data.io import read_image
 
 
 @dataclass
@@ -40,7 +41,6 @@ class ImageRecord:
 
 
 def _read_image_file(record: ImageRecord) -> np.ndarray:
-    from megatron.data.io import read_image
 
     assert record.path is not None
     return read_image(record.path, frame=record.frame)

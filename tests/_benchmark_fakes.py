@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from megatron.checkpoint import atomic_write_json
+from megatron.atomic_io import atomic_write_json
 
 SOURCES = ["brain_mri", "breast_mri", "chest_xray", "mammography", "pneumonia", "ultrasound"]
 # learner -> added mAP50 (fraction); finetune is the reference

@@ -2,7 +2,7 @@
 
 ``spawn_ranks`` starts ``world`` processes with ``torch.multiprocessing`` (spawn), gives each the environment
 ``torchrun`` would (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR=127.0.0.1``, a free
-``MASTER_PORT``) and joins the process group through :func:`megatron.training.distributed.init_from_env`, exactly as a
+``MASTER_PORT``) and joins the process group through :func:`megatron.runtime.distributed.init_from_env`, exactly as a
 ``torchrun``-launched run does. A hung or failed rank fails the caller within ``timeout_s``.
 
 ``train_learners`` is the learner-level training loop of a distributed run (the runner's, minus evaluation):
@@ -21,10 +21,10 @@ from typing import Any, Callable
 
 import torch
 
-from megatron.training import distributed as mdist
+from megatron.runtime import distributed as mdist
 from megatron.data.episodes import EpisodeSampler
 from megatron.data.preprocess import Preprocessor
-from megatron.learner import LearnerContext
+from megatron.api.learner import LearnerContext
 
 #: (key, learner plugin name, options) trained by the equivalence tests
 LEARNER_CASES: list[tuple[str, str, dict[str, Any]]] = [
@@ -145,7 +145,7 @@ def train_learners(env: mdist.DistEnv, out_dir: str, steps: int = 3, meta_batch:
 
 
 def collectives(env: mdist.DistEnv, out_dir: str) -> None:
-    """The helpers of megatron.training.distributed on a real process group; findings saved to ``out_dir/coll<r>.pt``."""
+    """The helpers of megatron.runtime.distributed on a real process group; findings saved to ``out_dir/coll<r>.pt``."""
     from megatron.errors import ConfigError, TrainingError
 
     found: dict[str, Any] = {}

@@ -1,6 +1,6 @@
 """Tiny detectors whose losses can be worked out by hand, for pinning the learners' algorithms.
 
-Both implement the :class:`megatron.detector.Detector` interface (functional ``loss(batch, params)``,
+Both implement the :class:`megatron.api.detector.Detector` interface (functional ``loss(batch, params)``,
 ``parameter_groups``, ``box_features``, ``set_prototypes``, ``set_num_classes``) in float64, with groups
 ``backbone`` / ``neck`` / ``head``.
 
@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron.detector import Detector
+from megatron.api.detector import Detector
+from megatron.api.learner import LearnerContext
 from megatron.types import Batch, Detections, Episode
 
 GROUP_WEIGHTS = {"backbone": 1.0, "neck": 2.0, "head": 3.0}
@@ -177,3 +178,16 @@ def make_batch(channel_values, boxes=None, labels=None, size: int = 8, first_id:
 
 def make_episode(name: str, support: Batch, query: Batch, categories=("a", "b")) -> Episode:
     return Episode(task_name=name, support=support, query=query, categories=list(categories))
+
+
+def ctx(**kw) -> LearnerContext:
+    kw.setdefault("grad_clip", None)
+    return LearnerContext(**kw)
+
+
+def quad_episodes():
+    """Two tasks with different support/query statistics (constant images: s = channel values / 255)."""
+    return [
+        make_episode("t1", make_batch([[51, 102, 127.5], [51, 102, 127.5]]), make_batch([[204, 25.5, 51]], first_id=10)),
+        make_episode("t2", make_batch([[153, 76.5, 25.5]], first_id=20), make_batch([[10.2, 229.5, 204], [10.2, 229.5, 204]], first_id=30)),
+    ]

@@ -11,7 +11,7 @@ from typing import ClassVar
 import torch
 
 from megatron import hookimpl
-from megatron.learner import MetaLearner, make_optimizer
+from megatron.api.learner import MetaLearner, make_optimizer
 from megatron.types import Episode
 
 

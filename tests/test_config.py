@@ -10,7 +10,7 @@ from megatron.cli import main
 from megatron.config import ExperimentConfig, load_config
 from megatron.errors import ConfigError
 from megatron.experiment import validate_experiment_plugins
-from megatron.learner import LearnerOptions, MetaLearner
+from megatron.api.learner import LearnerOptions, MetaLearner
 from megatron.pluginmanager import get_plugin_manager
 
 

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
 import tiny_detector  # noqa: E402
 
 from megatron.docs import CONTRACT_KINDS, contract_page_path  # noqa: E402
@@ -53,7 +52,7 @@ def test_every_kind_has_a_contract_page_naming_every_member_of_its_base_class(ki
 def test_learner_contract_names_every_context_field():
     from dataclasses import fields
 
-    from megatron.learner import LearnerContext
+    from megatron.api.learner import LearnerContext
 
     text = contract_page_path("learner").read_text()
     missing = [f.name for f in fields(LearnerContext) if f"`{f.name}`" not in text]
@@ -81,7 +80,7 @@ def blob_episodes(n_episodes: int = 2, seed: int = 0):
 
 
 def make_learner(cls, **ctx):
-    from megatron.learner import LearnerContext
+    from megatron.api.learner import LearnerContext
 
     torch.manual_seed(0)
     detector = tiny_detector.TinyDetector(2, 64)
@@ -184,7 +183,7 @@ def test_logger_example_gets_its_options_and_writes_lines(tmp_path, monkeypatch,
     import json
 
     from megatron.config import load_config
-    from megatron.loggers import active_loggers
+    from megatron.training.run_loggers import active_loggers
 
     mod = example_module("logger", tmp_path / "mod", monkeypatch) if (tmp_path / "mod").mkdir() is None else None
     pm = make_plugin_manager(mod, builtins=False)

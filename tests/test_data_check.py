@@ -13,7 +13,7 @@ from megatron.errors import DataError
 from megatron_plugins.datasets.coco import CocoDataset
 from megatron_plugins.datasets.medsynth import MedSynthDataset
 
-from test_coco_yolo import make_coco, make_yolo
+from dataset_files import make_coco, make_yolo
 
 
 def test_summary_of_a_good_coco_folder(tmp_path):

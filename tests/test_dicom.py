@@ -304,7 +304,7 @@ def test_data_check_config_checks_every_dataset_through_its_plugin(tmp_path, cap
     from megatron.cli import main
     from megatron.config import load_config
     from megatron.data.check import check_config
-    from megatron.datasets import DatasetPlugin
+    from megatron.api.dataset import DatasetPlugin
     from megatron.types import ImageRecord, Task
 
     ann = dicom_study(tmp_path / "study")

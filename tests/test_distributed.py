@@ -1,4 +1,4 @@
-"""Distributed meta-training (megatron.training.distributed) on CPU: gloo, 2 processes on loopback, the tiny detector.
+"""Distributed meta-training (megatron.runtime.distributed) on CPU: gloo, 2 processes on loopback, the tiny detector.
 
 One 2-process session (module fixture; process start-up dominates the cost) trains every case of
 ``dist_workers.LEARNER_CASES`` for a few outer steps on the same global meta-batches a single process sees,
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import dist_workers
-from megatron.training import distributed as mdist
-from megatron.training.distributed import DistEnv
+from megatron.runtime import distributed as mdist
+from megatron.runtime.distributed import DistEnv
 from megatron.errors import ConfigError
 
 STEPS = 3
@@ -165,7 +165,7 @@ def test_the_check_can_fail_ranks_that_skip_the_all_reduce_diverge(tmp_path):
 
 # --- launcher helpers (no processes) ---------------------------------------------------------------------
 def test_local_context_switches_averaging_off_and_back():
-    from megatron.learner import LearnerContext
+    from megatron.api.learner import LearnerContext
 
     def reduce(tensors):
         raise AssertionError("must not be called")

@@ -135,7 +135,7 @@ def test_meta_batch_draws_distinct_tasks_then_whole_rounds():
 
 @pytest.mark.parametrize("n_way", [None, 2])
 def test_a_sharded_meta_batch_is_the_ranks_share_and_decodes_only_its_images(n_way):
-    from megatron.training.distributed import DistEnv, shard
+    from megatron.runtime.distributed import DistEnv, shard
 
     def setup(loaded):
         tasks = [make_task(n=30, name=f"t{i}", seed=i, loaded=loaded) for i in range(3)]

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from megatron.compute import ComputeAccount
-from megatron.detector import Detector
-from megatron.learner import LearnerContext, MetaLearner, finetune, freeze_batchnorm, recompute_batchnorm
+from megatron.api.detector import Detector
+from megatron.api.learner import LearnerContext, MetaLearner
+from megatron.training.finetune_recipe import finetune_with_recipe, freeze_batchnorm, recompute_batchnorm
 from megatron.types import Batch
 
 
@@ -71,7 +72,7 @@ def test_cosine_schedule_with_warmup_sets_the_hand_computed_rates(monkeypatch):
     learner = Plain(det, None, ctx)
     seen = []
     monkeypatch.setattr(Plain, "train_step", lambda self, d, opt, b: seen.append(opt.param_groups[0]["lr"]) or 0.0)
-    finetune(learner, det, Sized(batches(8)))
+    finetune_with_recipe(learner, det, Sized(batches(8)))
     total, warmup = 8, 2
     expected = [0.1 * (s + 1) / warmup if s < warmup else
                 0.1 * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))))
@@ -85,7 +86,7 @@ def test_precise_bn_is_applied_to_the_returned_model_over_one_pass():
     det = BNDetector()
     ctx = LearnerContext(finetune_lr=0.01, finetune_bn="precise")
     data = Sized(batches(4))  # two epochs of two batches
-    out = finetune(Plain(det, None, ctx), det, data)
+    out = finetune_with_recipe(Plain(det, None, ctx), det, data)
     with torch.no_grad():
         feats = [out.conv(b.images) for b in data[:2]]
     mean = torch.stack([f.mean(dim=(0, 2, 3)) for f in feats]).mean(0)
@@ -98,7 +99,7 @@ def test_ema_returns_the_average_and_frozen_bn_keeps_statistics():
     det = BNDetector()
     start = {k: v.clone() for k, v in det.state_dict().items()}
     ctx = LearnerContext(finetune_lr=0.05, finetune_ema=0.9)
-    out = finetune(Plain(det, None, ctx), det, batches(3))
+    out = finetune_with_recipe(Plain(det, None, ctx), det, batches(3))
     assert out is not det
     # hand computation of the EMA of the conv weight over the trajectory is the average the detector followed:
     # it lies strictly between the start and the final weights
@@ -109,7 +110,7 @@ def test_ema_returns_the_average_and_frozen_bn_keeps_statistics():
     frozen = BNDetector()
     stats = (frozen.bn.running_mean.clone(), frozen.bn.running_var.clone())
     freeze_batchnorm(frozen)
-    finetune(Plain(frozen, None, LearnerContext(finetune_lr=0.05, finetune_bn="frozen")), frozen, batches(2))
+    finetune_with_recipe(Plain(frozen, None, LearnerContext(finetune_lr=0.05, finetune_bn="frozen")), frozen, batches(2))
     assert torch.equal(frozen.bn.running_mean, stats[0]) and torch.equal(frozen.bn.running_var, stats[1])
     assert not frozen.bn.weight.requires_grad and frozen.bn.training is False
 
@@ -150,7 +151,7 @@ def test_a_frozen_backbone_gets_the_target_statistics_before_the_head_is_trained
             return super().train_step(detector, optimizer, batch)
 
     ctx = LearnerContext(finetune_lr=0.05, finetune_bn="precise")
-    out = finetune(Watching(det, None, ctx), det, data)
+    out = finetune_with_recipe(Watching(det, None, ctx), det, data)
     with torch.no_grad():
         feats = [det.body(b.images) for b in data[:2]]
     mean = torch.stack([f.mean(dim=(0, 2, 3)) for f in feats]).mean(0)
@@ -166,5 +167,5 @@ def test_a_frozen_backbone_gets_the_target_statistics_before_the_head_is_trained
     det2 = BodyBNDetector()
     det2.body_bn.running_mean.fill_(5.0)
     det2.freeze("backbone")
-    finetune(Plain(det2, None, LearnerContext(finetune_lr=0.05, finetune_bn="train")), det2, data)
+    finetune_with_recipe(Plain(det2, None, LearnerContext(finetune_lr=0.05, finetune_bn="train")), det2, data)
     assert torch.equal(det2.body_bn.running_mean, torch.full((2,), 5.0))

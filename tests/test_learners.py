@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatron.errors import ConfigError
-from megatron.learner import LearnerContext, MetaLearner, make_optimizer
+from megatron.api.learner import LearnerContext, MetaLearner, make_optimizer
 from megatron_plugins.learners._functional import inner_loop
 from megatron_plugins.learners.anil import ANIL
 from megatron_plugins.learners.finetune import Finetune
@@ -18,25 +18,12 @@ from megatron_plugins.learners.proto import Proto, class_prototypes, cosine_logi
 from megatron_plugins.learners.reptile import Reptile
 from megatron.types import Task
 
-from learner_models import GROUP_WEIGHTS, CoupledDetector, QuadraticDetector, batch_stats, make_batch, make_episode
+from learner_models import GROUP_WEIGHTS, CoupledDetector, QuadraticDetector, batch_stats, make_batch, make_episode, ctx, quad_episodes
 
 
 
 LEARNERS = {"maml": MAML, "anil": ANIL, "reptile": Reptile, "proto": Proto, "finetune": Finetune,
             "incremental": Incremental}
-
-
-def ctx(**kw) -> LearnerContext:
-    kw.setdefault("grad_clip", None)
-    return LearnerContext(**kw)
-
-
-def quad_episodes():
-    """Two tasks with different support/query statistics (constant images: s = channel values / 255)."""
-    return [
-        make_episode("t1", make_batch([[51, 102, 127.5], [51, 102, 127.5]]), make_batch([[204, 25.5, 51]], first_id=10)),
-        make_episode("t2", make_batch([[153, 76.5, 25.5]], first_id=20), make_batch([[10.2, 229.5, 204], [10.2, 229.5, 204]], first_id=30)),
-    ]
 
 
 def coupled_episodes():

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from pydantic import Field
 
-sys.path.insert(0, str(Path(__file__).parent))
 import learners_for_tests  # noqa: E402
 import tiny_detector  # noqa: E402
 
@@ -19,7 +18,8 @@ from megatron import hookimpl  # noqa: E402
 from megatron.cli import main  # noqa: E402
 from megatron.config import load_config  # noqa: E402
 from megatron.errors import ConfigError, PluginError  # noqa: E402
-from megatron.loggers import Logger, LoggerOptions, active_loggers, validate_loggers, with_cli_loggers  # noqa: E402
+from megatron.api.logger import Logger, LoggerOptions  # noqa: E402
+from megatron.training.run_loggers import active_loggers, validate_loggers, with_cli_loggers  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 
@@ -270,7 +270,7 @@ def tiny_run_config(tmp_path: Path, **overrides):
 
 
 def test_a_run_with_loggers_writes_tensorboard_and_csv_under_its_run_directory(tmp_path):
-    """Needs the runner to switch the loggers on (``megatron.loggers.active_loggers`` around the run)."""
+    """Needs the runner to switch the loggers on (``megatron.api.logger.active_loggers`` around the run)."""
     from megatron.training.runner import run_experiment
 
     pm = megatron.get_plugin_manager(autoload=False, extra=[("tiny_detector", tiny_detector),

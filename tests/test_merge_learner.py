@@ -13,8 +13,8 @@ from megatron_plugins.learners.merge import Merge
 from megatron_plugins.learners.reptile import Reptile
 
 from learner_models import GROUP_WEIGHTS, CoupledDetector, QuadraticDetector, batch_stats, make_batch, make_episode
-from test_learners import ctx, quad_episodes
-from test_runner import KillAt
+from learner_models import ctx, quad_episodes
+from tiny_run import KillAt
 
 
 

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
 import tiny_detector  # noqa: E402
 
 from megatron.data.preprocess import Preprocessor, collate  # noqa: E402

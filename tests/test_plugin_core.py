@@ -14,7 +14,7 @@ from megatron import hookimpl
 from megatron.cli import main
 from megatron.errors import DuplicateNameError, PluginError, UnknownNameError
 from megatron.pluginmanager import BUILTIN_PLUGINS, get_plugin_manager
-from megatron.similarity import SimilarityMetric
+from megatron.api.similarity import SimilarityMetric
 
 EXAMPLE_SRC = Path(__file__).resolve().parent.parent / "examples" / "megatron-ks-similarity" / "src"
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).parent))
 import tiny_detector  # noqa: E402
 
 from megatron.cli import main  # noqa: E402

@@ -7,10 +7,10 @@ import torch
 
 from megatron import hookimpl
 from megatron.config import load_config
-from megatron.datasets import DatasetOptions, DatasetPlugin
+from megatron.api.dataset import DatasetOptions, DatasetPlugin
 from megatron.training.pretrain import PretrainSettings, interleaved_batches, merged_categories, pretrain
 from megatron.types import ImageRecord, Task
-from megatron.training.weights import load_checkpoint, read_checkpoint_header
+from megatron.training.weights import load_weights, read_checkpoint_header
 
 
 @pytest.fixture(autouse=True)
@@ -90,7 +90,7 @@ def test_pretrain_writes_a_checkpoint_run_can_start_from(tmp_path, make_plugin_m
     det_cls = pm.register_of("detector").get("yolox")
     torch.manual_seed(123)
     target = det_cls(1, 64)
-    report = load_checkpoint(target, out)
+    report = load_weights(target, out)
     assert report.reinitialised_classifier == (3, 1)
     saved = torch.load(out, weights_only=True)["state_dict"]
     stem = "model.backbone.stem.conv.conv.weight"

@@ -37,7 +37,7 @@ def test_hook_pages_show_an_example():
 
 
 def test_options_table_lists_every_option():
-    from megatron.learner import LearnerOptions
+    from megatron.api.learner import LearnerOptions
 
     class Opts(LearnerOptions):
         steps: int = 3
@@ -88,9 +88,6 @@ class PayloadRecorder:
 @pytest.fixture(scope="module")
 def payloads(tmp_path_factory):
     """One tiny run that passes through every stage: stage 1, source selection, a validation split, a baseline."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
     import learners_for_tests
     import tiny_detector
     import torch
@@ -169,7 +166,7 @@ def third_party_module(tmp_path: Path, description: str) -> str:
     (tmp_path / "my_thirdparty_learner.py").write_text(f'''
 from pydantic import Field
 from megatron import hookimpl
-from megatron.learner import LearnerOptions, MetaLearner
+from megatron.api.learner import LearnerOptions, MetaLearner
 
 
 class Opts(LearnerOptions):

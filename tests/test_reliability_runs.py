@@ -161,24 +161,6 @@ def test_runs_killed_at_random_points_resume_to_the_uninterrupted_result(tmp_pat
 
 # --- failures recorded and recovered (in this process, through the CLI's main) -------------------------------
 
-@pytest.fixture
-def tiny_plugins(monkeypatch):
-    """Built-ins plus the tiny detector and the blobs dataset, for the CLI (which builds its own manager)."""
-    import megatron
-
-    sys.path.insert(0, str(TESTS))
-    import tiny_detector
-
-    real = megatron.get_plugin_manager
-
-    def with_tiny(**kwargs):
-        kwargs.setdefault("autoload", False)
-        return real(extra=[("tiny_detector", tiny_detector)], **{k: v for k, v in kwargs.items() if k != "extra"})
-
-    monkeypatch.setattr(megatron, "get_plugin_manager", with_tiny)
-    monkeypatch.setenv("COLUMNS", "160")
-    torch.set_num_threads(1)
-
 
 @pytest.mark.parametrize("rerun", [[], ["--resume"]], ids=["rerun", "rerun --resume"])
 def test_a_run_that_fails_in_set_up_is_recorded_and_a_rerun_starts_afresh(tmp_path, tiny_plugins, capsys, caplog,

@@ -11,7 +11,7 @@ import pytest
 
 import _benchmark_fakes as fakes
 from megatron.benchmark import grid as bm
-from megatron.checkpoint import atomic_write_json
+from megatron.atomic_io import atomic_write_json
 from megatron.cli import main
 from megatron.benchmark.report import ReportError, build_report, load_rows
 

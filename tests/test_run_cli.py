@@ -8,27 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
 import tiny_detector  # noqa: E402
 
 import megatron  # noqa: E402
 from megatron.cli import main  # noqa: E402
 
 BUILTIN_LEARNERS = ["maml", "reptile", "anil", "proto", "finetune", "incremental"]
-
-
-
-@pytest.fixture
-def tiny_plugins(monkeypatch):
-    """Built-ins plus the tiny detector and the blobs dataset, for the CLI (which builds its own manager)."""
-    real = megatron.get_plugin_manager
-
-    def with_tiny(**kwargs):
-        kwargs.setdefault("autoload", False)
-        return real(extra=[("tiny_detector", tiny_detector)], **{k: v for k, v in kwargs.items() if k != "extra"})
-
-    monkeypatch.setattr(megatron, "get_plugin_manager", with_tiny)
-    monkeypatch.setenv("COLUMNS", "160")  # rich wraps tables to the terminal width
 
 
 TINY_ARGS = [

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron.checkpoint import atomic_write_json, atomic_write_text, file_mode
+from megatron.atomic_io import atomic_write_json, atomic_write_text, file_mode
 from megatron.errors import ConfigError
 from megatron.training import rundir
 from megatron.training.rundir import (
-    CheckpointUnusable, RunDirBusy, RunDirTaken, carry_history, claim_run_dir, describe_error, load_checkpoint,
+    CheckpointUnusable, RunDirBusy, RunDirTaken, carry_history, claim_run_dir, describe_error, load_resume_state,
     lock_run_dir, mark_failed, save_checkpoint,
 )
 
@@ -231,12 +231,12 @@ def test_save_keeps_the_previous_checkpoint(tmp_path):
     assert not (d / "previous.pt").exists()
     save_checkpoint(ckpt_state(meta_epoch=2), d)
     assert torch.load(d / "last.pt")["meta_epoch"] == 2 and torch.load(d / "previous.pt")["meta_epoch"] == 1
-    loaded = load_checkpoint(d, "reptile", FMT)
+    loaded = load_resume_state(d, "reptile", FMT)
     assert loaded.path == d / "last.pt" and not loaded.fell_back and loaded.state["meta_epoch"] == 2
 
 
 def test_no_checkpoint_at_all_is_none(tmp_path):
-    assert load_checkpoint(tmp_path / "checkpoints" / "reptile", "reptile", FMT) is None
+    assert load_resume_state(tmp_path / "checkpoints" / "reptile", "reptile", FMT) is None
 
 
 @pytest.mark.parametrize("spoil", ["random bytes", "truncated", "other learner", "other format", "not a dict",
@@ -270,7 +270,7 @@ def test_an_unusable_last_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
             raise RuntimeError("size mismatch for head.weight")
 
     with caplog.at_level(logging.WARNING, logger="megatron.training.rundir"):
-        loaded = load_checkpoint(d, "reptile", FMT, required=("record",), check=check)
+        loaded = load_resume_state(d, "reptile", FMT, required=("record",), check=check)
     assert loaded.fell_back and loaded.path == d / "previous.pt" and loaded.state["meta_epoch"] == 1
     assert "previous good checkpoint" in caplog.text and "last.pt" in caplog.text
     # the bad file is kept aside (so the next save cannot rotate it over the good one), run.json untouched
@@ -283,7 +283,7 @@ def test_last_missing_after_a_kill_between_rotation_and_write(tmp_path):
     save_checkpoint(ckpt_state(meta_epoch=1), d)
     save_checkpoint(ckpt_state(meta_epoch=2), d)
     (d / "last.pt").unlink()
-    loaded = load_checkpoint(d, "reptile", FMT)
+    loaded = load_resume_state(d, "reptile", FMT)
     assert loaded.fell_back and loaded.state["meta_epoch"] == 1
 
 
@@ -295,7 +295,7 @@ def test_no_usable_checkpoint_stops_with_a_clear_message_and_keeps_the_record(tm
     d.mkdir(parents=True)
     (d / "last.pt").write_bytes(os.urandom(500))
     with pytest.raises(CheckpointUnusable) as info:
-        load_checkpoint(d, "reptile", FMT)
+        load_resume_state(d, "reptile", FMT)
     msg = str(info.value)
     assert isinstance(info.value, ConfigError)
     assert str(d / "last.pt") in msg and "previous.pt: missing" in msg and "unchanged" in msg

@@ -14,10 +14,10 @@ import tiny_detector  # noqa: E402
 
 import megatron  # noqa: E402
 from megatron import hookimpl  # noqa: E402
-from megatron.checkpoint import safe_torch_load  # noqa: E402
+from megatron.atomic_io import safe_torch_load  # noqa: E402
 from megatron.config import load_config  # noqa: E402
 from megatron.errors import ConfigError, PluginError, TrainingError  # noqa: E402
-from megatron.training.environment import derive_seed  # noqa: E402
+from megatron.runtime.environment import derive_seed  # noqa: E402
 from megatron.training.meta_train import steps_per_source_epoch  # noqa: E402
 from megatron.training.runner import run_experiment  # noqa: E402
 

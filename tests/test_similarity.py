@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from megatron.errors import DataError, MegatronError
-from megatron.similarity import SimilarityContext, pairwise_distances, rank_sources, select_sources, to_gray_uint8
+from megatron.api.similarity import SimilarityContext, to_gray_uint8
+from megatron.similarity import pairwise_distances, rank_sources, select_sources
 from megatron.types import ImageRecord, Task
 from megatron_plugins.similarity.embedding import EmbeddingSimilarity, frechet_distance, ot_distance
 from megatron_plugins.similarity.label_aware import LabelAwareSimilarity

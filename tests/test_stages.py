@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_runner import make_pm, tiny_config  # noqa: E402
+from tiny_run import make_pm, tiny_config  # noqa: E402
 
 from megatron import hookimpl  # noqa: E402
 from megatron.errors import ConfigError, DataError  # noqa: E402
@@ -157,7 +156,7 @@ def test_episode_draws_are_recorded_and_resume_checks_them(tmp_path):
     again = run_experiment(cfg, run_dir=tmp_path / "r2", pm=make_pm(), progress=False)
     assert [e["episodes"]["sha256"] for e in again["learners"]["joint_test"]["epochs"]] == hashes
     # a checkpoint that does not belong to the record is refused on resume
-    from megatron.checkpoint import atomic_torch_save, safe_torch_load
+    from megatron.atomic_io import atomic_torch_save, safe_torch_load
 
     ckpt = tmp_path / "r" / "checkpoints" / "joint_test" / "last.pt"
     state = safe_torch_load(ckpt)

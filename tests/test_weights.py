@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatron.errors import MegatronError
-from megatron.training.weights import CheckpointError, LoadReport, load_checkpoint, read_checkpoint_header, save_detector_checkpoint
+from megatron.training.weights import CheckpointError, LoadReport, load_weights, read_checkpoint_header, save_detector_checkpoint
 from megatron_plugins.detectors.faster_rcnn import FasterRCNN
 from megatron_plugins.detectors.yolox import YOLOX
 
@@ -39,7 +39,7 @@ def test_round_trip_is_exact(tmp_path, yolox_pair):
     b = copy.deepcopy(b)
     assert not _equal_state(a, b)
     path = save_detector_checkpoint(a, tmp_path / "ckpt" / "det.pt", meta={"note": "test", "epochs": 3})
-    report = load_checkpoint(b, path)
+    report = load_weights(b, path)
     assert _equal_state(a, b)
     assert report.format == "megatron" and report.complete and not report.unexpected
     assert report.meta["meta"] == {"note": "test", "epochs": 3}
@@ -55,7 +55,7 @@ def test_other_class_count_reinitialises_only_the_classifier(tmp_path, yolox_pai
     path = save_detector_checkpoint(a, tmp_path / "det.pt")
     torch.manual_seed(5)
     target = YOLOX(5, 128)
-    report = load_checkpoint(target, path)
+    report = load_weights(target, path)
     assert report.reinitialised_classifier == (3, 5)
     assert target.num_classes == 5
     cls = set(target.parameter_groups()["head_cls"])
@@ -70,7 +70,7 @@ def test_checkpoint_of_another_detector_is_refused(tmp_path, yolox_pair):
     path = save_detector_checkpoint(a, tmp_path / "det.pt")
     det = FasterRCNN(3, 128, FasterRCNN.Options(depth=18))
     with pytest.raises(CheckpointError, match="written for detector 'yolox'"):
-        load_checkpoint(det, path)
+        load_weights(det, path)
 
 
 def test_mmdet_checkpoint_with_missing_and_unexpected_keys(tmp_path, yolox_pair):
@@ -82,7 +82,7 @@ def test_mmdet_checkpoint_with_missing_and_unexpected_keys(tmp_path, yolox_pair)
     state["bbox_head.extra_layer.weight"] = torch.zeros(2)
     state["bbox_head.multi_level_conv_cls.0.weight"] = torch.zeros(80, 96, 1, 1)  # a COCO classifier
     torch.save({"state_dict": state, "meta": {"epoch": 300, "classes": ["person", "car"]}}, tmp_path / "mm.pth")
-    report = load_checkpoint(b, tmp_path / "mm.pth")
+    report = load_weights(b, tmp_path / "mm.pth")
     assert report.format == "mmdet"
     assert report.missing == [f"model.{dropped}"]
     assert report.unexpected == ["model.bbox_head.extra_layer.weight"]
@@ -106,9 +106,9 @@ def test_mmdet_checkpoint_with_pickled_meta_needs_an_explicit_opt_in(tmp_path, y
     torch.save({"state_dict": a.model.state_dict(), "meta": {"hub": argparse.Namespace(x=1)}}, path)
     monkeypatch.delenv("MEGATRON_ALLOW_UNSAFE_CHECKPOINTS", raising=False)
     with pytest.raises(CheckpointError, match="MEGATRON_ALLOW_UNSAFE_CHECKPOINTS") as info:
-        load_checkpoint(b, path)
+        load_weights(b, path)
     assert str(path) in str(info.value)
-    report = load_checkpoint(b, path, allow_unsafe=True)
+    report = load_weights(b, path, allow_unsafe=True)
     assert report.complete and _equal_state(a, b)
 
 
@@ -117,7 +117,7 @@ def test_torchvision_resnet_weights_map_onto_the_mmdet_backbone(tmp_path):
     tv = torchvision.models.resnet18(weights=None).state_dict()
     torch.save(tv, tmp_path / "resnet18.pth")
     det = FasterRCNN(3, 128, FasterRCNN.Options(depth=18))
-    report = load_checkpoint(det, tmp_path / "resnet18.pth")
+    report = load_weights(det, tmp_path / "resnet18.pth")
     assert report.format == "torchvision"
     backbone = set(det.parameter_groups()["backbone"])
     assert backbone <= set(report.loaded)
@@ -129,21 +129,21 @@ def test_torchvision_resnet_weights_map_onto_the_mmdet_backbone(tmp_path):
 def test_a_file_that_fits_nothing_is_an_error(tmp_path, yolox_pair):
     torch.save({"foo.weight": torch.zeros(3)}, tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match="none of its 1 weights fit"):
-        load_checkpoint(copy.deepcopy(yolox_pair[0]), tmp_path / "other.pth")
+        load_weights(copy.deepcopy(yolox_pair[0]), tmp_path / "other.pth")
 
 
 def test_missing_and_corrupt_files_name_the_path(tmp_path, yolox_pair):
     det = yolox_pair[1]
     with pytest.raises(MegatronError, match="nope.pt not found"):
-        load_checkpoint(det, tmp_path / "nope.pt")
+        load_weights(det, tmp_path / "nope.pt")
     bad = tmp_path / "corrupt.pt"
     bad.write_bytes(b"PK\x03\x04 this is not a checkpoint")
     with pytest.raises(MegatronError, match="corrupt.pt") as info:
-        load_checkpoint(det, bad)
+        load_weights(det, bad)
     assert "corrupt" in str(info.value) or "not a readable" in str(info.value)
     truncated = tmp_path / "truncated.pt"
     save_detector_checkpoint(det, truncated)
     truncated.write_bytes(truncated.read_bytes()[:5000])
     with pytest.raises(CheckpointError, match="truncated.pt"):
-        load_checkpoint(det, truncated)
+        load_weights(det, truncated)
     assert isinstance(LoadReport(path=bad, format="x"), LoadReport)

@@ -30,8 +30,8 @@ from torch import nn
 from torchvision.ops import batched_nms
 
 from megatron import hookimpl
-from megatron.datasets import DatasetOptions, DatasetPlugin
-from megatron.detector import Detector, DetectorOptions
+from megatron.api.dataset import DatasetOptions, DatasetPlugin
+from megatron.api.detector import Detector, DetectorOptions
 from megatron.types import Batch, Detections, ImageRecord, Task, to_original_coords
 
 STRIDE = 8

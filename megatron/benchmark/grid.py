@@ -61,10 +61,16 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from megatron.checkpoint import atomic_write_json, atomic_write_text
+from megatron.atomic_io import atomic_write_json, atomic_write_text
 from megatron.config import ExperimentConfig, apply_overrides, format_validation_error, set_dotted
 from megatron.errors import ConfigError, MegatronError
-from megatron.learner import BASELINE_LEARNER as BASELINE
+from megatron.api.learner import BASELINE_LEARNER as BASELINE
+from megatron.experiment import build_taskset, load_tasks
+from megatron import get_plugin_manager
+from megatron.training import runner
+from megatron import __version__, get_plugin_manager
+from megatron.training.record import _version, collect_plugin_versions
+from megatron.benchmark.report import build_report
 
 log = logging.getLogger(__name__)
 
@@ -276,10 +282,8 @@ def source_task_names(base: dict[str, Any], pm=None) -> list[str]:
     cfg = _validate_experiment(base, "base")
     if cfg.data.sources is not None:
         return list(cfg.data.sources)
-    from megatron.experiment import build_taskset, load_tasks
 
     if pm is None:
-        from megatron import get_plugin_manager
 
         pm = get_plugin_manager()
     return [t.name for t in build_taskset(cfg, load_tasks(cfg, pm)).sources]
@@ -437,7 +441,6 @@ def cell_config(cell: Cell, base: dict[str, Any], out_dir: Path, lr_keys: list[s
 # --------------------------------------------------------------------------------------------------------- running
 def _default_runner(cfg: ExperimentConfig, run_dir: Path, pm=None, resume: bool = False,
                     progress: bool = False) -> dict:
-    from megatron.training import runner
 
     return runner.run_experiment(cfg, run_dir, pm=pm, resume=resume, progress=progress)
 
@@ -528,8 +531,6 @@ def experiment_fingerprint(cfg_json: dict, versions: dict | None = None) -> str:
 
 def _current_versions(cfg_json: dict, pm=None) -> dict:
     """The versions a cell of ``cfg_json`` would record if it ran now (see :func:`experiment_fingerprint`)."""
-    from megatron import __version__, get_plugin_manager
-    from megatron.training.record import _version, collect_plugin_versions
 
     cfg = ExperimentConfig.model_validate(cfg_json)
     return {"megatron": __version__, **{p: _version(p) for p in _VERSION_KEYS[1:]},
@@ -667,7 +668,6 @@ def run_benchmark(bcfg: BenchmarkConfig, base: dict[str, Any], out_dir: str | Pa
         bar.close()
     written = None
     if report:
-        from megatron.benchmark.report import build_report
 
         written = build_report([out], out)  # shards report what they hold; `megatron report` merges them
     return BenchmarkResult(out, plan, ran, skipped, failed, written, reused)

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Iterable
 
 from megatron.benchmark import stats
-from megatron.checkpoint import atomic_write_json, atomic_write_text
+from megatron.atomic_io import atomic_write_json, atomic_write_text
 from megatron.benchmark.rows import (  # noqa: F401 - re-exported for readers of the report
     BASELINE, CSV_COLUMNS, DEFAULT_MODEL, METRIC_LABELS, METRICS, POINTS, UNIT, Loaded, ReportError, complete,
     fixed_epoch, load_rows, n_all, setting_label, setting_of, slug, _skey,

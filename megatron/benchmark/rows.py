@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterable
 
 from megatron.errors import MegatronError
-from megatron.learner import BASELINE_LEARNER as BASELINE  # noqa: F401 - the report and plots read it here
+from megatron.api.learner import BASELINE_LEARNER as BASELINE  # noqa: F401 - the report and plots read it here
 
 # FROC: mean sensitivity at 1/8..8 false positives per image (megatron.evaluation.froc); absent (None) in
 # records made before it existed, which then simply have no FROC interval

@@ -131,7 +131,7 @@ def _with_loggers(base: dict, names: list[str] | None) -> dict:
     plugin that failed to load, an unknown logger or a bad logger option stops here, before any cell runs)."""
     from megatron import get_plugin_manager
     from megatron.config import ExperimentConfig
-    from megatron.loggers import validate_loggers
+    from megatron.training.run_loggers import validate_loggers
 
     pm = get_plugin_manager()
     if names:

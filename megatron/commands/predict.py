@@ -194,7 +194,7 @@ def entries_as_arrays(entries: list[dict]) -> tuple[np.ndarray, np.ndarray, np.n
 
 
 def _run(args: argparse.Namespace) -> int:
-    from megatron.checkpoint import atomic_write_json
+    from megatron.atomic_io import atomic_write_json
     from megatron.data.io import read_image, write_image
     from megatron.errors import ConfigError
     from megatron.evaluation.predictions import predict_task

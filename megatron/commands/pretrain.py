@@ -42,7 +42,7 @@ def _run(args: argparse.Namespace) -> int:
     from megatron import get_plugin_manager
     from megatron.training.pretrain import pretrain, stage1_settings
 
-    from megatron.loggers import active_loggers, call_logger_hook, log_scalars, validate_loggers, with_cli_loggers
+    from megatron.training.run_loggers import active_loggers, call_logger_hook, log_scalars, validate_loggers, with_cli_loggers
 
     cfg = with_cli_loggers(config_from_args(args), args.logger)
     pm = get_plugin_manager()  # a plugin that failed to load stops the command here (exit 2)

@@ -105,7 +105,7 @@ def relaunch_argv(args: argparse.Namespace) -> list[str]:
 
 def launch_processes(args: argparse.Namespace) -> int:
     """``--nproc N``: ``python -m megatron run ...`` in N processes through torch.distributed.run."""
-    from megatron.training import distributed as mdist
+    from megatron.runtime import distributed as mdist
     from megatron.errors import ConfigError
 
     cfg = config_from_args(args)  # a bad config fails here, once, not in N processes
@@ -129,7 +129,7 @@ def launch_processes(args: argparse.Namespace) -> int:
 
 
 def run_command(args: argparse.Namespace, pm=None) -> int:
-    from megatron.training import distributed as mdist
+    from megatron.runtime import distributed as mdist
     from megatron.training.runner import run_experiment
 
     if getattr(args, "nproc", None) is not None and args.nproc < 1:
@@ -142,7 +142,7 @@ def run_command(args: argparse.Namespace, pm=None) -> int:
         get_plugin_manager()  # a broken plugin stops here, reported once, not once per process
         return launch_processes(args)
 
-    from megatron.loggers import with_cli_loggers
+    from megatron.training.run_loggers import with_cli_loggers
 
     cfg = with_cli_loggers(config_from_args(args), getattr(args, "logger", None))
     if args.similarity and not cfg.similarity.select_sources:

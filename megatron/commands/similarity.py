@@ -143,9 +143,10 @@ def compute_tasks(cfg, pm, target, sources: list, metric_names: list[str], progr
     """:func:`compute` on given tasks. Metrics with ``USES_LABELS`` are skipped when a task has no boxes
     (``result["skipped"]``: metric -> reason). Each metric's entry holds ``images``: task -> images used."""
     from megatron.errors import ConfigError
-    from megatron.similarity import SimilarityContext, build_metric, pairwise_distances
+    from megatron.api.similarity import SimilarityContext
+    from megatron.similarity import build_metric, pairwise_distances
     from megatron.similarity.selection import detector_feature_extractor
-    from megatron.training.environment import resolve_device
+    from megatron.runtime.environment import resolve_device
     from megatron.types import Task
 
     ordered = [target, *sources]
@@ -224,7 +225,7 @@ def _run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from megatron import get_plugin_manager
-    from megatron.checkpoint import atomic_write_json
+    from megatron.atomic_io import atomic_write_json
 
     from megatron.errors import ConfigError
 

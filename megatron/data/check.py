@@ -25,6 +25,7 @@ from megatron.data.problems import Problem
 from megatron.data.yolo import read_yolo_task
 from megatron.errors import ConfigError, DataError
 from megatron.types import Task
+from megatron.config import validate_plugin_options
 
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 Format = Literal["coco", "yolo", "dicom", "folder"]
@@ -225,7 +226,6 @@ def check_config(cfg: Any, pm: Any, progress: Callable[[int, int], None] | None 
     ``load()`` and a DataError becomes the report's one problem. A plugin name or option that is wrong is a
     ConfigError (nothing to check). ``on_dataset(label)`` is called before each dataset is read.
     """
-    from megatron.config import validate_plugin_options
 
     reports: list[CheckReport] = []
     for i, spec in enumerate(cfg.data.datasets):

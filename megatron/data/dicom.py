@@ -104,30 +104,6 @@ class DicomDisplay:
 DEFAULT_DISPLAY = DicomDisplay()
 
 
-class DicomImageLoader:
-    """``Task.image_loader`` reading ``record.path`` (frame ``record.frame``) with a chosen :class:`DicomDisplay`;
-    files that are not DICOM are read as usual. Picklable and hashable (data-loader workers, image cache)."""
-
-    def __init__(self, display: DicomDisplay = DEFAULT_DISPLAY):
-        self.display = display
-
-    def __call__(self, record: Any) -> np.ndarray:
-        from megatron.data.io import read_image
-
-        if record.path is None:
-            raise DataError(f"image {record.image_id} ({record.file_name}) has no file path to read")
-        return read_image(record.path, frame=getattr(record, "frame", None), dicom=self.display)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, DicomImageLoader) and other.display == self.display
-
-    def __hash__(self) -> int:
-        return hash((DicomImageLoader, self.display))
-
-    def __repr__(self) -> str:
-        return f"DicomImageLoader({self.display!r})"
-
-
 # --------------------------------------------------------------------------------------------- file detection
 def has_dicom_magic(path: Path) -> bool:
     """True when ``path`` holds ``DICM`` at byte 128 (the DICOM Part 10 file preamble)."""

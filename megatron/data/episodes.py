@@ -19,6 +19,7 @@ import numpy as np
 from megatron.data.preprocess import Preprocessor, collate
 from megatron.errors import DataError
 from megatron.types import Batch, Episode, ImageRecord, Task
+from megatron.runtime.distributed import shard as shard_list
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +279,7 @@ class EpisodeSampler:
         """``size`` episodes, one per task; tasks drawn without replacement (whole permutations when
         ``size`` exceeds the number of tasks, so every task appears as evenly as possible).
 
-        ``shard`` (a :class:`~megatron.training.distributed.DistEnv`, or anything with ``rank`` and
+        ``shard`` (a :class:`~megatron.runtime.distributed.DistEnv`, or anything with ``rank`` and
         ``world_size``): the whole meta-batch is drawn — the same random numbers on every rank, so ranks stay in
         step and resume exactly — but only this rank's episodes are loaded and returned: exactly
         ``distributed.shard(meta_batch(tasks, size), shard)`` (round robin; a :class:`ConfigError` naming
@@ -297,7 +298,6 @@ class EpisodeSampler:
                                for i, d in zip(picks, draws) for r in (*d.support, *d.query)]
         keep = range(size)
         if shard is not None:
-            from megatron.training.distributed import shard as shard_list
 
             keep = shard_list(list(range(size)), shard)
         return [self._load(tasks[picks[j]], draws[j]) for j in keep]

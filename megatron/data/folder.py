@@ -15,7 +15,8 @@ from typing import Literal
 
 import numpy as np
 
-from megatron.data.dicom import DEFAULT_DISPLAY, DicomDisplay, DicomImageLoader, is_dicom_file, read_header
+from megatron.data.dicom import DEFAULT_DISPLAY, DicomDisplay, is_dicom_file, read_header
+from megatron.data.io import DicomImageLoader
 from megatron.data.io import IMAGE_SUFFIXES, read_image_size
 from megatron.data.problems import Problem
 from megatron.errors import DataError

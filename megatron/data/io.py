@@ -11,15 +11,14 @@ import contextlib
 import logging
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import cv2
 import numpy as np
 
+from megatron.data.dicom import DEFAULT_DISPLAY, DicomDisplay, is_dicom_file, read_dicom, read_header
 from megatron.errors import DataError
 
-if TYPE_CHECKING:
-    from megatron.data.dicom import DicomDisplay
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +57,6 @@ def read_image(path: Path, frame: int | None = None, dicom: "DicomDisplay | None
     ``frame``: the 0-based frame of a multi-frame DICOM file (required for those; other files have one
     frame). ``dicom``: how DICOM grayscale is windowed (default: the file's first VOI LUT / window).
     """
-    from megatron.data.dicom import is_dicom_file, read_dicom
 
     path = Path(path)
     if not path.is_file():
@@ -136,7 +134,6 @@ def _to_supported(image: np.ndarray, path: Path) -> np.ndarray:
 
 def read_image_size(path: Path) -> tuple[int, int]:
     """``(width, height)`` of an image file from its header (no pixel decoding when Pillow can parse it)."""
-    from megatron.data.dicom import is_dicom_file, read_header
 
     path = Path(path)
     if is_dicom_file(path):
@@ -167,3 +164,25 @@ def write_image(path: Path, image: np.ndarray, png_compression: int = 1) -> None
     if not ok:
         raise DataError(f"could not encode image {path} ({image.dtype}, shape {image.shape}); fix: use a .png name")
     encoded.tofile(str(path))
+
+
+class DicomImageLoader:
+    """``Task.image_loader`` reading ``record.path`` (frame ``record.frame``) with a chosen :class:`DicomDisplay`;
+    files that are not DICOM are read as usual. Picklable and hashable (data-loader workers, image cache)."""
+
+    def __init__(self, display: DicomDisplay = DEFAULT_DISPLAY):
+        self.display = display
+
+    def __call__(self, record: Any) -> np.ndarray:
+        if record.path is None:
+            raise DataError(f"image {record.image_id} ({record.file_name}) has no file path to read")
+        return read_image(record.path, frame=getattr(record, "frame", None), dicom=self.display)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DicomImageLoader) and other.display == self.display
+
+    def __hash__(self) -> int:
+        return hash((DicomImageLoader, self.display))
+
+    def __repr__(self) -> str:
+        return f"DicomImageLoader({self.display!r})"

@@ -33,13 +33,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from megatron.evaluation.boxes import box_iou
+
 FROC_FP_RATES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    from megatron.evaluation.coco import box_iou
-
-    return box_iou(a, b)
 
 
 def match_detections(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, gt_boxes: np.ndarray,
@@ -57,7 +53,7 @@ def match_detections(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, 
         g = gt_boxes[gt_labels == c]
         if not len(g):
             continue
-        iou = _iou(boxes[det_idx], g)
+        iou = box_iou(boxes[det_idx], g)
         taken = np.zeros(len(g), dtype=bool)
         for row, i in enumerate(det_idx):
             cand = np.where(taken, -1.0, iou[row])

@@ -10,12 +10,14 @@ import numpy as np
 import torch
 
 from megatron.types import Detections, Task
+from megatron.data.episodes import iterate_batches
+from megatron.evaluation.coco import evaluate
+from megatron.runtime import distributed as mdist
 
 
 def predict_task(detector, task: Task, pre_eval, batch_size: int, device: torch.device,
                  autocast: contextlib.AbstractContextManager | None = None) -> list[Detections]:
     """Detections for every image of ``task`` (no gradient, in original image coordinates)."""
-    from megatron.data.episodes import iterate_batches
 
     was_training = detector.training
     detector.eval()
@@ -40,8 +42,6 @@ def evaluate_detector(detector, task: Task, pre_eval, cfg, device: torch.device,
 
     Distributed: each rank predicts its share of the images; rank 0 gathers the detections, scores them and
     sends the metrics to every rank."""
-    from megatron.evaluation.coco import evaluate
-    from megatron.training import distributed as mdist
 
     env = env if env is not None else mdist.DistEnv()
     mine = task

@@ -9,8 +9,9 @@ from typing import Any, Callable
 import numpy as np
 
 from megatron.errors import ConfigError, PluginError
-from megatron.similarity.base import SimilarityContext, SimilarityMetric
+from megatron.api.similarity import SimilarityContext, SimilarityMetric
 from megatron.types import Task
+from megatron.config import validate_plugin_options
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,6 @@ def build_metric(pm: Any, cfg: Any, name: str, ctx: SimilarityContext | None = N
     Options: ``cfg.similarity.options[name]``; ``cfg.similarity.sample_size`` fills ``sample_size`` unless
     given there. The context defaults to the config's seed and input size.
     """
-    from megatron.config import validate_plugin_options
 
     try:
         cls = pm.registers["similarity"].get(name)

@@ -9,6 +9,11 @@ from typing import Any
 import torch
 
 from megatron.types import Batch, Task
+from megatron.experiment import build_detector
+from megatron.runtime.environment import derive_seed
+from megatron.training.meta_train import head_classes_for
+from megatron.similarity.ranking import build_metric, select_sources
+from megatron.api.similarity import SimilarityContext
 
 log = logging.getLogger(__name__)
 
@@ -16,9 +21,6 @@ log = logging.getLogger(__name__)
 def detector_feature_extractor(cfg, pm, sources: list[Task], device: torch.device):
     """``(make, description)``: ``make()`` builds the configured detector (checkpoint loaded, seeded) and
     returns a function mapping a ``(B, 3, S, S)`` batch to its ``features``."""
-    from megatron.experiment import build_detector
-    from megatron.training.environment import derive_seed
-    from megatron.training.meta_train import head_classes_for
 
     def make():
         torch.manual_seed(derive_seed(cfg.seed, "similarity-features"))
@@ -40,8 +42,6 @@ def detector_feature_extractor(cfg, pm, sources: list[Task], device: torch.devic
 def select_sources_for_run(cfg, pm, target: Task, sources: list[Task], device: torch.device) -> dict[str, Any]:
     """The ``similarity.select_sources`` closest sources under ``similarity.metric``, as the record's
     ``selection`` entry (chosen tasks, every distance, unit, reason)."""
-    from megatron.similarity.ranking import build_metric, select_sources
-    from megatron.similarity.base import SimilarityContext
 
     make, description = detector_feature_extractor(cfg, pm, sources, device)
     ctx = SimilarityContext(seed=cfg.seed, device=device, input_size=cfg.data.input_size,

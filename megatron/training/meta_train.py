@@ -33,13 +33,23 @@ import torch
 from megatron.compute import ComputeAccount
 from megatron.config import ExperimentConfig
 from megatron.errors import ConfigError, MegatronError, PluginError, TrainingError
-from megatron.learner import LearnerContext, MetaLearner
+from megatron.api.learner import LearnerContext, MetaLearner
 from megatron.pluginmanager import PluginManager
-from megatron.training import distributed as mdist
-from megatron.training.environment import rng_state, seed_everything, set_rng_state, training_seed
+from megatron.runtime import distributed as mdist
+from megatron.runtime.precision import grad_scaler
+from megatron.runtime.environment import rng_state, seed_everything, set_rng_state, training_seed
 from megatron.training.events import Events
 from megatron.training.prepare import PreparedData
 from megatron.types import Task
+from megatron.config import validate_plugin_options
+from megatron.experiment import build_detector
+from megatron.data.episodes import iterate_batches
+from megatron.data.episodes import EpisodeSampler
+from megatron.data.preprocess import Preprocessor
+from megatron.training.rundir import load_resume_state
+from megatron.training.rundir import save_checkpoint
+from megatron.evaluation.predictions import evaluate_detector
+from megatron.training.model_file import preprocessing_settings, save_model
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +112,7 @@ def head_classes_for(cfg: ExperimentConfig, sources: list[Task]) -> int:
     return max(len(t.categories) for t in sources)
 
 
-class FinetuneBatches:
+class TargetPoolBatches:
     """F epochs over the target pool, shuffled and augmented from a generator that depends only on the seed
     and the meta-epoch: every learner fine-tunes on the same batch stream. Sized (``len``: batches), so a
     fine-tuning schedule (warm-up, decay) can be planned; iterable once per ``iter``."""
@@ -118,7 +128,6 @@ class FinetuneBatches:
         return self.epochs * self.batches_per_epoch
 
     def __iter__(self):
-        from megatron.data.episodes import iterate_batches
 
         rng = np.random.default_rng(self.seed)
         for _ in range(self.epochs):
@@ -143,8 +152,6 @@ class LearnerRun:
     """One learner through its meta-epochs (stages ``meta_train``, ``meta_epoch``, ``adapt``)."""
 
     def __init__(self, state: RunState, name: str, budget: Budget, resume: bool):
-        from megatron.data.episodes import EpisodeSampler
-        from megatron.data.preprocess import Preprocessor
 
         self.state, self.name, self.budget = state, name, budget
         cfg = state.cfg
@@ -174,12 +181,11 @@ class LearnerRun:
 
     # --- resume ------------------------------------------------------------------------------------
     def _restore(self) -> None:
-        from megatron.training.rundir import load_checkpoint
 
         env = self.state.env
         # rank 0 reads the checkpoint (last.pt, else the previous good one) and sends it: the other machines need
         # not see the run directory to resume
-        loaded = mdist.on_main(lambda: load_checkpoint(self.ckpt_path.parent, self.name, CHECKPOINT_FORMAT,
+        loaded = mdist.on_main(lambda: load_resume_state(self.ckpt_path.parent, self.name, CHECKPOINT_FORMAT,
                                                        required=("record", "detector")), env)
         if loaded is None:
             return
@@ -204,7 +210,6 @@ class LearnerRun:
         log.info("resume: %s continues after meta-epoch %d", self.name, len(self.lrec["epochs"]))
 
     def _save(self, finished: bool) -> None:
-        from megatron.training.rundir import save_checkpoint
 
         env = self.state.env
         # every rank must hold the weights rank 0 writes (a TrainingError here keeps the previous checkpoint)
@@ -354,7 +359,7 @@ class LearnerRun:
         if n_target != state.head_classes:
             target_model.set_num_classes(n_target)
             target_model.to(state.device)
-        batches = FinetuneBatches(state.data.pool, self.t.finetune_epochs, self.t.batch_size, self.pre_train,
+        batches = TargetPoolBatches(state.data.pool, self.t.finetune_epochs, self.t.batch_size, self.pre_train,
                                   training_seed(cfg, "finetune", e))
         original = self.learner.detector
         self.learner.detector = target_model  # adapt() works on the learner's detector: lend it the copy
@@ -370,7 +375,6 @@ class LearnerRun:
         return adapted
 
     def evaluate(self, adapted, e: int) -> dict[str, Any]:
-        from megatron.evaluation.predictions import evaluate_detector
 
         state = self.state
         out = {"heldout": evaluate_detector(adapted, state.data.heldout, self.pre_eval, state.cfg, state.device,
@@ -393,7 +397,6 @@ class LearnerRun:
         state = self.state
         if not state.cfg.output.save_models or not state.env.is_main:
             return
-        from megatron.training.model_file import preprocessing_settings, save_model
 
         cfg = state.cfg
         folder = state.run_dir / MODELS_DIR
@@ -419,8 +422,6 @@ class LearnerRun:
 
 def build_learner(state: RunState, name: str, compute: ComputeAccount) -> MetaLearner:
     """The learner ``name`` around a detector built from the run's start weights (the same for every learner)."""
-    from megatron.config import validate_plugin_options
-    from megatron.experiment import build_detector
 
     cfg, t = state.cfg, state.cfg.training
     learner_cls = state.pm.registers["learner"].get(name)
@@ -430,7 +431,7 @@ def build_learner(state: RunState, name: str, compute: ComputeAccount) -> MetaLe
                               options=state.options.detector)
     detector.to(state.device)
     mdist.broadcast_module(detector, state.env)  # rank 0's initial weights everywhere, whatever the init did
-    scaler = torch.amp.GradScaler("cuda") if state.amp == "fp16" else None
+    scaler = grad_scaler(state.amp)
     ctx = LearnerContext(device=state.device, amp=state.amp, compute=compute, inner_steps=t.inner_steps,
                          inner_lr=t.inner_lr, outer_lr=t.outer_lr, outer_optimizer=t.outer_optimizer,
                          weight_decay=t.weight_decay, finetune_lr=t.finetune_lr, finetune_schedule=t.finetune_schedule,

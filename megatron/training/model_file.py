@@ -7,7 +7,7 @@ A *model file* holds everything needed to use the detector, and nothing that nee
 - the input size and the preprocessing settings (CLAHE and its parameters, letterbox padding, the intensity
   window of non-8-bit input), so ``megatron predict`` pre-processes exactly as training did,
 - the prototypes and temperature of a prototype (cosine) classifier when one is in place
-  (:meth:`~megatron.detector.Detector.get_prototypes`): a ``proto``-adapted detector reloads identically,
+  (:meth:`~megatron.api.detector.Detector.get_prototypes`): a ``proto``-adapted detector reloads identically,
 - the evaluation settings (score threshold for precision/recall/F1, IoU, max detections),
 - provenance (learner, run directory, meta-epoch, metrics, seed, megatron and torch versions, time),
 - the detector's ``state_dict``.
@@ -42,10 +42,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from megatron.checkpoint import atomic_torch_save
+from megatron.atomic_io import atomic_torch_save
 from megatron.errors import UnknownNameError
 from megatron.training.weights import FORMAT_TAG as DETECTOR_CHECKPOINT_TAG
 from megatron.training.weights import CheckpointError, read_checkpoint_file
+from megatron.data import preprocess
+import megatron
+from megatron.config import validate_plugin_options
+from megatron.runtime.environment import resolve_device as resolve
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +105,6 @@ class ModelInfo:
 def preprocessing_settings(pre) -> dict[str, Any]:
     """The settings of a :class:`~megatron.data.preprocess.Preprocessor` that a model file keeps (everything
     that changes what the detector sees at inference; augmentation and caching do not)."""
-    from megatron.data import preprocess
 
     return {
         "clahe": bool(pre.clahe),
@@ -124,7 +127,6 @@ def _check_preprocessing(settings: dict[str, Any], where: str) -> dict[str, Any]
 
 def preprocessor_from_settings(input_size: int, settings: dict[str, Any]):
     """An evaluation Preprocessor (no augmentation, no cache) from a model file's preprocessing settings."""
-    from megatron.data import preprocess
 
     s = _check_preprocessing(dict(settings), "preprocessing")
     window = s.get("intensity_window_percentiles")
@@ -180,7 +182,6 @@ def save_model(detector: torch.nn.Module, path: str | Path, *, detector_name: st
     between the arguments and the detector (name, number of classes, input size, options) are a ValueError:
     a file that contradicts its own weights would mislead every later use.
     """
-    import megatron
 
     path = Path(path)
     plugin_name = getattr(detector, "PLUGIN_NAME", None)
@@ -319,12 +320,10 @@ def load_model(path: str | Path, pm=None, device: str | torch.device = "cpu") ->
     validated against the installed plugin, the head is built for the file's class names, a prototype classifier
     is installed when the file has one, and the weights are loaded strictly (every tensor must fit).
     """
-    from megatron.config import validate_plugin_options
 
     info, state, prototypes = read_model_file(path)
     path = info.path
     if pm is None:
-        import megatron
 
         pm = megatron.get_plugin_manager()
     saved_with = info.provenance.get("megatron_version", "?")
@@ -368,6 +367,5 @@ def load_model(path: str | Path, pm=None, device: str | torch.device = "cpu") ->
 # --- using it -----------------------------------------------------------------------------------------
 def resolve_device(name: str | None) -> torch.device:
     """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``; clear error when unavailable."""
-    from megatron.training.environment import resolve_device as resolve
 
     return resolve(name, where="--device")

@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+from megatron.evaluation.froc import FROC_FP_RATES, sensitivity_at
 
 
 def plot_map50_curve(record: dict[str, Any], path: str | Path) -> Path:
@@ -76,7 +77,6 @@ def plot_froc(record: dict[str, Any], path: str | Path) -> Path | None:
     """The FROC curve of each learner's final evaluation: lesion sensitivity against false positives per image
     (log2 axis, 1/16 to 16), with the seven LUNA16 operating points (1/8 .. 8) marked and their mean in the
     legend. Returns None, writing nothing, when no learner's final metrics hold a ``froc`` (older records)."""
-    from megatron.evaluation.froc import FROC_FP_RATES, sensitivity_at
 
     curves = {name: (lrec.get("final") or {}).get("froc") for name, lrec in record.get("learners", {}).items()}
     curves = {name: c for name, c in curves.items() if c and c.get("curve")}

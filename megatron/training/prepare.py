@@ -24,8 +24,10 @@ from megatron.config import ExperimentConfig
 from megatron.errors import DataError
 from megatron.experiment import build_taskset, load_tasks
 from megatron.pluginmanager import PluginManager
-from megatron.training import distributed as mdist
+from megatron.runtime import distributed as mdist
 from megatron.types import Task
+from megatron.data.episodes import split_target
+from megatron.training.record import load_record
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +79,6 @@ def split_target_three(target: Task, shots: int, eval_images: int | None, valida
     validation split. The evaluation images do not depend on K, and neither does this carving, so for one seed
     every K is validated and tested on the same images. ``validation_images=None``: see
     :func:`auto_validation_images`."""
-    from megatron.data.episodes import split_target
 
     pool, held = split_target(target, shots, eval_images, seed)
     n_val = auto_validation_images(len(held)) if validation_images is None else validation_images
@@ -106,7 +107,6 @@ def split_target_three(target: Task, shots: int, eval_images: int | None, valida
 
 def read_split_manifest(path: str | Path) -> dict[str, list[dict[str, Any]]]:
     """The ``split`` section of a run record (``run.json`` or its run directory)."""
-    from megatron.training.record import load_record
 
     try:
         record = load_record(path)

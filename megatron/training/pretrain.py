@@ -6,7 +6,7 @@ annotations are read as another's background. The detector trains on batches of 
 interleaved at random, each image seen once per epoch) with its labels shifted into the merged space. The
 checkpoint (:func:`megatron.training.weights.save_detector_checkpoint`) records the merged categories; ``megatron run
 --checkpoint PATH`` loads everything and re-initialises only the classifier for the target's classes
-(``Detector.set_num_classes``, done by :func:`megatron.training.weights.load_checkpoint`).
+(``Detector.set_num_classes``, done by :func:`megatron.training.weights.load_weights`).
 
 Per-task heads were the alternative; they would make the checkpoint depend on the task list and give the
 runner several classifiers to choose from, while a merged classifier is discarded anyway for a new target.
@@ -27,8 +27,18 @@ import torch
 
 from megatron.config import ExperimentConfig
 from megatron.errors import ConfigError, TrainingError
-from megatron.learner import optimizer_step
+from megatron.runtime.precision import autocast, grad_scaler
+from megatron.training.finetune_recipe import optimizer_step
 from megatron.types import Batch, Task
+from megatron.data.episodes import iterate_batches
+from megatron.data.preprocess import Preprocessor
+from megatron.experiment import build_detector, build_taskset, load_tasks
+from megatron.runtime.environment import resolve_amp, resolve_device, seed_everything
+from megatron.training.progress import progress_bars
+from megatron.training.weights import save_detector_checkpoint
+from megatron import __version__
+from megatron.config import validate_plugin_options
+from megatron.atomic_io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +81,6 @@ def shift_labels(batch: Batch, offset: int) -> Batch:
 def interleaved_batches(tasks: list[Task], batch_size: int, pre, rng: np.random.Generator) -> Iterator[tuple[Task, Batch]]:
     """One epoch: every image of every task once, in single-task batches, tasks interleaved at random in
     proportion to their remaining batches."""
-    from megatron.data.episodes import iterate_batches
 
     iters = {t.name: iterate_batches(t, batch_size, pre, rng, shuffle=True) for t in tasks}
     remaining = {t.name: math.ceil(len(t) / batch_size) for t in tasks}
@@ -92,11 +101,6 @@ def pretrain(cfg: ExperimentConfig, pm, out: str | Path, settings: PretrainSetti
     options, an optional starting ``checkpoint``), ``cfg.training`` (device, amp, num_threads) and ``cfg.seed``.
     The target task is never trained on.
     """
-    from megatron.data.preprocess import Preprocessor
-    from megatron.experiment import build_detector, build_taskset, load_tasks
-    from megatron.training.environment import resolve_amp, resolve_device, seed_everything
-    from megatron.training.progress import progress_bars
-    from megatron.training.weights import save_detector_checkpoint
 
     s = settings or PretrainSettings()
     if s.epochs < 1:
@@ -120,9 +124,7 @@ def pretrain(cfg: ExperimentConfig, pm, out: str | Path, settings: PretrainSetti
     total = steps_per_epoch * s.epochs if s.max_steps is None else min(s.max_steps, steps_per_epoch * s.epochs)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=s.lr, total_steps=max(total, 1),
                                                     pct_start=min(0.3, 50 / max(total, 1)))  # warm-up: 50 steps at most
-    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
-    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-                if amp != "off" else contextlib.nullcontext())
+    scaler = grad_scaler(amp)
     pre = Preprocessor(cfg.data.input_size, clahe=cfg.data.clahe, augment=cfg.data.augment)
     rng = np.random.default_rng(cfg.seed)
 
@@ -136,7 +138,7 @@ def pretrain(cfg: ExperimentConfig, pm, out: str | Path, settings: PretrainSetti
             for task, batch in interleaved_batches(sources, s.batch_size, pre, rng):
                 batch = shift_labels(batch, offsets[task.name]).to(device)
                 optimiser.zero_grad(set_to_none=True)
-                with autocast:
+                with autocast(amp, device):
                     loss = detector.loss(batch)["loss"]
                 if not torch.isfinite(loss):
                     raise TrainingError(
@@ -167,7 +169,6 @@ def pretrain(cfg: ExperimentConfig, pm, out: str | Path, settings: PretrainSetti
 
 
 def _meta(cfg: ExperimentConfig, result: PretrainResult, s: PretrainSettings) -> dict[str, Any]:
-    from megatron import __version__
 
     return {
         "kind": "pretrain",
@@ -217,7 +218,6 @@ def stage1_settings(cfg: ExperimentConfig) -> PretrainSettings:
 
 def _validated_options(pm, kind: str, name: str, options: dict[str, Any]) -> dict[str, Any]:
     """A plugin's options with its defaults filled in, so ``{}`` and the same defaults written out hash alike."""
-    from megatron.config import validate_plugin_options
 
     try:
         cls = pm.registers[kind].get(name)
@@ -233,7 +233,6 @@ def stage1_cache_key(cfg: ExperimentConfig, sources: list[Task], pm=None) -> tup
     import json
     from importlib import metadata
 
-    from megatron import __version__
 
     def version(pkg: str) -> str | None:
         try:
@@ -274,7 +273,6 @@ def stage1_checkpoint(cfg: ExperimentConfig, pm, sources: list[Task], progress: 
     the record's ``pretrain`` entry: ``checkpoint``, ``cache_key``, ``reused``, ``epochs``, ``wall_s``."""
     import json
 
-    from megatron.checkpoint import atomic_write_text
 
     key, inputs = cache_key if cache_key is not None else stage1_cache_key(cfg, sources, pm)
     folder = stage1_cache_dir(cfg)

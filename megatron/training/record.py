@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from megatron.checkpoint import atomic_write_json
+from megatron.atomic_io import atomic_write_json
 from megatron.errors import DataError
 
 RECORD_FILE = "run.json"

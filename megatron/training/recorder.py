@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from megatron import hookimpl
-from megatron.checkpoint import atomic_write_text
+from megatron.atomic_io import atomic_write_text
 from megatron.config import dump_config
 from megatron.training.record import CONFIG_FILE, CURVE_FILE, FROC_FILE, SUMMARY_FILE, summary_markdown, write_record
+from megatron.training import plots
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,6 @@ class RunRecorder:
         atomic_write_text(run_dir / SUMMARY_FILE, summary_markdown(record))
         if not self.plots:
             return
-        from megatron.training import plots
 
         plots.plot_map50_curve(record, run_dir / CURVE_FILE)
         plots.plot_train_loss(record, run_dir / "train_loss.png")

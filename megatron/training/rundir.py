@@ -12,9 +12,9 @@ What lives here (the runner calls it; nothing here trains):
   run name, folders that are taken (complete, in use, or unfinished with checkpoints) are skipped for the
   next free ``<name>-N``.
 - **Leftovers.** The temporary files of atomic writes killed half-way are removed when a run claims the
-  folder (:func:`megatron.checkpoint.remove_stale_tmp_files`).
+  folder (:func:`megatron.atomic_io.remove_stale_tmp_files`).
 - **Checkpoints.** :func:`save_checkpoint` keeps the previous good checkpoint (``last.pt`` + ``previous.pt``,
-  both written atomically); :func:`load_checkpoint` validates what it reads (format, learner name, any check
+  both written atomically); :func:`load_resume_state` validates what it reads (format, learner name, any check
   of the caller) and falls back to ``previous.pt`` with a logged warning, or raises
   :class:`CheckpointUnusable` naming the file and what to do. It never touches ``run.json``.
 - **Failures.** :func:`mark_failed` writes ``status: failed`` and the error into ``run.json``, keeping
@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from megatron.checkpoint import atomic_torch_save, atomic_write_json, file_mode, remove_stale_tmp_files, safe_torch_load
+from megatron.atomic_io import atomic_torch_save, atomic_write_json, file_mode, remove_stale_tmp_files, safe_torch_load
 from megatron.errors import ConfigError, MegatronError
 
 log = logging.getLogger(__name__)
@@ -423,7 +423,7 @@ def save_checkpoint(state: dict[str, Any], directory: str | Path) -> Path:
     """Write ``state`` as ``directory/last.pt``, keeping the one it replaces as ``previous.pt``.
 
     Both steps are atomic (a rename, then temp file + rename): a kill at any moment leaves a complete
-    ``last.pt`` or, between the two steps, a complete ``previous.pt`` that :func:`load_checkpoint` falls back
+    ``last.pt`` or, between the two steps, a complete ``previous.pt`` that :func:`load_resume_state` falls back
     to."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -458,7 +458,7 @@ def _check_state(state: Any, fmt: Any, learner: str, required: tuple[str, ...],
         check(state)
 
 
-def load_checkpoint(directory: str | Path, learner: str, fmt: Any, *, required: tuple[str, ...] = (),
+def load_resume_state(directory: str | Path, learner: str, fmt: Any, *, required: tuple[str, ...] = (),
                     check: Callable[[dict[str, Any]], None] | None = None) -> LoadedCheckpoint | None:
     """The newest usable checkpoint in ``directory`` (``last.pt``, else ``previous.pt``), or ``None`` when
     there is none at all (the learner starts from scratch).

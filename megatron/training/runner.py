@@ -20,7 +20,7 @@
 Equal compute: without ``training.compute_budget`` the learner runs ``training.meta_epochs`` and the baseline
 then trains until it has spent the same image passes; with it every learner trains until that budget.
 
-Distributed (``torchrun`` or ``megatron run --nproc N``; :mod:`megatron.training.distributed`): every rank
+Distributed (``torchrun`` or ``megatron run --nproc N``; :mod:`megatron.runtime.distributed`): every rank
 runs every stage; lifecycle events — and with them every file written by the recorder and loggers — happen
 on rank 0 only (:class:`~megatron.training.events.Events`), checkpoints are written by rank 0 after a weight
 check across ranks, and stage 1 is trained by rank 0 while the others wait for its checkpoint.
@@ -38,17 +38,23 @@ from megatron import __version__
 from megatron.config import ExperimentConfig
 from megatron.errors import ConfigError, TrainingError
 from megatron.experiment import validate_experiment_plugins
-from megatron.learner import BASELINE_LEARNER as BASELINE
-from megatron.loggers import active_loggers, validate_loggers
+from megatron.api.learner import BASELINE_LEARNER as BASELINE
+from megatron.training.run_loggers import active_loggers, validate_loggers
 from megatron.pluginmanager import PluginManager
-from megatron.training import distributed as mdist
-from megatron.training.environment import deterministic, resolve_amp, resolve_device, seed_everything, threads
+from megatron.runtime import distributed as mdist
+from megatron.runtime.environment import deterministic, resolve_amp, resolve_device, seed_everything, threads
 from megatron.training.events import Events
 from megatron.training.meta_train import Budget, LearnerRun, RunState, head_classes_for
 from megatron.training.prepare import PreparedData, prepare_data
 from megatron.training.progress import PROGRESS_PLUGIN_NAME
 from megatron.training.record import CONFIG_FILE, collect_versions
 from megatron.training.rundir import claim_run_dir
+from megatron import get_plugin_manager
+from megatron.similarity.selection import select_sources_for_run
+from megatron.training.pretrain import stage1_cache_key, stage1_checkpoint
+from megatron.training.progress import RunProgress, progress_bars
+from megatron.training.recorder import RECORDER_PLUGIN_NAME, RunRecorder
+from megatron.training.record import load_record
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +65,6 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path | None = None, pm: Plugi
     ``cfg.output.compare_baseline`` and the learner is not ``finetune`` itself), or the given ``learners``
     in order (the first sets the compute the baseline gets). Returns the run record, also written
     atomically to ``run_dir/run.json``; see the module docstring for the stages."""
-    from megatron import get_plugin_manager
 
     pm = pm if pm is not None else get_plugin_manager()
     options = validate_experiment_plugins(cfg, pm)
@@ -170,7 +175,6 @@ def _stage_select(cfg, pm, data: PreparedData, device, env, events: Events, reco
     sources = data.sources
     selection = None
     if cfg.similarity.select_sources:
-        from megatron.similarity.selection import select_sources_for_run
 
         events.stage_start("select", metric=cfg.similarity.metric, k=cfg.similarity.select_sources)
         selection = mdist.on_main(lambda: select_sources_for_run(cfg, pm, data.target, sources, device), env)
@@ -193,7 +197,6 @@ def _stage_pretrain(cfg, pm, sources, env, events: Events, record: dict) -> Path
         record["pretrain"] = {"checkpoint": None, "cache_key": None, "reused": False, "epochs": 0, "wall_s": 0.0,
                               "source": "none: random initial weights (training.pretrain_epochs = 0)"}
         return None
-    from megatron.training.pretrain import stage1_cache_key, stage1_checkpoint
 
     key = stage1_cache_key(cfg, sources, pm)  # once: it hashes every source record
     events.stage_start("pretrain", epochs=cfg.training.pretrain_epochs, cache_key=key[0])
@@ -212,8 +215,6 @@ def _stage_pretrain(cfg, pm, sources, env, events: Events, record: dict) -> Path
 def _run_plugins(pm: PluginManager, cfg: ExperimentConfig, env, progress: bool) -> Iterator[None]:
     """The built-in recorder (and progress bars on a terminal) registered as lifecycle plugins for the run, on
     rank 0 only."""
-    from megatron.training.progress import RunProgress, progress_bars
-    from megatron.training.recorder import RECORDER_PLUGIN_NAME, RunRecorder
 
     with contextlib.ExitStack() as stack:
         if env.is_main:
@@ -239,7 +240,6 @@ def _start_record(cfg: ExperimentConfig, run_dir: Path, resume: bool, device: to
                   names: list[str]) -> dict[str, Any]:
     config_json = cfg.model_dump(mode="json")
     if resume:
-        from megatron.training.record import load_record
 
         old = load_record(run_dir)
         diffs = _config_differences(old.get("config", {}), config_json)

@@ -1,7 +1,7 @@
 """Loading detector weights from local files, and writing megatron's own detector checkpoints.
 
-Model-agnostic: works on any :class:`~megatron.detector.Detector` through its ``state_dict``. Three formats
-are read by :func:`load_checkpoint`:
+Model-agnostic: works on any :class:`~megatron.api.detector.Detector` through its ``state_dict``. Three formats
+are read by :func:`load_weights`:
 
 - **megatron** checkpoints (written by :func:`save_detector_checkpoint`, e.g. by ``megatron pretrain``): the
   detector's own ``state_dict`` plus a small header. When the checkpoint's number of classes differs from the
@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from megatron.checkpoint import atomic_torch_save
+from megatron.atomic_io import atomic_torch_save
 from megatron.errors import MegatronError
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class CheckpointError(MegatronError):
 
 @dataclass
 class LoadReport:
-    """What :func:`load_checkpoint` did. ``rich``-printable (a table), and ``str()`` gives a plain summary."""
+    """What :func:`load_weights` did. ``rich``-printable (a table), and ``str()`` gives a plain summary."""
 
     path: Path
     format: str  # "megatron" | "mmdet" | "torchvision" | "state_dict"
@@ -142,7 +142,7 @@ def read_checkpoint_file(path: str | Path, allow_unsafe: bool = False) -> Any:
                 f"checkpoint {path} holds Python objects other than tensors, numbers and strings{classes}, as "
                 f"mmdet/mmengine checkpoints do in their 'meta'; the safe loader (torch.load weights_only=True) "
                 f"refused it: {reason}. Loading it fully runs code stored in the file: only if you trust where it "
-                f"came from, allow it with {ENV_ALLOW_UNSAFE}=1 (or load_checkpoint(..., allow_unsafe=True)); or "
+                f"came from, allow it with {ENV_ALLOW_UNSAFE}=1 (or load_weights(..., allow_unsafe=True)); or "
                 "re-save just its weights: torch.save(torch.load(p, weights_only=False)['state_dict'], 'weights.pth')."
             ) from None
         log.warning("loading %s with weights_only=False (unsafe loading explicitly allowed)", path)
@@ -326,7 +326,7 @@ def _map_keys(fmt: str, state: dict[str, torch.Tensor], target_keys: set[str]) -
     return out
 
 
-def load_checkpoint(detector: torch.nn.Module, path: str | Path, *, allow_unsafe: bool = False) -> LoadReport:
+def load_weights(detector: torch.nn.Module, path: str | Path, *, allow_unsafe: bool = False) -> LoadReport:
     """Load the weights in ``path`` into ``detector`` (in place); returns what was loaded, missing, skipped.
 
     Raises :class:`CheckpointError` for a missing/corrupt file, an unsafe file without ``allow_unsafe``, a

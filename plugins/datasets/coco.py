@@ -8,7 +8,7 @@ from pydantic import Field
 from megatron import hookimpl
 from megatron.data.coco import default_image_dir, default_task_name, read_coco_task
 from megatron.data.problems import Problem, raise_for_errors
-from megatron.datasets import DatasetOptions, DatasetPlugin
+from megatron.api.dataset import DatasetOptions, DatasetPlugin
 from megatron.types import Task
 
 

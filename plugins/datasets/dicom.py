@@ -8,10 +8,11 @@ from pydantic import Field, model_validator
 
 from megatron import hookimpl
 from megatron.data.coco import read_coco_task
-from megatron.data.dicom import DicomDisplay, DicomImageLoader
+from megatron.data.dicom import DicomDisplay
+from megatron.data.io import DicomImageLoader
 from megatron.data.folder import read_image_folder
 from megatron.data.problems import Problem, raise_for_errors
-from megatron.datasets import DatasetOptions, DatasetPlugin
+from megatron.api.dataset import DatasetOptions, DatasetPlugin
 from megatron.types import Task
 
 

@@ -10,7 +10,7 @@ from megatron import hookimpl
 from megatron.data.dicom import DicomDisplay
 from megatron.data.folder import read_image_folder
 from megatron.data.problems import Problem, raise_for_errors
-from megatron.datasets import DatasetOptions, DatasetPlugin
+from megatron.api.dataset import DatasetOptions, DatasetPlugin
 from megatron.types import Task
 
 

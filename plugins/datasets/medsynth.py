@@ -28,7 +28,7 @@ from pydantic import Field, field_validator
 from megatron import hookimpl
 from megatron.data.coco import ANNOTATION_FILE, IMAGE_FOLDER, read_coco_task, write_coco_task
 from megatron.data.problems import raise_for_errors
-from megatron.datasets import DatasetOptions, DatasetPlugin
+from megatron.api.dataset import DatasetOptions, DatasetPlugin
 from megatron.errors import DataError
 from megatron.types import ImageRecord, Task
 from megatron_plugins.datasets.medsynth_scenes import GENERATOR_VERSION, TASK_SPECS, render

@@ -5,7 +5,7 @@ float32 boxes (tight around each lesion's half-maximum region, so a box always s
 task-local labels. Only numpy and OpenCV are used; all randomness comes from ``rng`` so an image is a pure
 function of (seed, task, index). Sizes below are given for a 256-px image and scale with ``size``.
 
-SYNTHETIC data: anatomy-like, not anatomy. See registry_docs/plugins/dataset/medsynth.md for what each task
+SYNTHETIC data: anatomy-like, not anatomy. See registry_docs/plugins/datasets/medsynth.md for what each task
 models and which tasks were made alike on purpose.
 """
 from __future__ import annotations

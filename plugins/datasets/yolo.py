@@ -8,7 +8,7 @@ from pydantic import Field
 from megatron import hookimpl
 from megatron.data.problems import Problem, raise_for_errors
 from megatron.data.yolo import read_yolo_task
-from megatron.datasets import DatasetOptions, DatasetPlugin
+from megatron.api.dataset import DatasetOptions, DatasetPlugin
 from megatron.types import Task
 
 

@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import ConfigDict, Field
 
-from megatron.detector import DetectorOptions
+from megatron.api.detector import DetectorOptions
 
 RESNET_OUT_CHANNELS = {18: [64, 128, 256, 512], 34: [64, 128, 256, 512],
                        50: [256, 512, 1024, 2048], 101: [256, 512, 1024, 2048]}

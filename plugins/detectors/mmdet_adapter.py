@@ -1,4 +1,4 @@
-"""The shared adapter between megatron's :class:`~megatron.detector.Detector` interface and MMDetection.
+"""The shared adapter between megatron's :class:`~megatron.api.detector.Detector` interface and MMDetection.
 
 Every built-in detector (``yolox``, ``faster-rcnn``, ``retinanet``) is a small subclass of
 :class:`MMDetDetector`, and a third-party package adds any other mmdet model the same way::
@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron.detector import Detector, DetectorOptions
+from megatron.api.detector import Detector, DetectorOptions
 from megatron.errors import ConfigError
 from megatron.types import Batch, Detections, to_original_coords
 

@@ -13,7 +13,7 @@ from pydantic import ConfigDict, Field
 from torch import nn
 
 from megatron import hookimpl
-from megatron.detector import DetectorOptions
+from megatron.api.detector import DetectorOptions
 from megatron_plugins.detectors.mmdet_adapter import (
     PREDICT_MAX_PER_IMAGE,
     PREDICT_SCORE_THRESHOLD,

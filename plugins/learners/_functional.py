@@ -1,8 +1,8 @@
 """Shared machinery of the built-in learners: functional inner loops, the outer (meta) step, label checks.
 
-Everything here talks to the detector only through :class:`megatron.detector.Detector`'s interface
+Everything here talks to the detector only through :class:`megatron.api.detector.Detector`'s interface
 (``loss(batch, params)``, ``parameter_groups()``, ``trainable_parameters()``) and to the runner only through
-:class:`megatron.learner.LearnerContext`, so it works for any detector plugin.
+:class:`megatron.api.learner.LearnerContext`, so it works for any detector plugin.
 
 Compute accounting (see :mod:`megatron.compute`): every forward goes through :meth:`MetaLearner.loss` (which
 charges ``len(batch)`` images forward); every backward is charged explicitly with the number of images whose
@@ -18,9 +18,9 @@ from typing import Iterable
 import torch
 import torch.utils.checkpoint
 
-from megatron.detector import Detector
+from megatron.api.detector import Detector
 from megatron.errors import ConfigError
-from megatron.learner import MetaLearner, check_finite, make_optimizer
+from megatron.api.learner import MetaLearner, check_finite, make_optimizer
 from megatron.types import Batch, Episode
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def inner_loop(
     ``len(batch)`` backward.
 
     When every adapted parameter is in the detector's ``head`` group and the detector splits its loss
-    (:meth:`~megatron.detector.Detector.supports_head_loss`), the body's features of ``batch`` are computed
+    (:meth:`~megatron.api.detector.Detector.supports_head_loss`), the body's features of ``batch`` are computed
     once and each step runs the head alone on them (:func:`head_only_inner_loop`): the same adapted tensors and
     the same meta-gradient (the outer backward still reaches the body through those features, second order),
     without ``steps - 1`` body forwards. Otherwise every step calls ``detector.loss(batch, params)``.

@@ -27,7 +27,7 @@ statistics and 9.2 with AdaBN (12.5 unfrozen) after one meta-epoch; ANIL's cells
 
 Example::
 
-    from megatron.learner import LearnerContext
+    from megatron.api.learner import LearnerContext
     from megatron_plugins.learners.anil import ANIL
 
     learner = ANIL(detector, ANIL.Options(), LearnerContext(inner_steps=5, inner_lr=0.01))
@@ -45,8 +45,8 @@ from typing import ClassVar, Iterable
 from pydantic import Field
 
 from megatron import hookimpl
-from megatron.detector import Detector
-from megatron.learner import LearnerOptions
+from megatron.api.detector import Detector
+from megatron.api.learner import LearnerOptions
 from megatron.types import Batch
 
 from megatron_plugins.learners._functional import names_in_groups

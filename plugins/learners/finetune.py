@@ -18,12 +18,12 @@ gradients with one all-reduce per step, so it takes exactly the steps of a singl
 ``episodes_per_step``. It therefore needs a multiple of W; the default (1) is raised to W with a log message,
 which makes a W-process run equal to a one-process run with ``episodes_per_step: W``.
 
-``adapt`` is the default fine-tuning of :class:`megatron.learner.MetaLearner`: a copy, the runner's freeze
+``adapt`` is the default fine-tuning of :class:`megatron.api.learner.MetaLearner`: a copy, the runner's freeze
 policy (``detector.freeze``), Adam at ``training.finetune_lr``, one step per target batch.
 
 Example::
 
-    from megatron.learner import LearnerContext
+    from megatron.api.learner import LearnerContext
     from megatron_plugins.learners.finetune import Finetune
 
     learner = Finetune(detector, None, LearnerContext(outer_lr=1e-3, outer_optimizer="adam"))
@@ -39,7 +39,7 @@ from pydantic import Field
 
 from megatron import hookimpl
 from megatron.errors import ConfigError
-from megatron.learner import LearnerOptions, MetaLearner
+from megatron.api.learner import LearnerOptions, MetaLearner
 from megatron.types import Episode
 
 from megatron_plugins.learners._functional import OuterOptimizerMixin, check_episode_labels, finish_outer_step, scaled_backward

@@ -15,7 +15,7 @@ method's "with freeze", ``none`` its "no freeze"; unset, the runner's ``detector
 
 Example::
 
-    from megatron.learner import LearnerContext
+    from megatron.api.learner import LearnerContext
     from megatron_plugins.learners.incremental import Incremental
 
     learner = Incremental(detector, Incremental.Options(freeze="backbone"), LearnerContext())
@@ -34,8 +34,8 @@ from typing import ClassVar, Iterable, Literal
 from pydantic import Field
 
 from megatron import hookimpl
-from megatron.detector import Detector
-from megatron.learner import LearnerOptions
+from megatron.api.detector import Detector
+from megatron.api.learner import LearnerOptions
 from megatron.types import Batch, Task
 
 from megatron_plugins.learners.finetune import Finetune

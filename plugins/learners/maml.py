@@ -21,7 +21,7 @@ support batch's body features are computed once per episode and each inner step 
 
 Example (learn2learn style; the runner does this for you)::
 
-    from megatron.learner import LearnerContext
+    from megatron.api.learner import LearnerContext
     from megatron_plugins.learners.maml import MAML
 
     learner = MAML(detector, MAML.Options(first_order=False), LearnerContext(inner_steps=1, inner_lr=0.01))
@@ -40,7 +40,7 @@ import torch
 from pydantic import Field
 
 from megatron import hookimpl
-from megatron.learner import LearnerOptions, MetaLearner
+from megatron.api.learner import LearnerOptions, MetaLearner
 from megatron.types import Episode
 
 from megatron_plugins.learners._functional import (

@@ -36,7 +36,7 @@ source task, plus its optimiser state. A distributed run is refused (each task's
 
 Example::
 
-    from megatron.learner import LearnerContext
+    from megatron.api.learner import LearnerContext
     from megatron_plugins.learners.merge import Merge
 
     learner = Merge(detector, Merge.Options(scaling=1.0, task_steps=1, optimizer="adam"), LearnerContext(outer_lr=1e-3))
@@ -56,9 +56,9 @@ import torch
 from pydantic import Field
 
 from megatron import hookimpl
-from megatron.detector import Detector
+from megatron.api.detector import Detector
 from megatron.errors import ConfigError
-from megatron.learner import LearnerContext, LearnerOptions, MetaLearner, make_optimizer, optimizer_step
+from megatron.api.learner import LearnerContext, LearnerOptions, MetaLearner, make_optimizer, optimizer_step
 from megatron.types import Episode
 
 from megatron_plugins.learners._functional import check_episode_labels, concat_batches

@@ -15,12 +15,12 @@ Classes of the head that have no box in the support batch get a zero prototype (
 
 Adaptation (``adapt``): on a copy, prototypes from the whole target pool; with ``finetune: true`` the copy is
 then fine-tuned on the pool with the prototype classifier in place (the shared recipe of
-:func:`megatron.learner.finetune`: ``training.finetune_*``, the runner's freeze policy), and the prototypes are recomputed from the pool with the fine-tuned weights. Pool
+:func:`megatron.training.finetune_recipe.finetune_with_recipe`: ``training.finetune_*``, the runner's freeze policy), and the prototypes are recomputed from the pool with the fine-tuned weights. Pool
 prototypes are computed in eval mode (BatchNorm running statistics), as predictions are.
 
 Example::
 
-    from megatron.learner import LearnerContext
+    from megatron.api.learner import LearnerContext
     from megatron_plugins.learners.proto import Proto, class_prototypes, cosine_logits
 
     learner = Proto(detector, Proto.Options(temperature=10.0), LearnerContext())
@@ -40,8 +40,9 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from megatron import hookimpl
-from megatron.detector import Detector
-from megatron.learner import LearnerOptions, MetaLearner, finetune
+from megatron.api.detector import Detector
+from megatron.api.learner import LearnerOptions, MetaLearner
+from megatron.training.finetune_recipe import finetune_with_recipe
 from megatron.types import Batch, Episode
 
 from megatron_plugins.learners._functional import (
@@ -162,7 +163,7 @@ class Proto(OuterOptimizerMixin, MetaLearner):
         self.set_pool_prototypes(adapted, batches)
         if self.options.finetune:
             # the shared fine-tuning recipe (schedule, BatchNorm policy) with the prototype classifier in place
-            adapted = finetune(self, adapted, batches)
+            adapted = finetune_with_recipe(self, adapted, batches)
             self.set_pool_prototypes(adapted, batches)
         return adapted
 

@@ -18,7 +18,7 @@ rounded. The training.outer_optimizer / outer_lr settings are not used: the inte
 
 Example::
 
-    from megatron.learner import LearnerContext
+    from megatron.api.learner import LearnerContext
     from megatron_plugins.learners.reptile import Reptile
 
     learner = Reptile(detector, Reptile.Options(eps_start=1.0, eps_end=0.0), LearnerContext(inner_steps=5, inner_lr=1e-3))
@@ -38,8 +38,8 @@ import torch
 from pydantic import Field
 
 from megatron import hookimpl
-from megatron.detector import Detector
-from megatron.learner import LearnerContext, LearnerOptions, MetaLearner, optimizer_step
+from megatron.api.detector import Detector
+from megatron.api.learner import LearnerContext, LearnerOptions, MetaLearner, optimizer_step
 from megatron.types import Episode
 
 from megatron_plugins.learners._functional import check_episode_labels, concat_batches

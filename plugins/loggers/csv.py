@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Mapping
 from pydantic import Field
 
 from megatron import hookimpl
-from megatron.loggers import Logger, LoggerOptions
+from megatron.api.logger import Logger, LoggerOptions
 
 
 class CSVOptions(LoggerOptions):

@@ -25,7 +25,7 @@ from pydantic import Field
 
 from megatron import hookimpl
 from megatron.errors import PluginError
-from megatron.loggers import Logger, LoggerOptions
+from megatron.api.logger import Logger, LoggerOptions
 
 
 class TensorBoardOptions(LoggerOptions):

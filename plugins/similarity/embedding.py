@@ -42,7 +42,7 @@ from pydantic import Field
 
 from megatron import hookimpl
 from megatron.errors import ConfigError, DataError
-from megatron.similarity import SimilarityMetric, SimilarityOptions, load_image_checked, sample_indices
+from megatron.api.similarity import SimilarityMetric, SimilarityOptions, load_image_checked, sample_indices
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def letterbox(image: np.ndarray, size: int) -> np.ndarray:
     Used only when :mod:`megatron.data.preprocess` is not available."""
     import cv2
 
-    from megatron.similarity import to_gray_uint8
+    from megatron.api.similarity import to_gray_uint8
 
     if image.ndim == 2 or image.dtype != np.uint8:
         g = to_gray_uint8(image)

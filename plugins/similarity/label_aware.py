@@ -33,8 +33,7 @@ import ot
 from pydantic import Field
 
 from megatron import hookimpl
-from megatron.similarity import (SimilarityMetric, SimilarityOptions, load_image_checked, sample_indices,
-                                 to_gray_uint8)
+from megatron.api.similarity import SimilarityMetric, SimilarityOptions, load_image_checked, sample_indices, to_gray_uint8
 
 
 class LabelAwareOptions(SimilarityOptions):

@@ -26,8 +26,7 @@ from pydantic import Field, model_validator
 
 from megatron import hookimpl
 from megatron.errors import DataError
-from megatron.similarity import (SimilarityMetric, SimilarityOptions, load_image_checked, sample_indices,
-                                 to_gray_uint8)
+from megatron.api.similarity import SimilarityMetric, SimilarityOptions, load_image_checked, sample_indices, to_gray_uint8
 
 GREY_LEVELS = 254  # pixel values 1..254
 

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from megatron import hookimpl
-from megatron.datasets import DatasetPlugin
-from megatron.detector import Detector
+from megatron.api.dataset import DatasetPlugin
+from megatron.api.detector import Detector
 from megatron.types import Batch, Detections, Episode, ImageRecord, Task
 
 GROUPS = ("backbone", "neck", "head")

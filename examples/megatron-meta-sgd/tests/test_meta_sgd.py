@@ -8,7 +8,7 @@ import torch
 
 from meta_sgd_doubles import GROUPS, QuadraticDetector, TestPlugins, make_batch, make_episode
 from megatron.errors import ConfigError
-from megatron.learner import LearnerContext
+from megatron.api.learner import LearnerContext
 from megatron_meta_sgd import plugin
 from megatron_meta_sgd.plugin import MetaSGD
 

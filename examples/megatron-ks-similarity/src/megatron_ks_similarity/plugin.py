@@ -5,7 +5,7 @@ import numpy as np
 from pydantic import Field
 
 from megatron import hookimpl
-from megatron.similarity import SimilarityMetric, SimilarityOptions
+from megatron.api.similarity import SimilarityMetric, SimilarityOptions
 from megatron.types import Task
 
 

@@ -20,7 +20,7 @@ Written from ``registry_docs/contracts/learner.md`` with megatron's public API o
 
 Example (the runner does this for you)::
 
-    from megatron.learner import LearnerContext
+    from megatron.api.learner import LearnerContext
     from megatron_meta_sgd.plugin import MetaSGD
 
     learner = MetaSGD(detector, MetaSGD.Options(first_order=True), LearnerContext(inner_steps=1, inner_lr=0.01))
@@ -36,9 +36,9 @@ import torch
 from pydantic import Field
 
 from megatron import hookimpl
-from megatron.detector import Detector
+from megatron.api.detector import Detector
 from megatron.errors import ConfigError
-from megatron.learner import LearnerOptions, MetaLearner, make_optimizer
+from megatron.api.learner import LearnerOptions, MetaLearner, make_optimizer
 from megatron.types import Batch, Episode
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from pydantic import Field
 
 from megatron import hookimpl
-from megatron.datasets import DatasetOptions, DatasetPlugin
+from megatron.api.dataset import DatasetOptions, DatasetPlugin
 from megatron.errors import DataError
 from megatron.types import ImageRecord, Task
 

@@ -1,69 +1,23 @@
-"""Configurable lifecycle plugins: loggers (TensorBoard, CSV, your own).
-
-A logger is a class with a ``PLUGIN_NAME`` and an ``Options`` pydantic model (``extra="forbid"``), registered
-through the ``megatron_register_loggers`` hook. Its instance implements lifecycle hooks as ``@hookimpl``
-methods. A logger does nothing until a run switches it on, in the config::
-
-    loggers:
-      - name: tensorboard
-        options: {flush_secs: 10}
-      - csv                      # shorthand for {name: csv} (default options)
-
-or on the command line (``megatron run --logger tensorboard --logger csv``; ``benchmark`` and ``pretrain``
-take ``--logger`` too). :func:`active_loggers` validates the options (errors name the key path, e.g.
-``loggers.0.options.flush_secs``), builds one instance per entry, registers the instances with the plugin
-manager for the run's duration and unregisters and closes them afterwards, failed run or not.
-
-A plain ``@hookimpl`` lifecycle function in an installed plugin module keeps working (it is called in every
-run), but it has no options and no switch: write a :class:`Logger` instead.
-"""
+"""The run's loggers: the ``loggers:`` config entries validated, instantiated, registered with the plugin manager
+for the run's duration and closed afterwards (the :class:`megatron.api.logger.Logger` contract is in the API)."""
 from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
-from pydantic import BaseModel, ConfigDict
+import pluggy
+from pydantic import ValidationError
 
+from megatron import hookspecs
+from megatron.api.logger import Logger, LoggerOptions
+from megatron.config import ExperimentConfig, format_validation_error, validate_plugin_options
 from megatron.errors import ConfigError, MegatronError, PluginError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from megatron.config import ExperimentConfig
-    from megatron.pluginmanager import PluginManager
+from megatron.pluginmanager import PluginManager
 
 log = logging.getLogger(__name__)
-
-
-class LoggerOptions(BaseModel):
-    """Options every logger understands; a plugin subclasses this to add its own (``extra='forbid'``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-class Logger:
-    """Abstract logger: one instance per run (per ``loggers:`` entry), living in ``run_dir``.
-
-    Subclasses set ``PLUGIN_NAME`` and ``Options`` and implement any lifecycle hook as a method decorated
-    with ``@megatron.hookimpl`` (``megatron_run_start``, ``megatron_stage_start``, ``megatron_stage_end``,
-    ``megatron_meta_step_end``, ``megatron_evaluation_end``, ``megatron_record_update``,
-    ``megatron_run_end``; pages in ``registry_docs/hooks/``). Open files lazily or in ``__init__``; close
-    them in :meth:`close`, which megatron calls once when the run ends, successfully or not.
-    """
-
-    PLUGIN_NAME: ClassVar[str]
-    Options: ClassVar[type[LoggerOptions]] = LoggerOptions
-
-    def __init__(self, options: LoggerOptions | None, run_dir: Path):
-        self.options = options if options is not None else self.Options()
-        self.run_dir = Path(run_dir)
-
-    def log_scalars(self, section: str, step: int, scalars: Mapping[str, float]) -> None:
-        """Scalars from work that has no lifecycle hook of its own (``megatron pretrain``'s loss per optimiser
-        step: ``section="pretrain"``). Default: ignored."""
-
-    def close(self) -> None:
-        """Flush and close what the logger opened. Called once, at the end of the run (failed or not)."""
 
 
 # --- config ------------------------------------------------------------------------------------------------
@@ -73,15 +27,12 @@ def logger_specs(cfg: Any) -> list[tuple[str, dict[str, Any]]]:
     return [(spec.name, dict(spec.options)) for spec in (getattr(cfg, "loggers", None) or [])]
 
 
-def with_cli_loggers(cfg: "ExperimentConfig", names: Iterable[str] | None) -> "ExperimentConfig":
+def with_cli_loggers(cfg: ExperimentConfig, names: Iterable[str] | None) -> ExperimentConfig:
     """``cfg`` with a ``{name: NAME}`` entry appended to ``loggers:`` for every ``--logger NAME`` that the
     config does not switch on already (a configured entry keeps its options)."""
     names = [n for n in (names or []) if n]
     if not names:
         return cfg
-    from megatron.config import ExperimentConfig, format_validation_error
-    from pydantic import ValidationError
-
     data = cfg.model_dump()
     present = {entry["name"] for entry in data.get("loggers", [])}
     for name in names:
@@ -94,11 +45,9 @@ def with_cli_loggers(cfg: "ExperimentConfig", names: Iterable[str] | None) -> "E
         raise ConfigError(format_validation_error(exc, "--logger")) from None
 
 
-def validate_loggers(cfg: Any, pm: "PluginManager") -> list[tuple[type[Logger], LoggerOptions]]:
+def validate_loggers(cfg: Any, pm: PluginManager) -> list[tuple[type[Logger], LoggerOptions]]:
     """Every configured logger's class and validated options. An unknown name lists the known loggers (and any
     plugin that failed to load); a bad option names its key path (``loggers.0.options.flush_secs``)."""
-    from megatron.config import validate_plugin_options
-
     out = []
     register = pm.registers["logger"]
     for i, (name, options) in enumerate(logger_specs(cfg)):
@@ -112,7 +61,7 @@ def validate_loggers(cfg: Any, pm: "PluginManager") -> list[tuple[type[Logger], 
 
 # --- the run's loggers -------------------------------------------------------------------------------------
 
-def _describe(pm: "PluginManager", cls: type) -> str:
+def _describe(pm: PluginManager, cls: type) -> str:
     register = pm.registers["logger"]
     owner = register.owner(cls.PLUGIN_NAME) if cls.PLUGIN_NAME in register else "?"
     info = pm.info.get(owner)
@@ -121,15 +70,13 @@ def _describe(pm: "PluginManager", cls: type) -> str:
 
 
 @contextlib.contextmanager
-def active_loggers(cfg: Any, pm: "PluginManager", run_dir: Path, *, enabled: bool = True) -> Iterator[list[Logger]]:
+def active_loggers(cfg: Any, pm: PluginManager, run_dir: Path, *, enabled: bool = True) -> Iterator[list[Logger]]:
     """Switch on the config's loggers for the body: validate, instantiate with ``run_dir``, register each
     instance with ``pm`` (so the lifecycle hooks reach it), and on exit unregister and :meth:`Logger.close`
     them (in reverse order), also when the body raised.
 
     ``enabled=False`` (the other ranks of a distributed run) validates the options but starts nothing, so a
     bad option fails on every rank alike. Yields the instances (e.g. for :meth:`Logger.log_scalars`)."""
-    import pluggy
-
     specs = validate_loggers(cfg, pm)
     if not enabled or not specs:
         yield []
@@ -154,8 +101,6 @@ def active_loggers(cfg: Any, pm: "PluginManager", run_dir: Path, *, enabled: boo
             try:
                 pm.check_pending()
             except pluggy.PluginValidationError:
-                from megatron import hookspecs
-
                 unknown = sorted(n for n in dir(instance)
                                  if pm.parse_hookimpl_opts(instance, n) is not None and not hasattr(hookspecs, n))
                 raise PluginError(f"loggers.{i}: {who} implements hook(s) megatron does not have: "
@@ -176,8 +121,6 @@ def active_loggers(cfg: Any, pm: "PluginManager", run_dir: Path, *, enabled: boo
 
 
 def _raising() -> bool:
-    import sys
-
     return sys.exc_info()[0] is not None
 
 
@@ -192,7 +135,7 @@ def log_scalars(loggers: Iterable[Logger], section: str, step: int, scalars: Map
             raise PluginError(f"logger {logger.PLUGIN_NAME!r} failed in log_scalars: {type(exc).__name__}: {exc}") from exc
 
 
-def call_logger_hook(pm: "PluginManager", loggers: Iterable[Logger], name: str, **kwargs: Any) -> None:
+def call_logger_hook(pm: PluginManager, loggers: Iterable[Logger], name: str, **kwargs: Any) -> None:
     """Call the lifecycle hook ``name`` on the given logger instances only (not on every plugin): for commands
     that are not a run (``megatron pretrain``) but still report to the loggers the user switched on."""
     wanted = {id(logger) for logger in loggers}

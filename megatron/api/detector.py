@@ -14,6 +14,9 @@ from torch import nn
 from megatron.types import Batch, Detections
 
 FreezePolicy = Literal["none", "backbone", "backbone+neck"]
+#: capabilities a learner may need beyond ``loss``/``predict`` (see :meth:`Detector.unsupported`)
+CAPABILITY_SECOND_ORDER = "second_order"  # differentiate ``loss(batch, params)`` twice (MAML/ANIL second order)
+CAPABILITY_PROTOTYPES = "prototypes"  # ``box_features`` + ``set_prototypes`` (the proto learner)
 GROUPS_FROZEN: dict[str, tuple[str, ...]] = {
     "none": (),
     "backbone": ("backbone",),
@@ -68,6 +71,14 @@ class Detector(nn.Module):
     def features(self, batch: Batch) -> torch.Tensor:
         """One embedding per image, ``(B, D)`` (globally pooled backbone/neck features)."""
         raise NotImplementedError
+
+    @classmethod
+    def unsupported(cls, options: DetectorOptions) -> dict[str, str]:
+        """The capabilities (``CAPABILITY_*``) this detector, with ``options``, does not have, each with the reason.
+
+        Asked before anything is built: a learner that needs one of them (``MetaLearner.required_capabilities``)
+        is refused when the run starts, with the reason and the learners that still work. Default: none missing."""
+        return {}
 
     # --- optional: the loss split at the body/head boundary (ANIL's inner loop computes the body once) ----------
     def body_features(self, batch: Batch, params: dict[str, torch.Tensor] | None = None) -> Any:
