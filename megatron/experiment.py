@@ -42,6 +42,36 @@ def validate_experiment_plugins(cfg: ExperimentConfig, pm: PluginManager) -> Val
     return ValidatedOptions(datasets, detector, learner, similarity)
 
 
+def check_learners_fit_detector(cfg: ExperimentConfig, pm: PluginManager, names: list[str]) -> None:
+    """Refuse, before anything is built, a learner that needs what the configured detector cannot do
+    (``MetaLearner.required_capabilities`` against ``Detector.unsupported``); the message says why and which
+    learners work with this detector."""
+    det_cls = _get(pm.registers["detector"], cfg.detector.name, "detector.name")
+    det_options = validate_plugin_options(det_cls, cfg.detector.options, "detector.options")
+    lacking = det_cls.unsupported(det_options)
+    if not lacking:
+        return
+    learners = pm.registers["learner"]
+
+    def missing(name: str, options: dict[str, Any]) -> list[str]:
+        cls = learners.get(name)
+        opts = validate_plugin_options(cls, options, f"learner {name!r} options")
+        return sorted(cls.required_capabilities(opts) & set(lacking))
+
+    for name in names:
+        gaps = missing(name, cfg.learner.options if name == cfg.learner.name else {})
+        if gaps:
+            working = [n for n in learners.names() if not missing(n, {})]
+            first_order = [n for n in learners.names() if "first_order" in learners.get(n).Options.model_fields
+                           and not missing(n, {"first_order": True})]
+            reasons = "; ".join(lacking[g] for g in gaps)
+            raise ConfigError(
+                f"learner {name!r} cannot train detector {cfg.detector.name!r}: {reasons}. Learners that work with "
+                f"it: {', '.join(working)}" + (f"; first-order variants: {', '.join(f'{n} (first_order: true)' for n in first_order)}"
+                                               if first_order else "") + "."
+            )
+
+
 def _get(register, name: str, where: str):
     try:
         return register.get(name)
@@ -119,3 +149,11 @@ def build_detector(cfg: ExperimentConfig, pm: PluginManager, num_classes: int, c
 
         logging.getLogger(__name__).info("%s", load_weights(detector, checkpoint))
     return detector
+
+
+def head_classes_for(cfg: ExperimentConfig, sources: list[Task]) -> int:
+    """The meta-model's head size: ``episodes.n_way`` for N-way episodes (labels remapped to 0..N-1), else
+    the largest class count among the source tasks (episode labels are task-local 0..C-1)."""
+    if cfg.episodes.n_way is not None:
+        return cfg.episodes.n_way
+    return max(len(t.categories) for t in sources)

@@ -11,18 +11,16 @@ from typing import Any
 
 import pytest
 
+from megatron import get_plugin_manager  # light: the package root imports pluggy only
+
 
 @pytest.fixture
 def megatron_pm():
-    from megatron import get_plugin_manager
-
     return get_plugin_manager()
 
 
 @pytest.fixture
 def make_plugin_manager():
-    from megatron import get_plugin_manager
-
     def make(*plugins: Any, builtins: bool = True, autoload: bool = False):
         extra = [(getattr(p, "__name__", type(p).__name__), p) for p in plugins]
         return get_plugin_manager(builtins=builtins, autoload=autoload, extra=extra)
