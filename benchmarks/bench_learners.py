@@ -11,7 +11,8 @@ mmdet data samples built once beforehand:
 - anil: the same with the head adapted only; the body features of the support batch are computed *once* and
   the head's loss is taken on them in each inner step (the way a hand-written ANIL saves work, and what
   megatron's ANIL does through ``Detector.body_features`` + ``Detector.head_loss``);
-- reptile: snapshot the weights, k Adam(beta1=0) steps on support+query, delta, interpolate (eps = 1);
+- reptile: snapshot the weights, k inner steps on support+query with the plugin's default inner optimiser
+  (plain SGD; Adam(beta1=0) when that default is ``adam``), delta, interpolate (eps = 1);
 - proto: prototypes from the support box features, the cosine classifier swapped in, query loss, backward,
   one Adam step;
 - finetune: one plain Adam step on the support batch, then one on the query batch, per episode;
@@ -29,7 +30,10 @@ back to back, so drift of a shared machine cancels; trust it more when the two d
 mismatch": the relative difference between the weight updates of the learner's and the bare loop's step from
 the same weights: 0 or rounding-sized (they do the same computation, so the timings compare like with like;
 ANIL with several inner steps sums the same gradient in another order, and Adam's first step magnifies rounding
-in near-zero gradients to ~1e-4).
+in near-zero gradients to ~1e-4). A mismatch above :data:`MISMATCH_TOLERANCE` fails the benchmark (exit status 1):
+the bare loop no longer does what the plugin does, so its timings compare different work. Every bare loop
+implements the plugin's *default* options (:data:`BARE_LOOP_OPTIONS`); when a plugin's default changes, the
+benchmark stops before timing anything (exit status 2) and names the option to follow.
 
 Defaults: YOLOX-tiny at 256 px, meta-batch 2, support 4 + query 4, inner steps 1 (``--quick``: 128 px, fewer
 timed steps). Synthetic episodes (bright boxes on a dark background, 1-3 boxes per image, 3 classes), so no
@@ -72,6 +76,20 @@ LEARNERS = ("maml", "maml-fo", "reptile", "anil", "proto", "finetune")
 OPTIONAL = ("maml-ckpt",)
 ANIL_PAPER_SPEEDUP = 1.7
 ANIL_AIM_SPEEDUP = 3.0  # over second-order MAML at 3 inner steps (issue 15)
+#: the largest relative difference between the learner's and the bare loop's weight update that still counts as
+#: "the same computation" (rounding; Adam's first step magnifies it in near-zero gradients to ~1e-4)
+MISMATCH_TOLERANCE = 1e-3
+#: the options each bare loop implements, which must be the plugin's defaults (checked before timing); reptile's
+#: inner optimiser is read from the plugin's default and both choices are implemented
+BARE_LOOP_OPTIONS = {
+    "maml": {"first_order": False, "inner_groups": None, "checkpoint_inner_steps": False},
+    "maml-fo": {"inner_groups": None, "checkpoint_inner_steps": False},
+    "maml-ckpt": {"first_order": False, "inner_groups": None},
+    "anil": {"first_order": False},
+    "reptile": {"eps_start": 1.0},
+    "proto": {"temperature": TEMPERATURE},
+    "finetune": {"episodes_per_step": 1},
+}
 
 
 # --- data ---------------------------------------------------------------------------------------------
@@ -180,7 +198,7 @@ class References:
                 with torch.no_grad():
                     for name, t in theta.items():
                         live[name].copy_(t)
-            opt = torch.optim.Adam(params, lr=INNER_LR, betas=(0.0, 0.999))
+            opt = reptile_inner_optimizer(params)
             for _ in range(self.k):
                 opt.zero_grad(set_to_none=True)
                 self.total(model.loss(e.sq_in, e.sq_smp)).backward()
@@ -224,6 +242,15 @@ class References:
         }[learner]
 
 
+def reptile_inner_optimizer(params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    """A fresh inner optimiser per task, the one Reptile's options default to."""
+    from megatron_plugins.learners.reptile import Reptile
+
+    if Reptile.Options().inner_optimizer == "adam":
+        return torch.optim.Adam(params, lr=INNER_LR, betas=(0.0, 0.999))
+    return torch.optim.SGD(params, lr=INNER_LR)
+
+
 # --- the learners ---------------------------------------------------------------------------------------
 def build_learner(name: str, det, ctx: LearnerContext):
     from megatron_plugins.learners.anil import ANIL
@@ -248,6 +275,34 @@ def build_learner(name: str, det, ctx: LearnerContext):
 
 
 # --- measuring ------------------------------------------------------------------------------------------
+def plugin_classes() -> dict[str, type]:
+    from megatron_plugins.learners.anil import ANIL
+    from megatron_plugins.learners.finetune import Finetune
+    from megatron_plugins.learners.maml import MAML
+    from megatron_plugins.learners.proto import Proto
+    from megatron_plugins.learners.reptile import Reptile
+
+    return {"maml": MAML, "maml-fo": MAML, "maml-ckpt": MAML, "anil": ANIL, "reptile": Reptile, "proto": Proto,
+            "finetune": Finetune}
+
+
+def stale_bare_loops(learners: list[str]) -> list[str]:
+    """One line per option whose plugin default differs from what that learner's bare loop implements."""
+    problems = []
+    for name in learners:
+        defaults = plugin_classes()[name].Options().model_dump()
+        for option, assumed in BARE_LOOP_OPTIONS[name].items():
+            if defaults.get(option) != assumed:
+                problems.append(f"{name}: the bare loop implements {option}={assumed!r} but the plugin's default is "
+                                f"{defaults.get(option)!r}; make References.{name.split('-')[0]} follow the default")
+    return problems
+
+
+def mismatches(results: list[dict]) -> list[str]:
+    return [f"{r['learner']}: update mismatch {r['update_mismatch']:.1e} > {MISMATCH_TOLERANCE:.0e}" for r in results
+            if not r["update_mismatch"] <= MISMATCH_TOLERANCE]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="128 px (unless --input-size) and 2 timed steps per mode")
@@ -270,6 +325,11 @@ def main() -> None:
     for name in learners:
         if name not in LEARNERS + OPTIONAL:
             ap.error(f"unknown learner {name!r}; choose from {', '.join(LEARNERS + OPTIONAL)}")
+    stale = stale_bare_loops(learners)
+    if stale:
+        print("bench_learners: a bare loop no longer follows its plugin's defaults:\n  " + "\n  ".join(stale),
+              file=sys.stderr)
+        sys.exit(2)
 
     from megatron_plugins.detectors.yolox import YOLOX
 
@@ -402,7 +462,13 @@ def main() -> None:
         "memory": "cuda max_memory_allocated growth" if device.type == "cuda" else "peak RSS growth (1 ms sampling)",
         "results": results, "anil_speedup_over_maml": anil, "checkpoint_inner_steps": checkpointing,
     }
+    record["mismatch_tolerance"] = MISMATCH_TOLERANCE
+    record["failed"] = mismatches(results)
     (OUT / "bench_learners.json").write_text(json.dumps(record, indent=2) + "\n")
+    if record["failed"]:
+        console.print("[bold red]FAILED[/]: the learner and its bare loop updated the weights differently, so the "
+                      "timings compare different work:\n  " + "\n  ".join(record["failed"]))
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ Parts (``python benchmarks/device_check.py <part> --out DIR [--cpu-only]``):
   detector, 3 outer steps, global meta-batch 4, each rank decoding only its share) with backend ``nccl``
   (falling back to ``gloo`` when NCCL refuses two ranks on one GPU); checks that the ranks hold bit-identical
   weights and end where one process ends (float tolerance).
+- ``data``: the train-step rates the loader must feed (YOLOX-tiny/-s, a Reptile meta-step), the loader's rate
+  with this machine's cores, and the share of a training loop's time spent waiting for data
+  (``benchmarks/device_data.py``; goal: under 5 %).
 - ``summary``: one ``summary.md`` from the parts' JSON (and the learner benchmark's, when present).
 
 ``--cpu-only`` runs the same code paths on the CPU at a small input size and says what it skipped: fp16 (the
@@ -411,6 +414,13 @@ def part_summary(out: Path) -> int:
     else:
         lines += ["", "bench_learners: **not run** (timed out or failed)"]
         ok = False
+    if (out / "data.json").exists():
+        import device_data  # benchmarks/ (on the path above)
+
+        lines += device_data.summary_lines(json.loads((out / "data.json").read_text()))
+    else:
+        lines += ["", "data path: **not run** (timed out or failed)"]
+        ok = False
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0 if ok else 1
@@ -418,7 +428,7 @@ def part_summary(out: Path) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("part", choices=["amp", "distributed", "summary", "device-slug"])
+    ap.add_argument("part", choices=["amp", "distributed", "data", "summary", "device-slug"])
     ap.add_argument("--out", type=Path, help="folder for the JSON (device_check.sh chooses it)")
     ap.add_argument("--cpu-only", action="store_true", help="CPU, small input: test the script without a GPU")
     ap.add_argument("--input-size", type=int, default=None, help="default 256 on CUDA, 64 with --cpu-only")
@@ -443,6 +453,14 @@ def main(argv=None) -> int:
         return 0 if rec["ok"] else 1
     if args.part == "distributed":
         return 0 if part_distributed(device, args.out, args.cpu_only, args.timeout_s)["ok"] else 1
+    if args.part == "data":
+        import device_data  # benchmarks/ (on the path above); imports megatron's data path and the plugins
+
+        rec = device_data.part_data(device, args.cpu_only)
+        rec["environment"] = environment(device)
+        write(args.out, "data.json", rec)
+        print("\n".join(device_data.summary_lines(rec)))
+        return 0 if rec["ok"] else 1
     return part_summary(args.out)
 
 

@@ -37,7 +37,7 @@ if [ "$CPU_ONLY" = 1 ]; then
   export OMP_NUM_THREADS=1
   [ -n "$OUT" ] || OUT=benchmarks/out/device_check_cpu
   # time limits (s) for the CPU test: small inputs, one thread
-  T_AMP=420; T_DIST=300; T_BENCH=300
+  T_AMP=420; T_DIST=300; T_BENCH=300; T_DATA=300
 else
   if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "device_check.sh: no CUDA device visible to $PY; use --cpu-only to test the script on the CPU" >&2
@@ -46,11 +46,11 @@ else
   if [ -z "$OUT" ]; then
     OUT="benchmarks/results/gpu/$("$PY" benchmarks/device_check.py device-slug)"
   fi
-  # budget on one GPU: 8 minutes in all, start-up included
-  T_AMP=180; T_DIST=150; T_BENCH=120
+  # budget on one GPU: 10 minutes in all, start-up included
+  T_AMP=180; T_DIST=150; T_BENCH=120; T_DATA=120
 fi
 mkdir -p "$OUT"
-rm -f "$OUT"/amp.json "$OUT"/distributed.json "$OUT"/bench_learners.json "$OUT"/bench_learners.skipped
+rm -f "$OUT"/amp.json "$OUT"/distributed.json "$OUT"/bench_learners.json "$OUT"/bench_learners.skipped "$OUT"/data.json
 echo "device check -> $OUT"
 START=$(date +%s)
 status=0
@@ -77,6 +77,10 @@ if timeout --kill-after=10 "$T_BENCH" "$PY" benchmarks/bench_learners.py "${BENC
 else
   echo "bench_learners: FAILED (see above) or timed out (${T_BENCH} s)"; status=1
 fi
+
+echo "== data path: train-step rates, the loader with this machine's cores, the share of step time waiting for data"
+timeout --kill-after=10 "$T_DATA" "$PY" benchmarks/device_check.py data --out "$OUT" "${FLAG[@]}" 2>&1 | tee "$OUT/data.log" \
+  || { echo "data: FAILED (see above) or timed out (${T_DATA} s)"; status=1; }
 
 "$PY" benchmarks/device_check.py summary --out "$OUT" "${FLAG[@]}" || status=1
 echo "device check took $(( $(date +%s) - START )) s; status $status; results in $OUT"

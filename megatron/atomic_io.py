@@ -1,19 +1,41 @@
-"""Atomic writes: a killed process never leaves a half-written checkpoint, record or results file."""
+"""Atomic writes: a killed process never leaves a half-written checkpoint, record or results file; a full
+disk is a :class:`StorageFullError` naming the file, the folder and its free space; :func:`safe_torch_load` reads
+megatron's own files with torch's safe loader."""
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
 import os
-import tempfile
+import re
+import secrets
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
+from megatron.errors import MegatronError
+from megatron.safe_globals import safe_load
 
-#: how the temporary file of an atomic write is named: ``.<name>.<random>.tmp`` beside the target, so a write
-#: killed half-way leaves only such a file (removed by :func:`remove_stale_tmp_files` at the next start)
+
+#: how the temporary file of an atomic write is named: ``.<name>.megatron-<pid>-<random>.tmp`` beside the
+#: target, so a write killed half-way leaves only such a file, which :func:`remove_stale_tmp_files` recognises
+#: by this exact pattern (and its writer's PID) and nothing else: a user's ``.draft.v2.tmp`` is never touched
 TMP_PREFIX = "."
+TMP_MARK = ".megatron-"
 TMP_SUFFIX = ".tmp"
+TMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.megatron-(?P<pid>[0-9]+)-(?P<rand>[0-9a-f]{8})\.tmp$")
+
+#: the errnos of a write refused for lack of room: no space, over the file-size limit (``ulimit -f``), over quota
+_NO_ROOM = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+#: what torch's zip writer says when the underlying write failed (it hides the OSError behind a RuntimeError)
+_TORCH_WRITE_FAILED = ("inline_container", "unexpected pos", "file write failed", "PytorchStreamWriter failed")
+
+
+class StorageFullError(MegatronError):
+    """A write failed for lack of room (full disk, file-size limit, quota); nothing half-written was left."""
 
 
 def file_mode() -> int:
@@ -30,44 +52,169 @@ def file_mode() -> int:
     return 0o666 & ~mask
 
 
+def tmp_name(target: str | Path) -> str:
+    """The name of a new temporary file for an atomic write of ``target`` (see :data:`TMP_PATTERN`)."""
+    return f"{TMP_PREFIX}{Path(target).name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}"
+
+
+def _create_tmp(path: Path) -> tuple[int, Path]:
+    for _ in range(100):
+        tmp = path.parent / tmp_name(path)
+        try:
+            return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path))
+
+
 def _atomic(path: Path, write) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    with storage_errors(path, "write"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _create_tmp(path)
+        try:
+            os.fchmod(fd, file_mode())
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+
+def is_out_of_room(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is a write refused for lack of room: ENOSPC / EFBIG / EDQUOT, or
+    torch's zip writer reporting a failed write (its RuntimeError hides the OSError)."""
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, OSError) and exc.errno in _NO_ROOM:
+            return True
+        if isinstance(exc, RuntimeError) and any(m in str(exc) for m in _TORCH_WRITE_FAILED):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def free_space_note(folder: str | Path) -> str:
+    """``"<N> MB free on that file system"`` (or why it is unknown) for a message about a full disk."""
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
     try:
-        os.fchmod(fd, file_mode())
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        return f"{shutil.disk_usage(folder).free / 1e6:.0f} MB free on that file system"
+    except OSError:
+        return "free space unknown"
+
+
+@contextlib.contextmanager
+def storage_errors(path: str | Path, what: str = "write") -> Iterator[None]:
+    """Turn a write refused for lack of room inside the block into a :class:`StorageFullError` naming ``path``,
+    its folder's free space and the fix (the file-size limit too: ``ulimit -f`` gives EFBIG)."""
+    try:
+        yield
+    except StorageFullError:
         raise
+    except (OSError, RuntimeError) as exc:
+        if not is_out_of_room(exc):
+            raise
+        path = Path(path)
+        cause = getattr(exc, "strerror", None) or "the write failed"
+        raise StorageFullError(
+            f"could not {what} {path}: no room ({cause}; {free_space_note(path.parent)}; the shell's file-size limit, "
+            "`ulimit -f`, counts too). Nothing half-written was kept. Fix: free space there or write elsewhere "
+            "(--out / --run-dir; data.cache_dir for the stage-1 cache), then run again (--resume continues a run "
+            "from its last checkpoint)"
+        ) from exc
 
 
 def remove_stale_tmp_files(folder: str | Path, recursive: bool = True) -> list[Path]:
-    """Delete the temporary files (``.<name>.<random>.tmp``) that atomic writes killed half-way left in
-    ``folder``; returns what was removed. Call it only while no other process writes there (a run holds the
-    run directory's lock)."""
+    """Delete the temporary files megatron's atomic writes left in ``folder`` when killed half-way: only names
+    matching :data:`TMP_PATTERN` whose writing process is gone (a live writer's file is left alone); returns
+    what was removed. A run calls it only on the folder it owns (its run directory, the stage-1 cache)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    pattern = f"{TMP_PREFIX}*{TMP_SUFFIX}"
+    candidates = folder.rglob(f"*{TMP_MARK}*{TMP_SUFFIX}") if recursive else folder.glob(f"*{TMP_MARK}*{TMP_SUFFIX}")
     removed = []
-    for tmp in (folder.rglob(pattern) if recursive else folder.glob(pattern)):
-        if tmp.is_file() and not tmp.is_symlink() and tmp.name.count(".") >= 3:
-            try:
-                tmp.unlink()
-                removed.append(tmp)
-            except FileNotFoundError:
-                pass
+    for tmp in candidates:
+        match = TMP_PATTERN.match(tmp.name)
+        if match is None or tmp.is_symlink() or not tmp.is_file() or process_alive(int(match["pid"])):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            removed.append(tmp)
     return removed
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    _atomic(Path(path), lambda f: torch.save(obj, f))
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine (this process counts as alive)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+#: the checksum file beside a file written for reuse: ``<file>.sha256`` in ``sha256sum`` format
+CHECKSUM_SUFFIX = ".sha256"
+
+
+def sha256_of(path: str | Path) -> str:
+    """The sha256 (hex) of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checksum_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + CHECKSUM_SUFFIX)
+
+
+def write_checksum(path: str | Path) -> str:
+    """Record ``path``'s sha256 beside it (``<file>.sha256``, as ``sha256sum`` writes it); returns the digest."""
+    digest = sha256_of(path)
+    atomic_write_text(checksum_path(path), f"{digest}  {Path(path).name}\n")
+    return digest
+
+
+def verify_checksum(path: str | Path) -> str | None:
+    """``None`` when ``path`` matches the checksum recorded beside it (or none was recorded); else why not."""
+    recorded_at = checksum_path(path)
+    try:
+        recorded = recorded_at.read_text().split()[0]
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, IndexError) as exc:
+        return f"its checksum file {recorded_at} cannot be read ({exc})"
+    actual = sha256_of(path)
+    if actual != recorded:
+        return (f"its content changed since megatron wrote it (sha256 {actual[:16]}..., recorded in {recorded_at.name}: "
+                f"{recorded[:16]}...): a corrupted or replaced file")
+    return None
+
+
+def atomic_torch_save(obj: Any, path: str | Path, checksum: bool = False) -> None:
+    """``torch.save`` atomically; ``checksum``: also record its sha256 beside it (a file written for reuse).
+    The old checksum goes first, so a kill between the two writes leaves an unverified file, never a file
+    with a checksum that is not its own."""
+    path = Path(path)
+    if checksum:
+        with contextlib.suppress(FileNotFoundError):
+            checksum_path(path).unlink()
+    _atomic(path, lambda f: torch.save(obj, f))
+    if checksum:
+        with storage_errors(checksum_path(path)):
+            write_checksum(path)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -89,5 +236,7 @@ def _json_default(o: Any) -> Any:
 
 
 def safe_torch_load(path: str | Path) -> Any:
-    """``torch.load(weights_only=True)``: tensors, dicts, lists and numbers only — no code runs on load."""
-    return torch.load(Path(path), map_location="cpu", weights_only=True)
+    """``torch.load(weights_only=True)`` with exactly the harmless extra types of :mod:`megatron.safe_globals`
+    allowed (numpy values, mmengine's message hub): tensors, containers, numbers, strings — no code runs on
+    load; anything else is a ``pickle.UnpicklingError``."""
+    return safe_load(Path(path))

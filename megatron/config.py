@@ -35,19 +35,25 @@ class DataConfig(_Model):
     target: str = Field("eit", description="name of the few-shot target task")
     sources: list[str] | None = Field(None, description="source task names (default: every task but the target)")
     shots: int = Field(20, ge=1, description="K: images in the target's few-shot training pool (the method: 20 or 40)")
-    eval_images: int | None = Field(None, ge=1, description="target images kept out of training for evaluation: the validation split (data.validation_images) and the held-out test split (default: all but the largest pool, see split_target)")
+    eval_images: int | None = Field(None, ge=1, description="target images kept out of training for evaluation: the validation split (data.validation_images) and the held-out test split. null (default): every target image except max(K, 40) reserved for the K-shot pools (40 is the method's largest K, so K = 20 and K = 40 are evaluated on the same images), and at least 5; see megatron.data.split.split_target")
     validation_images: int | None = Field(None, ge=0, description="target images set apart from the evaluation images to choose the reported model on (the `-best` model; never trained on); null: a quarter of the evaluation images, at most 20; 0: no validation split, the final model is reported")
     split_from: Path | None = Field(None, description="reuse the exact target split (pool / validation / held-out image ids) of another run's run.json")
     input_size: int = Field(128, ge=32, description="square detector input size in pixels (letterbox)")
     clahe: bool = Field(False, description="apply CLAHE to grayscale images before resizing")
     augment: bool = Field(True, description="training augmentations (flips, small rotations, scale/translate, brightness/contrast)")
     cache_dir: Path | None = Field(None, description="where generated/decoded data is cached (default ~/.cache/megatron)")
+    workers: int | None = Field(None, ge=0, description="background workers decoding and augmenting episodes and batches ahead of the model (pre-training, meta-training, fine-tuning, evaluation); 0: in the training process; null: none on the CPU, on an accelerator the process's share of the cores less one, at most 8. Results are identical for any number")
+    prefetch: int = Field(2, ge=1, description="episodes or batches each worker loads ahead")
+    worker_kind: Literal["thread", "process"] = Field("thread", description="workers as threads sharing the decoded-image cache (default: measured faster with the cache, benchmarks/bench_data.py) or DataLoader worker processes (no GIL; each with data.cache_bytes / workers of cache, for one stream)")
+    cache_bytes: int = Field(1 << 30, ge=0, description="size limit of the decoded-image cache in bytes (images held decoded and downsampled to the input size); 0: off. Worker processes share it (each gets cache_bytes / workers)")
 
 
 class DetectorConfig(_Model):
     name: str = Field("yolox", description="detector plugin name")
     options: dict[str, Any] = Field(default_factory=dict, description="the plugin's options (e.g. size: tiny)")
-    checkpoint: Path | None = Field(None, description="local checkpoint to start from (mmdet, torchvision or `megatron pretrain`)")
+    checkpoint: Path | None = Field(None, description="local checkpoint to start from (mmdet, torchvision or `megatron pretrain`): the usual path is to download the config's COCO weights from the mmdet model zoo and point this at them; the classifier is re-initialised for the task's classes")
+    checkpoint_role: Literal["instead_of_stage1", "start_of_stage1"] = Field("instead_of_stage1", description="what detector.checkpoint is: the weights every learner starts from (stage 1 skipped), or the start of stage 1's joint training on the sources (cached under a key that includes the file's sha256)")
+    force_checkpoint: bool = Field(False, description="load detector.checkpoint even when under half of its weights fit the detector (a checkpoint of another architecture); the load report in run.json lists what did not fit")
     freeze: Literal["none", "backbone", "backbone+neck"] = Field("none", description="parameter groups frozen while fine-tuning on the target")
 
 
@@ -109,6 +115,8 @@ class EvaluationConfig(_Model):
     score_threshold: float = Field(0.3, ge=0, le=1, description="detections at or above this score count for precision/recall/F1")
     iou_threshold: float = Field(0.5, gt=0, lt=1, description="IoU for a true positive in precision/recall/F1")
     max_detections: int = Field(100, ge=1)
+    operating_point: Literal["max_f1", "sensitivity", "fixed"] = Field("max_f1", description="the score threshold chosen on the validation split, reported (P/R/F1 and the FROC point on the held-out split) beside the fixed score_threshold's figures and stored in the model file as `megatron predict`'s default: max_f1 = the highest validation F1; sensitivity = the highest threshold reaching target_sensitivity on validation; fixed = score_threshold (also what applies without a validation split)")
+    target_sensitivity: float = Field(0.9, gt=0, le=1, description="the validation sensitivity (recall) the `sensitivity` operating point must reach")
 
 
 class SimilarityConfig(_Model):
@@ -183,10 +191,12 @@ def format_validation_error(exc: ValidationError, source: str = "config",
 
 
 def _origin_of(loc: str, origins: dict[str, str]) -> str | None:
-    """The origin of the longest override key that is ``loc`` or one of its parents."""
+    """The origin of the longest override key that is ``loc``, one of its parents, or under it (``--set
+    training.meta_epochs.x=1`` turns ``training.meta_epochs`` into a mapping: the error there is the --set's)."""
     best = None
     for key, origin in origins.items():
-        if (loc == key or loc.startswith(key + ".")) and (best is None or len(key) > len(best[0])):
+        related = loc == key or loc.startswith(key + ".") or key.startswith(loc + ".")
+        if related and (best is None or len(key) > len(best[0])):
             best = (key, origin)
     return best[1] if best else None
 

@@ -10,7 +10,7 @@ from megatron.config import ExperimentConfig, validate_plugin_options
 from megatron.errors import ConfigError, DataError, PluginError
 from megatron.pluginmanager import PluginManager
 from megatron.types import Task, TaskSet
-from megatron.training.weights import load_weights
+from megatron.training.weights import CheckpointError, LoadReport, load_weights
 
 
 @dataclass
@@ -129,11 +129,13 @@ def build_taskset(cfg: ExperimentConfig, tasks: list[Task]) -> TaskSet:
 
 
 def build_detector(cfg: ExperimentConfig, pm: PluginManager, num_classes: int, checkpoint: Any = None,
-                   options: BaseModel | None = None):
+                   options: BaseModel | None = None, report: dict[str, Any] | None = None):
     """The configured detector plugin with ``num_classes`` classes at ``data.input_size``, its options validated
     (or the already validated ``options``), with ``checkpoint``'s weights loaded when one is given (megatron
     pretrain, mmdet or torchvision weights; see :func:`megatron.training.weights.load_weights`). The one
-    place a detector is built from a config: the runner, pre-training and similarity features use it."""
+    place a detector is built from a config: the runner, pre-training and similarity features use it.
+    ``report``: a dict that receives the load report (:func:`load_report_record`), e.g. the run record's.
+    Under half of the file's weights fitting (another architecture) is refused unless ``detector.force_checkpoint``."""
     import logging
 
     det_cls = _get(pm.registers["detector"], cfg.detector.name, "detector.name")
@@ -146,9 +148,43 @@ def build_detector(cfg: ExperimentConfig, pm: PluginManager, num_classes: int, c
     except Exception as exc:
         raise PluginError(f"detector plugin {cfg.detector.name!r} failed to build: {type(exc).__name__}: {exc}") from exc
     if checkpoint is not None:
-
-        logging.getLogger(__name__).info("%s", load_weights(detector, checkpoint))
+        loaded = load_weights(detector, checkpoint)
+        check_checkpoint_fits(loaded, cfg.detector.force_checkpoint)
+        logging.getLogger(__name__).info("%s", loaded)
+        if report is not None:
+            report.update(load_report_record(loaded, detector))
     return detector
+
+
+#: the fraction of a checkpoint's weights that must fit the detector (by name and shape) unless forced
+MIN_CHECKPOINT_FIT = 0.5
+
+
+def check_checkpoint_fits(report: LoadReport, force: bool) -> None:
+    """Refuse a checkpoint most of whose weights do not fit (another architecture), with the mismatch table."""
+    in_file = len(report.loaded) + len(report.mismatched) + len(report.unexpected)
+    fit = len(report.loaded) / in_file if in_file else 1.0
+    if fit >= MIN_CHECKPOINT_FIT or force:
+        return
+    raise CheckpointError(
+        f"checkpoint {report.path}: only {len(report.loaded)} of its {in_file} weights ({fit:.0%}) fit this detector "
+        f"(under {MIN_CHECKPOINT_FIT:.0%}): is it a checkpoint of another architecture?\n{report}\nSet "
+        "detector.force_checkpoint: true to load the weights that fit anyway."
+    )
+
+
+def load_report_record(report: LoadReport, detector: Any) -> dict[str, Any]:
+    """The load report as plain values for run.json: counts, the first keys of each kind, the classifier."""
+    cls_names = set(getattr(detector, "parameter_groups", dict)().get("head_cls", []))
+    reinitialised = sorted({k for k, _, _ in report.mismatched if k in cls_names} | (
+        cls_names if report.reinitialised_classifier else set()))
+    return {"load_report": {
+        "path": str(report.path), "format": report.format, "loaded": len(report.loaded),
+        "missing": len(report.missing), "unexpected": len(report.unexpected), "mismatched": len(report.mismatched),
+        "mismatched_keys": [[k, list(a), list(b)] for k, a, b in report.mismatched[:20]],
+        "missing_keys": report.missing[:20], "unexpected_keys": report.unexpected[:20],
+        "classifier_reinitialised": reinitialised, "summary": report.summary(),
+    }}
 
 
 def head_classes_for(cfg: ExperimentConfig, sources: list[Task]) -> int:

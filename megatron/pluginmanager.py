@@ -50,9 +50,11 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "megatron_plugins.datasets.yolo",
     "megatron_plugins.datasets.medsynth",
     "megatron_plugins.datasets.dicom", "megatron_plugins.datasets.folder",
+    "megatron_plugins.datasets.volume", "megatron_plugins.datasets.masks",
     "megatron_plugins.detectors.yolox",
     "megatron_plugins.detectors.faster_rcnn",
     "megatron_plugins.detectors.retinanet",
+    "megatron_plugins.detectors.mmdet",
     "megatron_plugins.learners.maml",
     "megatron_plugins.learners.reptile",
     "megatron_plugins.learners.anil",
@@ -65,6 +67,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "megatron_plugins.similarity.label_aware",
     "megatron_plugins.loggers.tensorboard",
     "megatron_plugins.loggers.csv",
+    "megatron_plugins.loggers.mlflow",  # imports mlflow only when a run switches it on (megatron[mlflow])
 )
 
 # kind -> (registration hook, base class)
@@ -74,6 +77,13 @@ KINDS: dict[str, tuple[str, type]] = {
     "learner": ("megatron_register_learners", MetaLearner),
     "similarity": ("megatron_register_similarity_metrics", SimilarityMetric),
     "logger": ("megatron_register_loggers", Logger),
+}
+
+#: kind -> the methods every plugin class of that kind must define (checked when it registers: a misspelt
+#: ``meta_stpe`` fails at start-up naming plugin, package and method, not after data loading and stage 1)
+REQUIRED_METHODS: dict[str, tuple[str, ...]] = {
+    "dataset": ("load",), "detector": ("loss", "predict"), "learner": ("meta_step",),
+    "similarity": ("summarize", "distance"), "logger": (),
 }
 
 #: kind -> the folder its built-ins live in, under ``plugins/`` and under ``registry_docs/plugins/``
@@ -273,7 +283,7 @@ class PluginManager(pluggy.PluginManager):
     def _collect(self) -> dict[str, Register]:
         registers: dict[str, Register] = {}
         for kind, (hook_name, base) in KINDS.items():
-            reg: Register = _Register(kind, base, self)
+            reg: Register = _Register(kind, base, self, REQUIRED_METHODS.get(kind, ()))
             # call each implementation on its own so one plugin's exception does not hide the others'
             for impl in reversed(getattr(self.hook, hook_name).get_hookimpls()):
                 try:
@@ -315,8 +325,8 @@ class _Register(Register):
     """A register whose unknown-name error also names the plugins that failed to load (one of them may be the
     plugin that should have provided the name)."""
 
-    def __init__(self, kind: str, base: type, pm: PluginManager):
-        super().__init__(kind, base)
+    def __init__(self, kind: str, base: type, pm: PluginManager, required: tuple[str, ...] = ()):
+        super().__init__(kind, base, required)
         self._pm = pm
 
     def get(self, name: str):

@@ -29,6 +29,17 @@ class ImageRecord:
     labels: np.ndarray  # (n,) int64 task-local class indices
     file_name: str = ""
     frame: int | None = None  # 0-based frame of a multi-frame DICOM file; None for single-frame images
+    # the unit of independence (the patient; every slice of a volume shares its volume's group): splits and any
+    # draw that must not leak are made over groups. None: the image is its own group (group_of gives its id)
+    group: str | None = None
+    # what the reader knows beyond the pixels: pixel spacing in mm (row, column), the slice's position in its
+    # volume, the volume's affine (voxel -> RAS world, mm), the source series... (JSON-serialisable values)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def group_id(self) -> str:
+        """The record's group: ``group`` when the reader set one, else the image itself (``image:<id>``)."""
+        return self.group if self.group is not None else f"image:{self.image_id}"
 
     def __post_init__(self) -> None:
         self.boxes = np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)
@@ -41,7 +52,6 @@ class ImageRecord:
 
 
 def _read_image_file(record: ImageRecord) -> np.ndarray:
-
     assert record.path is not None
     return read_image(record.path, frame=record.frame)
 
@@ -60,6 +70,9 @@ class Task:
     modality: str = ""
     source: str = ""  # where it came from (plugin name and path), for error messages and the run record
     image_loader: Callable[[ImageRecord], np.ndarray] = field(default=_read_image_file, repr=False)
+    # where the records' groups (patients) come from, for the run record ("" = derived from the records:
+    # megatron.data.groups.describe_grouping)
+    grouping: str = ""
 
     def load_image(self, record: ImageRecord) -> np.ndarray:
         return self.image_loader(record)
@@ -76,6 +89,7 @@ class Task:
             modality=self.modality,
             source=self.source,
             image_loader=self.image_loader,
+            grouping=self.grouping,
         )
 
 

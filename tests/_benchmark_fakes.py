@@ -106,3 +106,25 @@ def underpowered_runner(cfg, run_dir, pm=None, resume=False, progress=False, lea
 def replicate_ignored_runner(cfg, run_dir, pm=None, resume=False, progress=False, learners=None):
     """A runner that does not use `training.replicate`: the A/A pair gives identical numbers."""
     return fake_runner(cfg, run_dir, pm, resume, progress, replicate_matters=False)
+
+
+#: the cell `dying_runner` kills on its first try (an environment variable: submitit's jobs inherit it)
+DIE_AT_ENV = "MEGATRON_TEST_DIE_AT_CELL"
+
+
+def dying_runner(cfg, run_dir, pm=None, resume=False, progress=False, learners=None):
+    """Like a job whose node dies: in the cell named by ``$MEGATRON_TEST_DIE_AT_CELL``, on its first try, leaves a
+    'running' record and SIGKILLs its own process; every other call runs normally (and says whether it resumed)."""
+    import os
+    import signal
+
+    run_dir = Path(run_dir)
+    marker = run_dir / "died-once"
+    if run_dir.name == os.environ.get(DIE_AT_ENV) and not marker.exists():
+        marker.write_text("killed\n")
+        atomic_write_json(run_dir / "run.json", {"status": "running", "config": cfg.model_dump(mode="json"),
+                                                 "learners": {}})
+        os.kill(os.getpid(), signal.SIGKILL)
+    if resume:
+        (run_dir / "resumed").write_text("yes\n")
+    return fake_runner(cfg, run_dir, pm, resume, progress)

@@ -88,6 +88,9 @@ class _Learner(MetaLearner):
     PLUGIN_NAME = "learner-under-test"
     Options = _Opts
 
+    def meta_step(self, episodes):  # required of every learner (checked at registration)
+        return {}
+
 
 def test_plugin_options_are_validated_with_their_key_path():
     mod = types.ModuleType("mod")

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from scipy.stats import chi2
 
 import _benchmark_fakes as fakes
 from megatron.benchmark import grid as bm
@@ -40,8 +41,9 @@ def test_report_words_each_comparison_by_its_interval(comparison_dir):
     text = (comparison_dir / "report.md").read_text()
     assert verdict_line(text, "reptile").endswith("→ **better**.")
     assert "+5.0 [+5.0, +5.0] mAP50 points over 3 paired seed(s)" in verdict_line(text, "reptile")
-    # maml: +0.33 points on average but seed noise of several points: the CI includes 0, so no claim
-    assert verdict_line(text, "maml").endswith("→ **no significant difference (CI includes 0)**.")
+    # maml: +0.33 points on average but seed noise of several points: the CI includes 0, and with 3 seeds the
+    # TOST cannot exclude a 5-point difference either: no claim either way
+    assert verdict_line(text, "maml").endswith("→ **inconclusive**.")
     assert "better" not in verdict_line(text, "maml")
     assert verdict_line(text, "incremental-frozen").endswith("→ **worse**.")
     assert "points (x100" in text and "95% Student-t" in text
@@ -58,7 +60,7 @@ def test_report_tables_in_points_with_ci(comparison_dir):
 def test_single_seed_gives_no_ci_and_no_claim(tmp_path):
     out = run_grid(tmp_path / "one", learners=["reptile"], seeds=[0])
     text = (out / "report.md").read_text()
-    assert "CI not available (fewer than 2 paired seeds)" in verdict_line(text, "reptile")
+    assert verdict_line(text, "reptile").endswith("→ **inconclusive (fewer than 2 paired seeds)**.")
     assert "better" not in verdict_line(text, "reptile")
     assert "(n=1, no CI)" in text
 
@@ -180,7 +182,9 @@ def test_power_table_gives_mdd_and_seeds_for_five_points(comparison_dir):
     sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2)
     mdd = stats.min_detectable_difference(sd, 3)
     need = stats.seeds_needed(5.0, sd)
-    assert row == f"| N=all (6), K=20 | maml − finetune | 3 | {sd:.1f} | {mdd:.1f} | {need} |"
+    # the MDD at the ends of the sd's 95% chi-square interval, by hand
+    low, high = (stats.min_detectable_difference(sd * math.sqrt(2 / chi2.ppf(q, 2)), 3) for q in (0.975, 0.025))
+    assert row == f"| N=all (6), K=20 | maml − finetune | 3 | {sd:.1f} | {mdd:.1f} [{low:.1f}, {high:.1f}] | {need} |"
     assert 11 < mdd < 13 and need == 7  # 3 seeds detect only a 12-point difference; 5 points would need 7 seeds
 
 
@@ -269,8 +273,11 @@ def test_holm_turns_a_lone_raw_win_among_several_settings_into_no_verdict():
     ordered = sorted(raw, key=raw.get)
     assert by_n[ordered[0]].p_holm == pytest.approx(3 * raw[ordered[0]])
     assert by_n[ordered[1]].p_holm == pytest.approx(max(3 * raw[ordered[0]], 2 * raw[ordered[1]]))
-    assert by_n[3].p_holm >= 0.05 and by_n[3].verdict == stats.NOT_AFTER_HOLM
-    assert by_n[2].verdict == stats.BETTER and by_n[4].verdict == stats.NO_DIFFERENCE
+    assert by_n[3].p_holm >= 0.05 and stats.verdict(by_n[3].diff.interval, by_n[3].p_holm) == stats.NOT_AFTER_HOLM
+    # +2.8 points, within the 5-point margin, but the TOST's p 0.031 is second of three too: 0.062 after Holm
+    assert by_n[3].p_equivalence_holm == pytest.approx(2 * stats.tost(by_n[3].diff.interval, 0.05).p_value)
+    assert by_n[3].verdict == stats.INCONCLUSIVE
+    assert by_n[2].verdict == stats.BETTER and by_n[4].verdict == stats.EQUIVALENT  # ±2 points: inside ±5
 
 
 def test_report_elsewhere_copies_the_records_and_rebuilds_alone(comparison_dir, tmp_path):
@@ -322,3 +329,138 @@ def test_report_measures_the_validation_selected_model_and_final_on_request(tmp_
     assert "chosen on the target's validation split" in text and "fall back to the final model" in text
     with pytest.raises(ReportError, match="unknown model"):
         load_rows([out], model="best")
+
+
+# --- equivalence verdicts, the A/A pair's MDD, unequal compute (issue 25) ------------------------------------
+def _verdict_rows(deltas_by_learner: dict[str, list[float]], n: int = 2) -> list[dict]:
+    """Hand-made complete cells: `finetune` at 0.30 + 0.01·seed, each learner that plus its per-seed delta."""
+    rows = []
+    for seed in range(5):
+        rows.append(_row("finetune", seed, n, 0.3 + 0.01 * seed))
+        for learner, ds in deltas_by_learner.items():
+            rows.append(_row(learner, seed, n, 0.3 + 0.01 * seed + ds[seed]))
+    return rows
+
+
+HAND_MADE = {
+    "up": [0.08, 0.09, 0.10, 0.085, 0.095],  # +9 points, tight: better
+    "down": [-0.08, -0.09, -0.10, -0.085, -0.095],  # worse
+    "same": [0.005, -0.005, 0.0, 0.01, -0.01],  # ±1 point around 0: equivalent within ±5
+    "noisy": [0.10, -0.08, 0.06, -0.09, 0.02],  # mean +0.2, sd 8 points: neither
+}
+
+
+def test_hand_made_cells_get_each_of_the_four_verdicts():
+    from megatron.benchmark import stats
+    from megatron.benchmark.report import summarise
+
+    _, comparisons = summarise(_verdict_rows(HAND_MADE))
+    got = {c.learner: c.verdict for c in comparisons if c.metric == "mAP50"}
+    assert got == {"up": stats.BETTER, "down": stats.WORSE, "same": stats.EQUIVALENT, "noisy": stats.INCONCLUSIVE}
+    # a tighter margin than the "same" cells' own spread allows turns equivalence into inconclusive
+    _, tight = summarise(_verdict_rows({"same": HAND_MADE["same"]}), margin=0.5)
+    assert next(c for c in tight if c.metric == "mAP50").verdict == stats.INCONCLUSIVE
+
+
+def test_answer_uses_only_the_four_verdict_words_with_the_margin(tmp_path):
+    from megatron.benchmark.report import Page, control_checks, render_markdown, summarise
+    from megatron.benchmark.rows import Loaded
+
+    rows = _verdict_rows(HAND_MADE)
+    for r in rows:
+        r.update(detector="d", target="t", compute_spent=None, wall_s=None, model="final", stopped_by="budget")
+    summary, comparisons = summarise(rows, margin=4.0)
+    text = render_markdown(Page(rows, summary, comparisons, Loaded(rows), [tmp_path], [], control_checks(rows), 4.0))
+    answer = section(text, "Answer")
+    words = {line.rsplit("→ **", 1)[1].rstrip("*.") for line in answer.splitlines() if "→ **" in line}
+    assert words == {"better", "worse", "equivalent within ±4", "inconclusive"}
+    tally = [line for line in answer.splitlines() if line.startswith("- ") and " of 1 setting(s)" in line]
+    assert sorted(line.split(": ")[1] for line in tally) == sorted(
+        ["better in 1 of 1 setting(s)", "worse in 1 of 1 setting(s)", "equivalent within ±4 in 1 of 1 setting(s)",
+         "inconclusive in 1 of 1 setting(s)"])
+    assert "no significant difference" not in answer.split("- **up**")[1]  # the lines name no other verdict
+
+
+def test_the_margin_comes_from_the_grid_and_the_command_line(tmp_path):
+    out = run_grid(tmp_path / "m", learners=["reptile"], seeds=[0, 1, 2], controls=False)
+    bj = json.loads((out / "benchmark.json").read_text())
+    assert bj["report"] == {"equivalence_margin": 5.0}
+    bj["report"]["equivalence_margin"] = 2.5
+    (out / "benchmark.json").write_text(json.dumps(bj))
+    assert main(["report", str(out)]) == 0
+    assert "equivalence within ±2.5" in verdict_line((out / "report.md").read_text(), "reptile")
+    assert main(["report", str(out), "--equivalence-margin", "7"]) == 0
+    assert "equivalence within ±7" in verdict_line((out / "report.md").read_text(), "reptile")
+
+
+def test_mdd_is_shown_next_to_the_a_a_pair_s(comparison_dir):
+    from megatron.benchmark import stats
+
+    power = section((comparison_dir / "report.md").read_text(), "Power check")
+    aa = next(line for line in power.splitlines() if "finetune_aa − finetune (negative control)" in line)
+    # A/A per seed = the replicate noise of the fakes: +1.0, −1.2, +0.4 points
+    diffs = [1.0, -1.2, 0.4]
+    mean = sum(diffs) / 3
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2)
+    low, high = stats.mdd_interval(sd, 3)
+    figure = f"{stats.min_detectable_difference(sd, 3):.1f} [{low:.1f}, {high:.1f}]"
+    assert f"| {figure} |" in aa
+    assert f"Next to it, the A/A pair (N=all (6), K=20: two independent replicates of one learner, no true " \
+           f"difference) has a minimum detectable difference of {figure} points" in power
+
+
+def test_a_cell_off_the_baseline_s_compute_is_flagged_with_its_recorded_cause():
+    from megatron.benchmark.report import compute_shortfalls
+
+    rows = _verdict_rows({"anil": [0.0] * 5, "short": [0.0] * 5, "x": [0.0] * 5})
+    spend = {"finetune": (4528, "budget", 4), "anil": (4140, "budget", 3), "short": (4400, "epochs", 2),
+             "x": (4500, "budget", 4)}  # x: 0.6% short, inside the 2% tolerance
+    for r in rows:
+        r["compute_spent"], r["stopped_by"], r["n_epochs"] = spend[r["learner"]]
+        r["compute_budget"] = 4544
+    flagged = compute_shortfalls(rows)
+    assert {s.learner for s in flagged} == {"anil", "short"} and len(flagged) == 10
+    anil = next(s for s in flagged if s.learner == "anil")
+    assert anil.relative == pytest.approx(4140 / 4528 - 1)
+    assert anil.cause.startswith("stopped by the budget after 3 meta-epoch(s) with 404 image passes of its 4,544 "
+                                 "budget unspent")
+    short = next(s for s in flagged if s.learner == "short")
+    assert short.cause.startswith("stopped by its epoch count (`training.meta_epochs`) after 2 meta-epoch(s)")
+    assert "epoch count" not in anil.cause and "budget after" not in short.cause
+
+
+def test_the_report_shows_unequal_compute_at_k_40_too(tmp_path):
+    from megatron.benchmark.report import Page, control_checks, render_markdown, summarise
+    from megatron.benchmark.rows import Loaded
+
+    rows = []
+    for k in (20, 40):
+        for r in _verdict_rows({"anil": [0.0] * 5}):
+            r.update(shots=k, cell_id=f"{r['cell_id']}-k{k}", detector="d", target="t", wall_s=None, model="final",
+                     compute_budget=4544, n_epochs=4 if r["learner"] == "finetune" else 3, stopped_by="budget",
+                     compute_spent=4544 if r["learner"] == "finetune" else 4320)
+            rows.append(r)
+    summary, comparisons = summarise(rows)
+    text = render_markdown(Page(rows, summary, comparisons, Loaded(rows), [tmp_path], [], control_checks(rows)))
+    assert "> **Unequal compute**: 10 cell(s)" in section(text, "Answer")
+    results = section(text, "Results per setting")
+    for k in (20, 40):
+        block = results[results.index(f"K={k}"):]
+        assert "> - anil, 5 cell(s): 4,320 (-4.9%) — stopped by the budget after 3 meta-epoch(s)" in block
+
+
+def test_a_cell_the_run_marked_unequal_is_left_out_of_the_verdicts_with_its_reason():
+    from megatron.benchmark.report import compute_shortfalls, summarise
+
+    rows = _verdict_rows({"up": HAND_MADE["up"]})
+    reason = "stopped by its epoch cap (training.max_meta_epochs) after 4000 of 4544 image passes"
+    for r in rows:
+        r.update(compute_spent=4544, n_epochs=4, stopped_by="budget", compute_budget=4544)
+        if r["learner"] == "up" and r["seed"] == 0:
+            r.update(unequal_compute=reason, compute_spent=4000, stopped_by="epoch_cap")
+    _, comparisons = summarise(rows)
+    main_cmp = next(c for c in comparisons if c.metric == "mAP50")
+    assert main_cmp.diff.seeds == (1, 2, 3, 4)  # seed 0's cell is not paired
+    flagged = compute_shortfalls(rows)
+    assert len(flagged) == 1 and flagged[0].cause.startswith(reason)
+    assert "left out of the verdicts" in flagged[0].cause

@@ -154,6 +154,7 @@ def test_resume_of_a_folder_that_never_held_a_run(tmp_path):
 def test_an_unreadable_record(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
+    rundir.write_marker(run_dir)  # megatron's folder (an unreadable run.json alone would not say so)
     (run_dir / "run.json").write_text('{"status": "runn')
     with claim_run_dir(run_dir, tmp_path, resume=False) as claim:
         assert claim.mode == "restart" and "cannot be read" in claim.note
@@ -212,15 +213,24 @@ def test_leftover_tmp_files_of_killed_writes_are_removed_when_a_run_claims_the_f
     run_dir = tmp_path / "run"
     write_record(run_dir, status="running")
     add_checkpoint(run_dir)
-    stale = [run_dir / ".run.json.k2j3h4.tmp", run_dir / "checkpoints" / "reptile" / ".last.pt.a8s7d6.tmp"]
+    dead = _dead_pid()
+    stale = [run_dir / f".run.json.megatron-{dead}-0a1b2c3d.tmp",
+             run_dir / "checkpoints" / "reptile" / f".last.pt.megatron-{dead}-a8b7c6d5.tmp"]
     for p in stale:
         p.write_bytes(b"half a write")
-    kept = [run_dir / "notes.tmp", run_dir / "summary.md"]
+    kept = [run_dir / "notes.tmp", run_dir / "summary.md", run_dir / ".run.json.k2j3h4.tmp",
+            run_dir / f".live.pt.megatron-{os.getpid()}-0a1b2c3d.tmp"]  # not megatron's pattern / writer alive
     for p in kept:
         p.write_text("mine")
     with claim_run_dir(run_dir, tmp_path, resume=True) as claim:
         assert sorted(claim.removed_tmp) == sorted(stale)
     assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
 
 
 # --- checkpoints -----------------------------------------------------------------------------------------

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
 import learners_for_tests  # noqa: E402
 import tiny_detector  # noqa: E402
+from tiny_run import KillAt, make_pm, tiny_config  # noqa: E402
 
 import megatron  # noqa: E402
 from megatron import hookimpl  # noqa: E402
@@ -21,25 +21,6 @@ from megatron.runtime.environment import derive_seed  # noqa: E402
 from megatron.training.meta_train import steps_per_source_epoch  # noqa: E402
 from megatron.training.runner import run_experiment  # noqa: E402
 
-
-
-def tiny_config(tmp_path: Path, **overrides):
-    base = {
-        "data.datasets": [{"plugin": "blobs", "options": {"images_per_task": 16}}], "data.target": "target",
-        "data.shots": 8, "data.eval_images": 8,
-        "data.input_size": 64, "detector.name": "tiny", "learner.name": "joint_test",
-        "training.meta_epochs": 3, "training.finetune_epochs": 1, "training.outer_lr": 0.01,
-        "training.finetune_lr": 0.003, "output.dir": str(tmp_path / "runs"), "output.compare_baseline": False,
-        "output.plots": False, "training.pretrain_epochs": 0, "data.cache_dir": str(tmp_path / "cache"),
-    }
-    base.update(overrides)
-    return load_config(None, base)
-
-
-def make_pm(*plugins):
-    extra = [("tiny_detector", tiny_detector), ("learners_for_tests", learners_for_tests)]
-    extra += [(type(p).__name__, p) for p in plugins]
-    return megatron.get_plugin_manager(autoload=False, extra=extra)
 
 
 class Recorder:
@@ -61,18 +42,6 @@ class Recorder:
     @hookimpl
     def megatron_run_end(self, run_dir, record):
         self.calls.append(("run_end", record["status"]))
-
-
-class KillAt:
-    """Simulates a kill (Ctrl-C) at a given outer step."""
-
-    def __init__(self, meta_epoch: int, step: int):
-        self.at = (meta_epoch, step)
-
-    @hookimpl
-    def megatron_meta_step_end(self, learner, meta_epoch, step, stats):
-        if (meta_epoch, step) == self.at:
-            raise KeyboardInterrupt
 
 
 class Broken:

@@ -166,3 +166,63 @@ def test_seeds_needed_is_the_first_n_with_enough_power():
     assert stats.seeds_needed(5.0, 0.0) == 2
     assert stats.seeds_needed(0.0, 3.0) is None
     assert stats.seeds_needed(0.001, 100.0, max_n=1000) is None
+
+
+# --- equivalence (TOST) and the uncertainty of the MDD (issue 25) ---------------------------------------------
+def test_tost_p_values_match_a_hand_computation():
+    from scipy.stats import t
+
+    # differences with mean 1, sd 2, n 5; margin 5: t_l = (1 + 5) / (2 / √5), t_u = (1 − 5) / (2 / √5)
+    iv = stats.Interval(1.0, 0.0, 2.0, 5, 2.0)  # any bounds: the TOST reads mean, sd and n
+    se = 2.0 / math.sqrt(5)
+    eq = stats.tost(iv, 5.0)
+    assert eq.p_lower == pytest.approx(t.sf(6.0 / se, 4))
+    assert eq.p_upper == pytest.approx(t.cdf(-4.0 / se, 4))
+    assert eq.p_value == pytest.approx(max(eq.p_lower, eq.p_upper))
+    # equivalently: the 90% interval lies inside ±5 exactly when p < 0.05
+    half90 = t.ppf(0.95, 4) * se
+    assert (eq.p_value < 0.05) == (1.0 - half90 > -5.0 and 1.0 + half90 < 5.0)
+
+
+def test_each_of_the_four_verdicts_from_its_interval():
+    def diff(values):
+        return stats.mean_ci(values)
+
+    assert stats.equivalence_verdict(diff([4.0, 5.0, 6.0, 5.5, 4.5]), 2.0) == stats.BETTER
+    assert stats.equivalence_verdict(diff([-4.0, -5.0, -6.0, -5.5, -4.5]), 2.0) == stats.WORSE
+    assert stats.equivalence_verdict(diff([0.2, -0.1, 0.0, 0.1, -0.2]), 2.0) == stats.EQUIVALENT
+    assert stats.equivalence_verdict(diff([3.0, -4.0, 2.0, -1.0, 0.5]), 2.0) == stats.INCONCLUSIVE
+    assert stats.equivalence_verdict(stats.mean_ci([0.0]), 2.0) == stats.INCONCLUSIVE  # one pair: no claim
+
+
+def test_a_small_shown_difference_is_better_and_holm_can_undo_either_claim():
+    tight_small = stats.mean_ci([0.5, 0.6, 0.55, 0.52, 0.58])  # +0.55, excludes 0, inside a margin of 2
+    assert stats.equivalence_verdict(tight_small, 2.0) == stats.BETTER
+    # after Holm the difference is not significant and the equivalence survives
+    assert stats.equivalence_verdict(tight_small, 2.0, p_difference=0.2, p_equivalence=0.001) == stats.EQUIVALENT
+    # ... or neither survives
+    assert stats.equivalence_verdict(tight_small, 2.0, p_difference=0.2, p_equivalence=0.2) == stats.INCONCLUSIVE
+
+
+def test_tost_with_zero_spread_and_a_bad_margin():
+    assert stats.tost(stats.Interval(1.0, 1.0, 1.0, 3, 0.0), 2.0).p_value == 0.0
+    assert stats.tost(stats.Interval(3.0, 3.0, 3.0, 3, 0.0), 2.0).p_value == 1.0
+    assert stats.tost(stats.mean_ci([1.0]), 2.0) is None
+    with pytest.raises(ValueError, match="positive"):
+        stats.tost(stats.mean_ci([1.0, 2.0]), 0.0)
+
+
+def test_sd_interval_and_mdd_interval_match_the_chi_square_by_hand():
+    from scipy.stats import chi2
+
+    sd, n = 3.9, 5  # the main comparison of experiment 4
+    low, high = stats.sd_interval(sd, n)
+    assert low == pytest.approx(sd * math.sqrt(4 / chi2.ppf(0.975, 4)))
+    assert high == pytest.approx(sd * math.sqrt(4 / chi2.ppf(0.025, 4)))
+    mdd_low, mdd_high = stats.mdd_interval(sd, n)
+    assert mdd_low == pytest.approx(stats.min_detectable_difference(low, n))
+    assert mdd_high == pytest.approx(stats.min_detectable_difference(high, n))
+    # the issue's reading: the MDD of about 6.5 points is anywhere from about 4 to about 19
+    assert 6.0 < stats.min_detectable_difference(sd, n) < 7.0
+    assert 3.5 < mdd_low < 4.5 and 17.0 < mdd_high < 20.0
+    assert stats.sd_interval(sd, 1) is None and stats.mdd_interval(sd, 1) is None

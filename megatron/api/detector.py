@@ -42,6 +42,9 @@ class Detector(nn.Module):
 
     PLUGIN_NAME: ClassVar[str]
     Options: ClassVar[type[DetectorOptions]] = DetectorOptions
+    #: the stride (input pixels) of the finest feature map boxes are assigned to; ``megatron data check`` warns
+    #: about lesions smaller than it at ``data.input_size`` (YOLOX, RetinaNet, FCOS: 8; an FPN with P2: 4)
+    SMALLEST_STRIDE: ClassVar[int] = 8
 
     def __init__(self, num_classes: int, input_size: int, options: DetectorOptions | None = None):
         super().__init__()

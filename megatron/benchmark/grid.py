@@ -44,24 +44,22 @@ torch threads. Across machines: ``shard=(i, n)`` keeps the cells whose index in 
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
+import contextlib
 import copy
 import json
 import logging
-import multiprocessing
-import os
 import re
 import shutil
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from megatron.atomic_io import atomic_write_json, atomic_write_text
+from megatron.training.rundir import RunDirBusy, lock_run_dir, write_marker
 from megatron.config import ExperimentConfig, apply_overrides, format_validation_error, set_dotted
 from megatron.errors import ConfigError, MegatronError
 from megatron.api.learner import BASELINE_LEARNER as BASELINE
@@ -69,14 +67,15 @@ from megatron.experiment import build_taskset, load_tasks
 from megatron import get_plugin_manager
 from megatron.training import runner
 from megatron import __version__, get_plugin_manager
-from megatron.training.record import _version, collect_plugin_versions
-from megatron.benchmark.report import build_report
+from megatron.training.record import collect_plugin_versions, package_version
+from megatron.training.run_files import CELL_FILE, ERROR_FILE, RECORD_FILE
+from megatron.benchmark.executors import CellJob, ExecutorSpec, SlurmOptions, make_executor
+from megatron.benchmark.report import DEFAULT_EQUIVALENCE_MARGIN, build_report
+from megatron.benchmark.rows import unreadable_json
 
 log = logging.getLogger(__name__)
 
 CELLS_DIR = "cells"
-CELL_FILE = "cell.json"
-RECORD_FILE = "run.json"
 Selection = Literal["random", "closest", "all"]
 LR_KEYS = ("outer_lr", "inner_lr", "finetune_lr")
 #: the control learners' labels (reserved) and the ``control`` field of their cells
@@ -141,6 +140,10 @@ class GridSpec(_Model):
     finetune_per_image: bool = Field(
         True, description="scale training.finetune_epochs with 1/K (reference: the base config's data.shots), so every "
         "K spends the same fine-tuning image passes: K = 40 gets half the epochs of K = 20")
+    pretrain_per_seed: bool = Field(
+        False, description="set training.pretrain_seed to each cell's seed, so every seed trains its own stage-1 "
+        "checkpoint and the intervals over seeds include stage 1's variance (default: one shared stage 1, seeded by "
+        "the base config's training.pretrain_seed)")
 
     @field_validator("learners", mode="before")
     @classmethod
@@ -157,13 +160,24 @@ class GridSpec(_Model):
         return v
 
 
+class ReportSpec(_Model):
+    """How the report words its verdicts (recorded in benchmark.json, so a rebuild words them alike)."""
+
+    equivalence_margin: float = Field(
+        DEFAULT_EQUIVALENCE_MARGIN, gt=0, description="mAP50 points: a comparison is *equivalent within ±m* when "
+        "two one-sided tests exclude a difference of m or more either way (else *inconclusive*, unless better/worse)")
+
+
 class BenchmarkConfig(_Model):
-    """A benchmark YAML: ``base`` (an experiment config mapping, or a path to one relative to this file) and
-    ``grid``."""
+    """A benchmark YAML: ``base`` (an experiment config mapping, or a path to one relative to this file),
+    ``grid`` and ``report``."""
 
     base: dict[str, Any] | str = Field(default_factory=dict, description="experiment config (mapping or YAML path)")
     grid: GridSpec = Field(default_factory=GridSpec)
+    report: ReportSpec = Field(default_factory=ReportSpec)
     description: str = Field("", description="what this benchmark shows (copied into the report)")
+    executor: ExecutorSpec = Field(default_factory=ExecutorSpec,
+                                   description="where the cells run: local | submitit-local | slurm, with SLURM options")
 
 
 def load_benchmark_config(path: str | Path | None = None, grid_overrides: dict[str, Any] | None = None,
@@ -326,8 +340,31 @@ def expand_grid(bcfg: BenchmarkConfig, base: dict[str, Any], all_sources: list[s
     """All cells of the grid in a fixed order (learner, n, shots, lr, selection, seed)."""
     g = bcfg.grid
     base_cfg = _validate_experiment(base, "base")
-    notes: list[str] = []
+    learners, notes = _grid_learners(g)
+    controls: list[LearnerVariant] = []
+    if g.controls:
+        controls, control_notes = control_variants(learners, base_cfg)
+        notes += control_notes
+    shots_list = list(g.shots) if g.shots else [base_cfg.data.shots]
+    if all_sources is None:
+        all_sources = source_task_names(base, pm)
+    for n in g.n_sources:
+        if n is not None and not 1 <= n <= len(all_sources):
+            raise ConfigError(f"grid.n_sources: N={n} is outside 1..{len(all_sources)} "
+                              f"(the source tasks are {', '.join(all_sources)})")
+    budget, note = _grid_budget(g, base_cfg, shots_list)
+    settings = _grid_settings(g, shots_list, len(all_sources))
+    runs = [(v, settings, None) for v in learners]
+    runs += [(v, settings if g.control_settings == "all" else settings[:1], CONTROL_KINDS[v.id]) for v in controls]
+    cells = _grid_cells(runs, g, list(all_sources), budget, g.detector or base_cfg.detector.name)
+    return Plan(cells, budget, note, list(all_sources), base, notes)
+
+
+def _grid_learners(g: GridSpec) -> tuple[list[LearnerVariant], list[str]]:
+    """The grid's learner variants, checked (unique labels, none reserved, no grid keys overridden), with the
+    baseline added when missing; and notes for the report."""
     learners = list(g.learners)
+    notes: list[str] = []
     ids = [v.id for v in learners]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
@@ -348,30 +385,26 @@ def expand_grid(bcfg: BenchmarkConfig, base: dict[str, Any], all_sources: list[s
     if len(g.seeds) < MIN_SEEDS:
         notes.append(f"{len(g.seeds)} seed(s): fewer than {MIN_SEEDS}, intervals are wide and small effects cannot "
                      "be detected (see the power check)")
-    controls: list[LearnerVariant] = []
-    if g.controls:
-        controls, control_notes = control_variants(learners, base_cfg)
-        notes += control_notes
-    shots_list = list(g.shots) if g.shots else [base_cfg.data.shots]
-    lrs: list[float | None] = list(g.lrs) if g.lrs else [None]
-    if all_sources is None:
-        all_sources = source_task_names(base, pm)
-    for n in g.n_sources:
-        if n is not None and not 1 <= n <= len(all_sources):
-            raise ConfigError(f"grid.n_sources: N={n} is outside 1..{len(all_sources)} "
-                              f"(the source tasks are {', '.join(all_sources)})")
+    return learners, notes
+
+
+def _grid_budget(g: GridSpec, base_cfg: ExperimentConfig, shots_list: list[int]) -> tuple[int, str]:
+    """Every cell's compute budget and where it comes from (grid.budget, training.compute_budget, or derived)."""
     if g.budget is not None:
-        budget, note = g.budget, f"given: {g.budget:,} image passes per cell (grid.budget / --budget)"
-    elif base_cfg.training.compute_budget is not None:
+        return g.budget, f"given: {g.budget:,} image passes per cell (grid.budget / --budget)"
+    if base_cfg.training.compute_budget is not None:
         budget = base_cfg.training.compute_budget
-        note = f"given: {budget:,} image passes per cell (training.compute_budget)"
-    else:
-        # with fine-tuning scaled per image every K costs the same; else the largest K sets the budget
-        budget, note = derive_budget(base_cfg, base_cfg.data.shots if g.finetune_per_image else max(shots_list))
-    detector = g.detector or base_cfg.detector.name
-    settings = []
+        return budget, f"given: {budget:,} image passes per cell (training.compute_budget)"
+    # with fine-tuning scaled per image every K costs the same; else the largest K sets the budget
+    return derive_budget(base_cfg, base_cfg.data.shots if g.finetune_per_image else max(shots_list))
+
+
+def _grid_settings(g: GridSpec, shots_list: list[int], n_all: int) -> list[tuple[int | None, int, float | None, str]]:
+    """The settings (N, K, lr, selection) in grid order; N >= all tasks is one ``all`` setting."""
+    lrs: list[float | None] = list(g.lrs) if g.lrs else [None]
+    settings: list[tuple[int | None, int, float | None, str]] = []
     for n in g.n_sources:
-        full = n is None or n >= len(all_sources)
+        full = n is None or n >= n_all
         for k in shots_list:
             for lr in lrs:
                 for sel in g.selection:
@@ -379,10 +412,14 @@ def expand_grid(bcfg: BenchmarkConfig, base: dict[str, Any], all_sources: list[s
                     setting = (None if full else n, int(k), lr, "all" if full else sel)
                     if setting not in settings:
                         settings.append(setting)
+    return settings
+
+
+def _grid_cells(runs: list[tuple[LearnerVariant, list, str | None]], g: GridSpec, all_sources: list[str],
+                budget: int, detector: str) -> list[Cell]:
+    """One cell per (learner variant, its settings, seed), numbered in that order; duplicates dropped."""
     cells: list[Cell] = []
     seen: set[str] = set()
-    runs = [(v, settings, None) for v in learners]
-    runs += [(v, settings if g.control_settings == "all" else settings[:1], CONTROL_KINDS[v.id]) for v in controls]
     for v, its_settings, control in runs:
         for n, k, lr, sel in its_settings:
             for seed in g.seeds:
@@ -392,13 +429,16 @@ def expand_grid(bcfg: BenchmarkConfig, base: dict[str, Any], all_sources: list[s
                     sources = random_subset(all_sources, n, seed)
                 else:
                     sources = None
+                overrides = dict(v.overrides)
+                if g.pretrain_per_seed:  # the cell's own stage 1 (recorded in its definition and its config)
+                    overrides["training.pretrain_seed"] = int(seed)
                 cell = Cell(len(cells), v.id, v.name, dict(v.options), int(seed), n, k, lr, sel, sources, budget,
-                            detector, dict(v.overrides), control, bool(g.lr_scale and lr is not None))
+                            detector, overrides, control, bool(g.lr_scale and lr is not None))
                 if cell.id in seen:
                     continue
                 seen.add(cell.id)
                 cells.append(cell)
-    return Plan(cells, budget, note, list(all_sources), base, notes)
+    return cells
 
 
 def finetune_epochs_for(base_cfg: ExperimentConfig, shots: int) -> int:
@@ -455,7 +495,7 @@ def read_json(path: Path) -> dict | None:
     except FileNotFoundError:
         return None
     except json.JSONDecodeError as exc:
-        raise MegatronError(f"{path}: not valid JSON ({exc}); delete the file to re-run that cell") from None
+        raise MegatronError(unreadable_json(path, exc)) from None
 
 
 def cell_state(cell_dir: Path) -> str:
@@ -467,38 +507,13 @@ def cell_state(cell_dir: Path) -> str:
     return "complete" if rec.get("status") == "complete" else "partial"
 
 
-def _set_threads(n_threads: int) -> None:
-    """Pin this (worker) process to ``n_threads`` so parallel cells do not oversubscribe the cores."""
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = str(n_threads)
-    import torch
-
-    torch.set_num_threads(n_threads)
-
-
-def _run_one(runner: Callable[..., dict] | None, cfg_json: dict, run_dir: str, resume: bool, pm=None,
-             prune: bool = False) -> dict:
-    """Run one cell (in this process or a worker); returns its record, also written to ``run_dir/run.json``.
-    ``prune``: delete the cell's checkpoints once it is complete (a complete cell is never resumed)."""
-    runner = runner or run_cell_experiment
-    cfg = ExperimentConfig.model_validate(cfg_json)
-    t0 = time.perf_counter()
-    record = runner(cfg, Path(run_dir), pm=pm, resume=resume, progress=False)
-    record = dict(record)
-    record.setdefault("wall_s", time.perf_counter() - t0)
-    atomic_write_json(Path(run_dir) / RECORD_FILE, record)
-    (Path(run_dir) / "error.txt").unlink(missing_ok=True)  # an earlier failure of this cell is history now
-    if prune and record.get("status") == "complete":
-        shutil.rmtree(Path(run_dir) / "checkpoints", ignore_errors=True)
-    return record
-
-
 def _check_cell_file(cell: Cell, cell_dir: Path) -> None:
     path = cell_dir / CELL_FILE
     existing = read_json(path)
     mine = cell.to_dict()
     if existing is None:
         atomic_write_json(path, mine)
+        write_marker(cell_dir)  # the cell folder is megatron's: its run may claim it
         return
     # the index may move when a grid gains a learner; the cell itself is what must not change (cells written
     # before variants had overrides and controls read as having none)
@@ -508,6 +523,7 @@ def _check_cell_file(cell: Cell, cell_dir: Path) -> None:
         diff = sorted(k for k in mine if k != "index" and existing.get(k) != mine.get(k))
         raise ConfigError(f"{path}: this cell was started with a different definition ({', '.join(diff)} differ); "
                           "use a fresh --out directory, or delete that cell folder to re-run it")
+    write_marker(cell_dir)  # cells made before the marker existed
 
 
 #: config keys that say where a cell writes or caches, or how many threads it uses: not what it computes
@@ -533,7 +549,7 @@ def _current_versions(cfg_json: dict, pm=None) -> dict:
     """The versions a cell of ``cfg_json`` would record if it ran now (see :func:`experiment_fingerprint`)."""
 
     cfg = ExperimentConfig.model_validate(cfg_json)
-    return {"megatron": __version__, **{p: _version(p) for p in _VERSION_KEYS[1:]},
+    return {"megatron": __version__, **{p: package_version(p) for p in _VERSION_KEYS[1:]},
             "plugins": collect_plugin_versions(cfg, pm or get_plugin_manager(), [cfg.learner.name])}
 
 
@@ -570,38 +586,98 @@ class BenchmarkResult:
     failed: dict[str, str]
     report: Any = None  # the ReportResult when a report was written
     reused: dict[str, str] = field(default_factory=dict)  # cell id -> the folder its record came from
+    submitted: list[str] = field(default_factory=list)  # cells left running (submitted without waiting)
+    executor: str = "local"
 
 
 def run_benchmark(bcfg: BenchmarkConfig, base: dict[str, Any], out_dir: str | Path, *, workers: int = 1,
                   shard: tuple[int, int] = (0, 1), resume: bool = True, pm=None, progress: bool = True,
                   runner: Callable[..., dict] | None = None, all_sources: list[str] | None = None,
                   report: bool = True, cores: int | None = None, prune_checkpoints: bool = False,
-                  reuse: list[str | Path] | None = None) -> BenchmarkResult:
+                  reuse: list[str | Path] | None = None, executor: str | None = None,
+                  slurm: SlurmOptions | None = None, wait: bool = True) -> BenchmarkResult:
     """Run (or resume) the grid's cells into ``out_dir/cells/``, then write results and report.
 
-    ``runner``: the function run per cell (default :data:`run_cell_experiment`); with ``workers > 1`` it must be a
-    picklable top-level function. A failed cell is recorded and the others go on. ``prune_checkpoints``: delete
-    each cell's checkpoints once it is complete (tens of MB per cell; only a killed cell needs them).
-    ``reuse``: benchmark folders whose complete cells stand in for this grid's identical ones (module docstring).
+    ``runner``: the function run per cell (default :data:`run_cell_experiment`); outside this process (workers,
+    submitit jobs) it must be a picklable top-level function. A failed cell is recorded and the others go on.
+    ``prune_checkpoints``: delete each cell's checkpoints once it is complete (tens of MB per cell; only a killed
+    cell needs them). ``reuse``: benchmark folders whose complete cells stand in for this grid's identical ones
+    (module docstring). ``executor`` (default the benchmark file's ``executor.name``, else ``local``), ``slurm``
+    and ``wait``: where the cells run (:mod:`megatron.benchmark.executors`); with ``wait=False`` the cells are
+    submitted and no report is written (``megatron report OUT`` once they are done).
     """
     out = Path(out_dir)
-    i_shard, n_shard = shard
-    if not (n_shard >= 1 and 0 <= i_shard < n_shard):
-        raise ConfigError(f"--shard {i_shard}/{n_shard}: expected i/n with 0 <= i < n")
-    if workers < 1:
-        raise ConfigError("--workers must be at least 1")
+    check_shard(shard)
+    with _benchmark_lock(out, shard):
+        return _run_benchmark(bcfg, base, out, workers=workers, shard=shard, resume=resume, pm=pm, progress=progress,
+                              runner=runner, all_sources=all_sources, report=report, cores=cores,
+                              prune_checkpoints=prune_checkpoints, reuse=reuse, executor=executor, slurm=slurm,
+                              wait=wait)
+
+
+@contextlib.contextmanager
+def _benchmark_lock(out: Path, shard: tuple[int, int]) -> Iterator[None]:
+    """One benchmark per ``--out`` and shard at a time: a second one stops at once (exit 2) naming the first,
+    instead of running into its locked cells and reporting them failed. Different shards may share ``--out``."""
+    try:
+        lock = lock_run_dir(out, f".benchmark-{shard[0]}-of-{shard[1]}.lock")
+    except RunDirBusy as exc:
+        since = f", since {exc.holder['started']}" if exc.holder.get("started") else ""
+        raise ConfigError(
+            f"{out} is in use by another `megatron benchmark` (PID {exc.pid} on {exc.host}{since}, shard "
+            f"{shard[0]}/{shard[1]}): two benchmarks into one --out would run the same cells at once. Wait for it to "
+            "finish and run this again (complete cells are skipped), or give another --out; shards (--shard i/n) "
+            "may share one --out") from None
+    with lock:
+        yield
+
+
+def _run_benchmark(bcfg: BenchmarkConfig, base: dict[str, Any], out: Path, *, workers: int, shard: tuple[int, int],
+                   resume: bool, pm, progress: bool, runner: Callable[..., dict] | None, all_sources: list[str] | None,
+                   report: bool, cores: int | None, prune_checkpoints: bool, reuse: list[str | Path] | None,
+                   executor: str | None, slurm: SlurmOptions | None, wait: bool) -> BenchmarkResult:
+    # the executor first: a missing sbatch or submitit stops the command before anything is written
+    cells = _CellLog(out, _progress(False, 0))
+    cell_executor = make_executor(executor or bcfg.executor.name, runner=runner or run_cell_experiment,
+                                  out_dir=out, workers=workers, cores=cores, pm=pm, prune=prune_checkpoints,
+                                  wait=wait, slurm=slurm or bcfg.executor.slurm, on_start=cells.started)
     plan = expand_grid(bcfg, base, all_sources=all_sources, pm=pm)
     for note in plan.notes:
         log.info(note)
-    mine = [c for c in plan.cells if c.index % n_shard == i_shard]
+    mine = [c for c in plan.cells if c.index % shard[1] == shard[0]]
+    _write_benchmark_file(out, bcfg, plan, shard)
+    todo, skipped, reused = _cells_to_run(mine, plan, bcfg, out, resume, reuse, pm)
+    cells.bar = _progress(progress, len(todo))
+    try:
+        cell_executor.run(todo, cells.done)
+    finally:
+        cells.bar.close()
+    waiting = [] if wait else [job.cell_id for job in todo]
+    written = build_report([out], out) if report and wait else None  # shards report what they hold
+    return BenchmarkResult(out, plan, cells.ran, skipped, cells.failed, written, reused, waiting, cell_executor.name)
+
+
+def check_shard(shard: tuple[int, int]) -> None:
+    i_shard, n_shard = shard
+    if not (n_shard >= 1 and 0 <= i_shard < n_shard):
+        raise ConfigError(f"--shard {i_shard}/{n_shard}: expected i/n with 0 <= i < n")
+
+
+def _write_benchmark_file(out: Path, bcfg: BenchmarkConfig, plan: Plan, shard: tuple[int, int]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "benchmark.json", {
         "description": bcfg.description, "grid": bcfg.grid.model_dump(mode="json"), "base": plan.base,
+        "report": bcfg.report.model_dump(mode="json"),
         "budget": plan.budget, "budget_note": plan.budget_note, "all_sources": plan.all_sources,
-        "n_cells": len(plan.cells), "notes": plan.notes, "shard": f"{i_shard}/{n_shard}",
+        "n_cells": len(plan.cells), "notes": plan.notes, "shard": f"{shard[0]}/{shard[1]}",
         "controls": sorted({c.learner for c in plan.cells if c.control})})
 
-    todo: list[tuple[Cell, dict, Path, bool]] = []
+
+def _cells_to_run(mine: list[Cell], plan: Plan, bcfg: BenchmarkConfig, out: Path, resume: bool,
+                  reuse: list[str | Path] | None, pm) -> tuple[list[CellJob], list[str], dict[str, str]]:
+    """The cells still to run (complete ones skipped, identical ones of ``reuse`` folders taken over, killed
+    ones resumed); ``(jobs, skipped ids, reused id -> source folder)``."""
+    todo: list[CellJob] = []
     skipped: list[str] = []
     reused: dict[str, str] = {}
     index = reuse_index([Path(d) for d in reuse]) if reuse else {}
@@ -617,8 +693,7 @@ def run_benchmark(bcfg: BenchmarkConfig, base: dict[str, Any], out_dir: str | Pa
             (cdir / RECORD_FILE).unlink(missing_ok=True)
             shutil.rmtree(cdir / "checkpoints", ignore_errors=True)
             state = "new"
-        cfg = cell_config(cell, plan.base, out, bcfg.grid.lr_keys, bcfg.grid.finetune_per_image)
-        cfg_json = cfg.model_dump(mode="json")
+        cfg_json = cell_config(cell, plan.base, out, bcfg.grid.lr_keys, bcfg.grid.finetune_per_image).model_dump(mode="json")
         if index and state == "new":
             if cell.learner_name not in versions:
                 versions[cell.learner_name] = _current_versions(cfg_json, pm)
@@ -628,49 +703,31 @@ def run_benchmark(bcfg: BenchmarkConfig, base: dict[str, Any], out_dir: str | Pa
                 reused[cell.id] = str(src)
                 log.info("cell %s: the same experiment as %s, its record reused", cell.id, src)
                 continue
-        todo.append((cell, cfg_json, cdir, state == "partial"))
+        todo.append(CellJob(cell.id, cfg_json, str(cdir), state == "partial"))
+    return todo, skipped, reused
 
-    ran: list[str] = []
-    failed: dict[str, str] = {}
-    bar = _progress(progress, len(todo))
-    try:
-        if workers == 1 or len(todo) <= 1:
-            for cell, cfg_json, cdir, res in todo:
-                bar.describe(cell.id)
-                try:
-                    _run_one(runner, cfg_json, str(cdir), res, pm, prune_checkpoints)
-                    ran.append(cell.id)
-                except Exception as exc:  # one broken cell must not lose the rest of the grid
-                    failed[cell.id] = f"{type(exc).__name__}: {exc}"
-                    log.error("cell %s failed: %s", cell.id, failed[cell.id], exc_info=log.isEnabledFor(logging.DEBUG))
-                    atomic_write_text(cdir / "error.txt", failed[cell.id] + "\n")
-                bar.advance()
-        else:
-            n_cores = cores or os.cpu_count() or 1
-            threads = max(1, n_cores // workers)
-            ctx = multiprocessing.get_context("spawn")
-            with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_set_threads,
-                                        initargs=(threads,)) as pool:
-                futures = {pool.submit(_run_one, runner, cfg_json, str(cdir), res, None, prune_checkpoints): cell
-                           for cell, cfg_json, cdir, res in todo}
-                for fut in cf.as_completed(futures):
-                    cell = futures[fut]
-                    try:
-                        fut.result()
-                        ran.append(cell.id)
-                    except Exception as exc:  # a worker's error must not lose the other cells
-                        failed[cell.id] = f"{type(exc).__name__}: {exc}"
-                        log.error("cell %s failed: %s", cell.id, failed[cell.id])
-                        atomic_write_text(out / CELLS_DIR / cell.id / "error.txt", failed[cell.id] + "\n")
-                    bar.describe(cell.id)
-                    bar.advance()
-    finally:
-        bar.close()
-    written = None
-    if report:
 
-        written = build_report([out], out)  # shards report what they hold; `megatron report` merges them
-    return BenchmarkResult(out, plan, ran, skipped, failed, written, reused)
+class _CellLog:
+    """Where every executor's outcomes land, the same way: completed cells, failed ones (their error also in the
+    cell's ``error.txt``), and the progress bar."""
+
+    def __init__(self, out: Path, bar: _progress):
+        self.out, self.bar = out, bar
+        self.ran: list[str] = []
+        self.failed: dict[str, str] = {}
+
+    def started(self, cell_id: str) -> None:
+        self.bar.describe(cell_id)
+
+    def done(self, cell_id: str, error: str | None) -> None:
+        if error is None:
+            self.ran.append(cell_id)
+        else:  # one broken cell must not lose the rest of the grid
+            self.failed[cell_id] = error
+            log.error("cell %s failed: %s", cell_id, error)
+            atomic_write_text(self.out / CELLS_DIR / cell_id / ERROR_FILE, error + "\n")
+        self.bar.describe(cell_id)
+        self.bar.advance()
 
 
 class _progress:

@@ -117,6 +117,10 @@ def plot_curves(rows: list[dict], setting: tuple, path: Path, n_all: int | None,
     return _save(fig, path)
 
 
+#: the colour of each verdict of :func:`megatron.benchmark.stats.equivalence_verdict` in the paired plot
+VERDICT_COLOURS = {stats.BETTER: "tab:green", stats.WORSE: "tab:red", stats.EQUIVALENT: "tab:blue"}
+
+
 def plot_paired(comparisons: list, path: Path, n_all: int | None, withheld: bool = False) -> Path | None:
     cs = [c for c in comparisons if c.metric == "mAP50" and c.diff is not None]
     if not cs:
@@ -125,17 +129,21 @@ def plot_paired(comparisons: list, path: Path, n_all: int | None, withheld: bool
     ys = np.arange(len(cs))[::-1]
     for y, c in zip(ys, cs):
         iv = c.diff.interval.scaled(POINTS)
-        color = "tab:gray" if withheld else {"better": "tab:green", "worse": "tab:red"}.get(c.verdict, "tab:gray")
+        color = "tab:gray" if withheld else VERDICT_COLOURS.get(c.verdict, "tab:gray")
         if iv.available:
             ax.errorbar(iv.mean, y, xerr=[[iv.mean - iv.low], [iv.high - iv.mean]], fmt="o", color=color, capsize=4)
         else:
             ax.plot(iv.mean, y, "o", mfc="white", color=color)
     ax.axvline(0, color="black", lw=1)
+    margin = cs[0].margin * POINTS
+    for x in (-margin, margin):  # the equivalence margin
+        ax.axvline(x, color="tab:blue", lw=0.8, ls="--")
     ax.set_yticks(ys, [f"{c.learner} | {setting_label(c.setting, n_all)}" for c in cs], fontsize=8)
     ax.set(xlabel="learner − finetune, mAP50 points (paired over seeds; bar = 95% CI)",
            title="Paired difference against the fine-tuning baseline\n" + (
                "(verdicts withheld: the positive control failed; see the power check)" if withheld else
-               "(green: better, red: worse, after Holm's correction; grey: no significant difference or n/a)"))
+               f"(green: better, red: worse, blue: equivalent within ±{margin:g} (dashed), after Holm's correction; "
+               "grey: inconclusive)"))
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)

@@ -11,18 +11,17 @@ from typing import Iterable
 
 from megatron.errors import MegatronError
 from megatron.api.learner import BASELINE_LEARNER as BASELINE  # noqa: F401 - the report and plots read it here
+from megatron.evaluation.metric_names import METRIC_KEYS as METRICS, METRIC_LABELS  # noqa: F401 - report, plots
+from megatron.training.run_files import CELL_FILE, RECORD_FILE
 
-# FROC: mean sensitivity at 1/8..8 false positives per image (megatron.evaluation.froc); absent (None) in
-# records made before it existed, which then simply have no FROC interval
-METRICS = ("mAP50", "mAP50_95", "precision", "recall", "F1", "FROC")
-METRIC_LABELS = {"mAP50": "mAP50", "mAP50_95": "mAP50:95", "precision": "precision", "recall": "recall", "F1": "F1",
-                 "FROC": "FROC (mean sens.)"}
+# FROC is absent (None) in records made before it existed, which then simply have no FROC interval
 POINTS = 100.0  # fractions -> points
 UNIT = "points (x100 of a fraction in 0..1; 1 point = 0.01 mAP)"
 CSV_COLUMNS = ("cell_id", "learner", "learner_plugin", "control", "seed", "n_sources", "n_tasks", "sources", "shots",
                "lr", "lr_scale", "selection", "detector", "target", "status", "model", "selected_epoch", *METRICS,
-               "final_mAP50", "compute_spent", "compute_budget", "stopped_by", "baseline_equivalent_epochs",
-               "n_epochs", "wall_s", "epochs")
+               "final_mAP50", "compute_spent", "compute_budget", "stopped_by", "unequal_compute", "baseline_equivalent_epochs",
+               "n_epochs", "wall_s", "op_threshold", "op_chosen_on", "op_precision", "op_recall", "op_F1",
+               "op_fp_per_image", "epochs")
 
 #: which adapted model of a cell the metrics describe. ``selected``: the one chosen on the target's validation
 #: split (the meta-epoch with the best validation mAP50; its metrics are on the held-out test split, which the
@@ -44,17 +43,30 @@ def _read(path: Path) -> dict | None:
     except FileNotFoundError:
         return None
     except json.JSONDecodeError as exc:
-        raise ReportError(f"{path}: not valid JSON ({exc}); re-run that cell or delete its folder") from None
+        raise ReportError(unreadable_json(path, exc)) from None
+
+
+def unreadable_json(path: Path, exc: Exception) -> str:
+    """The one message (and fix) for a benchmark file that is not valid JSON, whoever finds it (the report or
+    the benchmark itself): a cell's file -> delete the cell's folder and run the benchmark again (that cell
+    alone is re-run); the grid's benchmark.json -> run the benchmark again (it rewrites the file)."""
+    path = Path(path)
+    if path.parent.parent.name == "cells":
+        fix = (f"delete that cell's folder {path.parent} and run the same `megatron benchmark` again: it re-runs "
+               "that cell alone, then writes the report")
+    else:
+        fix = f"run the same `megatron benchmark` with --out {path.parent} again: it rewrites {path.name}"
+    return f"{path}: not valid JSON ({exc}). Fix: {fix}"
 
 
 def _cell_dirs(root: Path) -> list[Path]:
     root = Path(root)
     if not root.exists():
         raise ReportError(f"{root}: no such directory (expected a `megatron benchmark` --out folder)")
-    if (root / "run.json").exists() or (root / "cell.json").exists():
+    if (root / RECORD_FILE).exists() or (root / CELL_FILE).exists():
         return [root]
     base = root / "cells" if (root / "cells").is_dir() else root
-    return sorted(p for p in base.iterdir() if p.is_dir() and ((p / "run.json").exists() or (p / "cell.json").exists()))
+    return sorted(p for p in base.iterdir() if p.is_dir() and ((p / RECORD_FILE).exists() or (p / CELL_FILE).exists()))
 
 
 def _learner_record(rec: dict, plugin: str) -> dict | None:
@@ -135,9 +147,13 @@ def row_from_record(cell_dir: Path, rec: dict | None, cell: dict | None, model: 
         "model": used, "selected_epoch": epoch,
         **{k: metrics.get(k) for k in METRICS},
         "final_mAP50": final.get("mAP50"),
+        **operating_point_fields(metrics),
         "compute_spent": compute.get("spent"),
         "compute_budget": compute.get("budget", (cell or {}).get("budget")),
         "stopped_by": (lrec or {}).get("stopped_by"),
+        # the run marked this learner short of its budget (megatron.training.meta_train.compute_equality): the
+        # reason; such a cell is left out of the verdicts
+        "unequal_compute": _unequal_reason(lrec),
         "baseline_equivalent_epochs": (lrec or {}).get("baseline_equivalent_epochs"),
         "n_epochs": len(epochs),
         "wall_s": wall,
@@ -145,6 +161,19 @@ def row_from_record(cell_dir: Path, rec: dict | None, cell: dict | None, model: 
         "epochs": epochs,
         "_dir": str(cell_dir),
     }
+
+
+def _unequal_reason(lrec: dict | None) -> str | None:
+    eq = (lrec or {}).get("equal_compute") or {}
+    return (eq.get("reason") or "short of its compute budget") if eq.get("equal") is False else None
+
+
+def operating_point_fields(metrics: dict) -> dict:
+    """The operating point of a model's held-out metrics (chosen on validation; absent in older records):
+    its threshold, where it came from, and precision, recall, F1 and false positives per image at it."""
+    point = metrics.get("operating_point") or {}
+    return {"op_threshold": point.get("threshold"), "op_chosen_on": point.get("chosen_on"),
+            **{f"op_{k}": point.get(k) for k in ("precision", "recall", "F1", "fp_per_image")}}
 
 
 @dataclass
@@ -165,8 +194,8 @@ def load_rows(dirs: Iterable[str | Path], model: str = DEFAULT_MODEL) -> Loaded:
         if bj:  # one grid's description, or a list of them (a merged, self-contained report folder)
             loaded.benchmark.extend(bj if isinstance(bj, list) else [bj])
         for cdir in _cell_dirs(d):
-            rec = _read(cdir / "run.json")
-            cell = _read(cdir / "cell.json")
+            rec = _read(cdir / RECORD_FILE)
+            cell = _read(cdir / CELL_FILE)
             if cell is None and rec and len(rec.get("learners") or {}) > 1:
                 # a `megatron run` directory with its baseline: one row per learner
                 cells = [{"id": f"{cdir.name}:{name}", "learner": name, "learner_name": name}

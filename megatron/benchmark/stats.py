@@ -14,7 +14,15 @@ paired t-test from the noncentral t distribution — with ``n`` pairs whose diff
 ``sd``, a true mean difference ``delta`` gives ``T ~ t'(df = n - 1, ncp = delta · √n / sd)`` and
 ``power = P(T > t_{1-α/2}) + P(T < -t_{1-α/2})``. The minimum detectable difference (MDD) is the ``delta`` with 80%
 power; it is larger than the normal approximation ``(z_{1-α/2} + z_{0.8}) · sd / √n``, much so for few seeds.
-Both take the observed ``sd`` as if it were the true one: with few seeds that is itself uncertain.
+Both take the observed ``sd`` as if it were the true one: with few seeds that is itself uncertain, so
+:func:`sd_interval` gives the sd's own confidence interval (from ``(n - 1) s^2 / sigma^2 ~ chi^2_{n-1}``) and
+:func:`mdd_interval` the minimum detectable difference at its two ends.
+
+Equivalence (:func:`tost`, :func:`equivalence_verdict`): "no significant difference" is not "as good as". Two
+one-sided tests (Schuirmann 1987) at a stated margin ``m`` test ``H0: delta <= -m`` and ``H0: delta >= +m``; both
+rejected at ``alpha`` (the ``1 - 2 alpha`` interval lies inside ``(-m, +m)``) means *equivalent within ±m*. The
+verdict of a comparison is then one of four words: *better* / *worse* (the difference test, above), *equivalent*
+(within ±m, the TOST), or *inconclusive* (neither: the data allow a difference as large as the margin).
 """
 from __future__ import annotations
 
@@ -34,6 +42,9 @@ WORSE = "worse"
 NO_DIFFERENCE = "no significant difference (CI includes 0)"
 NOT_AVAILABLE = "CI not available (fewer than 2 paired seeds)"
 NOT_AFTER_HOLM = "no significant difference after Holm correction (raw 95% CI excludes 0)"
+#: the two further words of the equivalence verdict (:func:`equivalence_verdict`); BETTER and WORSE are the others
+EQUIVALENT = "equivalent"
+INCONCLUSIVE = "inconclusive"
 
 
 @dataclass(frozen=True)
@@ -211,3 +222,74 @@ def seeds_needed(delta: float, sd: float, target_power: float = POWER, alpha: fl
         else:
             lo = mid
     return hi
+
+
+def sd_interval(sd: float, n: int, confidence: float = CONFIDENCE) -> tuple[float, float] | None:
+    """Two-sided confidence interval of the true standard deviation from a sample sd of ``n`` values (normal
+    data: ``(n - 1) s^2 / sigma^2 ~ chi^2_{n-1}``); None with fewer than 2 values."""
+    if n < 2 or sd is None:
+        return None
+    df = n - 1
+    upper_q = float(_scipy_stats.chi2.ppf(0.5 + confidence / 2, df))
+    lower_q = float(_scipy_stats.chi2.ppf(0.5 - confidence / 2, df))
+    return sd * math.sqrt(df / upper_q), sd * math.sqrt(df / lower_q)
+
+
+def mdd_interval(sd: float, n: int, confidence: float = CONFIDENCE, target_power: float = POWER,
+                 alpha: float = ALPHA) -> tuple[float, float] | None:
+    """The minimum detectable difference at both ends of :func:`sd_interval`: how uncertain the MDD quoted at
+    the observed sd is (the MDD grows with the sd, so the ends map to the ends)."""
+    ends = sd_interval(sd, n, confidence)
+    if ends is None:
+        return None
+    return (min_detectable_difference(ends[0], n, target_power, alpha),
+            min_detectable_difference(ends[1], n, target_power, alpha))
+
+
+# ------------------------------------------------------------------------------------------------ equivalence
+@dataclass(frozen=True)
+class Equivalence:
+    """Two one-sided t-tests of a mean paired difference against the margin ``±margin``."""
+
+    margin: float
+    p_lower: float  # H0: delta <= -margin
+    p_upper: float  # H0: delta >= +margin
+
+    @property
+    def p_value(self) -> float:
+        """The TOST p-value: equivalence is shown at level alpha when both one-sided tests reject."""
+        return max(self.p_lower, self.p_upper)
+
+
+def tost(diff: Interval, margin: float) -> Equivalence | None:
+    """TOST of ``diff`` (the interval of a mean paired difference) at ``±margin``, in ``diff``'s units; None
+    with fewer than 2 pairs. ``t_l = (mean + m) / se``, ``p_l = P(T_{n-1} > t_l)``; ``t_u = (mean - m) / se``,
+    ``p_u = P(T_{n-1} < t_u)``. Zero spread: each p is 0 when the mean is strictly inside, else 1."""
+    if margin <= 0:
+        raise ValueError(f"tost: the equivalence margin must be positive, got {margin}")
+    if not diff.available:
+        return None
+    if diff.sd == 0:
+        return Equivalence(margin, 0.0 if diff.mean > -margin else 1.0, 0.0 if diff.mean < margin else 1.0)
+    se = diff.sd / math.sqrt(diff.n)
+    df = diff.n - 1
+    return Equivalence(margin, float(_scipy_stats.t.sf((diff.mean + margin) / se, df)),
+                       float(_scipy_stats.t.cdf((diff.mean - margin) / se, df)))
+
+
+def equivalence_verdict(diff: Interval, margin: float, p_difference: float | None = None,
+                        p_equivalence: float | None = None, alpha: float = ALPHA) -> str:
+    """One of :data:`BETTER`, :data:`WORSE`, :data:`EQUIVALENT` (within ``±margin``) or :data:`INCONCLUSIVE`.
+
+    *better* / *worse*: :func:`verdict` says so (interval excludes 0 and, given one, the multiplicity-adjusted
+    p-value ``p_difference`` is below ``alpha``) — a shown difference wins even when it is smaller than the
+    margin. Else *equivalent*: the TOST p-value (``p_equivalence`` when given, e.g. Holm-adjusted; else
+    :func:`tost`'s own) is below ``alpha``. Else *inconclusive*; with fewer than 2 pairs always inconclusive."""
+    if not diff.available:
+        return INCONCLUSIVE
+    difference = verdict(diff, p_difference, alpha)
+    if difference in (BETTER, WORSE):
+        return difference
+    if p_equivalence is None:
+        p_equivalence = tost(diff, margin).p_value
+    return EQUIVALENT if p_equivalence < alpha else INCONCLUSIVE

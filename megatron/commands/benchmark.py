@@ -1,6 +1,8 @@
 """``megatron benchmark``: the learners-vs-baseline grid at equal compute, with resume, workers and shards."""
 from __future__ import annotations
 
+# lazy imports: start-up time (heavy modules are imported inside the command functions; see megatron/commands/__init__.py)
+
 import argparse
 
 from megatron.commands.common import parse_set_options
@@ -65,6 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reuse", action="append", default=[], metavar="DIR",
                    help="a benchmark folder (or committed result folder) whose complete cells stand in for this grid's "
                    "identical ones: same resolved config but for output/cache paths, same versions; repeatable")
+    _executor_arguments(p)
     p.add_argument("--dry-run", action="store_true", help="list the cells and the budget, run nothing")
     p.add_argument("--no-resume", action="store_true", help="start every cell of this run over (deletes their earlier run.json and checkpoints)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -108,9 +111,17 @@ def run(args: argparse.Namespace) -> int:
         for note in plan.notes:
             console.print(f"note: {note}")
         return 0
+    executor, slurm = _executor_from_args(args, bcfg)
     result = run_benchmark(bcfg, base, args.out, workers=args.workers, shard=shard, resume=not args.no_resume,
                            progress=not args.no_progress, prune_checkpoints=args.prune_checkpoints,
-                           reuse=args.reuse)
+                           reuse=args.reuse, executor=executor, slurm=slurm, wait=not args.no_wait)
+    if result.submitted:
+        console.print(f"submitted {len(result.submitted)} cell(s) ({result.executor}; jobs, logs and pickles in "
+                      f"{result.out_dir / 'submitit'}); {len(result.skipped)} already complete, "
+                      f"{len(result.reused)} reused. When the jobs are done: megatron report {result.out_dir} "
+                      "(or run this command again: it skips finished cells, resumes killed ones and waits)",
+                      highlight=False)
+        return 0
     console.print(f"cells: {len(result.ran)} run, {len(result.skipped)} already complete, {len(result.reused)} reused, "
                   f"{len(result.failed)} failed "
                   f"(of {len(result.plan.cells)} in the grid; shard {shard[0]}/{shard[1]})")
@@ -124,6 +135,51 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"power check: {words}", highlight=False)
     console.print(f"results: {result.out_dir / 'results.csv'}, report: {result.out_dir / 'report.md'}")
     return 1 if result.failed else 0
+
+
+def _executor_arguments(p: argparse.ArgumentParser) -> None:
+    from megatron.benchmark.executors import EXECUTOR_NAMES
+
+    g = p.add_argument_group("where the cells run (also the benchmark file's `executor:` section)")
+    g.add_argument("--executor", choices=EXECUTOR_NAMES, help="local: this machine, --workers processes (default); "
+                   "slurm: one SLURM job array through submitit (on a login node); submitit-local: the same "
+                   "submitit jobs as processes on this machine")
+    g.add_argument("--slurm-partition", metavar="NAME", help="SLURM partition (executor.slurm.partition)")
+    g.add_argument("--slurm-gpus-per-cell", type=int, metavar="N", help="GPUs per cell's job (default 1)")
+    g.add_argument("--slurm-cpus-per-cell", type=int, metavar="N", help="CPU cores per cell's job (default 8)")
+    g.add_argument("--slurm-time", metavar="MIN|H:MM:SS", help="time limit per cell's job (default 240 minutes); a "
+                   "cell that runs out is resubmitted and resumes from its checkpoint")
+    g.add_argument("--slurm-array-parallelism", type=int, metavar="N", help="cells of the array running at once "
+                   "(default 32)")
+    g.add_argument("--slurm-max-resubmits", type=int, metavar="N", help="resubmissions of a cell whose job was "
+                   "pre-empted, hit a node fault or was killed (default 2)")
+    g.add_argument("--no-wait", action="store_true", help="submit the cells and return (slurm, submitit-local); "
+                   "`megatron report OUT` once they are done")
+
+
+_SLURM_FLAGS = {"partition": "--slurm-partition", "gpus_per_cell": "--slurm-gpus-per-cell",
+                "cpus_per_cell": "--slurm-cpus-per-cell", "time": "--slurm-time",
+                "array_parallelism": "--slurm-array-parallelism", "max_resubmits": "--slurm-max-resubmits"}
+
+
+def _executor_from_args(args: argparse.Namespace, bcfg):
+    """The executor name and SLURM options: the benchmark file's `executor:` section, then the command line."""
+    from pydantic import ValidationError
+
+    from megatron.benchmark.executors import SlurmOptions
+    from megatron.config import format_validation_error
+
+    given = {key: getattr(args, f"slurm_{key}") for key in _SLURM_FLAGS if getattr(args, f"slurm_{key}") is not None}
+    # a --slurm-* option alone means SLURM (the benchmark file's executor, if it names one, otherwise)
+    executor = args.executor or (bcfg.executor.name if "executor" in bcfg.model_fields_set or not given else "slurm")
+    if given and executor == "local":
+        raise ConfigError(f"{', '.join(_SLURM_FLAGS[k] for k in given)} given, but the cells run with --executor local; "
+                          "add --executor slurm (or submitit-local to try the same jobs on this machine)")
+    try:
+        slurm = SlurmOptions.model_validate({**bcfg.executor.slurm.model_dump(), **given})
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, "--slurm-* options")) from None
+    return executor, slurm
 
 
 def _with_loggers(base: dict, names: list[str] | None) -> dict:

@@ -15,6 +15,8 @@ short for one config key (``--meta-epochs N`` is ``training.meta_epochs``). They
 """
 from __future__ import annotations
 
+# lazy imports: start-up time (heavy modules are imported inside the command functions; see megatron/commands/__init__.py)
+
 import argparse
 from typing import Any
 

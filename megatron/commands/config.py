@@ -1,6 +1,8 @@
 """``megatron config show|validate``."""
 from __future__ import annotations
 
+# lazy imports: start-up time (heavy modules are imported inside the command functions; see megatron/commands/__init__.py)
+
 import argparse
 from pathlib import Path
 from typing import Any
@@ -55,7 +57,8 @@ def _validate(args: argparse.Namespace) -> int:
 
     overrides, origins = overrides_from_args(args)
     pm = get_plugin_manager()
-    cfg, errors = validate_config_file(args.file, pm, overrides, origins, data=args.data)
+    notes: list[str] = []
+    cfg, errors = validate_config_file(args.file, pm, overrides, origins, data=args.data, notes=notes)
     if errors:
         n = len(errors)
         raise ConfigError(f"{args.file}: {n} problem{'s' if n > 1 else ''} found\n" + "\n".join(
@@ -63,6 +66,8 @@ def _validate(args: argparse.Namespace) -> int:
     console = Console()
     if args.data:
         console.print(f"[green]{escape(args.file)}: valid[/] (plugins, options and data checked)", highlight=False)
+        for note in notes:
+            console.print(escape(note), highlight=False, soft_wrap=True)
     else:
         console.print(f"[green]{escape(args.file)}: valid[/] (plugins and options checked)", highlight=False)
         console.print("note: the datasets were not loaded, so data.target, data.sources, data.shots (K) and the "
@@ -87,92 +92,117 @@ def _default(model: type, field: str) -> Any:
 
 
 def validate_config_file(path: str | Path, pm, overrides: dict[str, Any] | None = None,
-                         origins: dict[str, str] | None = None, data: bool = False):
+                         origins: dict[str, str] | None = None, data: bool = False,
+                         notes: list[str] | None = None):
     """``(config or None, errors)``: every error found in the config at ``path`` (with ``overrides``), each a
     message naming its key path. The schema, every plugin name and every plugin's options are checked
     independently, so one error never hides another; with ``data`` (and no error so far) the datasets are
-    loaded and the target, sources, K and the held-out split are checked too."""
+    loaded and the target, sources, K and the split are checked too, and the target's fingerprint (patients,
+    box sizes at the input size) is appended to ``notes``."""
     from pydantic import ValidationError
 
-    from megatron.config import (
-        DataConfig, DetectorConfig, ExperimentConfig, LearnerConfig, SimilarityConfig, apply_overrides,
-        format_validation_error, read_config_file,
-    )
-    from megatron.errors import MegatronError
+    from megatron.config import ExperimentConfig, apply_overrides, format_validation_error, read_config_file
 
-    errors: list[str] = []
     raw = apply_overrides(read_config_file(path), overrides)
     labels = {key: f"override {key}" for key in (overrides or {})}
     labels.update(origins or {})
+    check = _PluginChecks(pm)
     cfg = None
     try:
         cfg = ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
-        errors.append(format_validation_error(exc, str(path), labels))
+        check.errors.append(format_validation_error(exc, str(path), labels))
+    check.datasets(raw)
+    check.detector_and_learner(raw)
+    check.similarity(raw)
+    check.loggers(raw)
+    if data and cfg is not None and not check.errors:
+        data_errors, data_notes = check_data(cfg, pm)
+        check.errors.extend(data_errors)
+        if notes is not None:
+            notes.extend(data_notes)
+    return cfg, check.errors
 
-    regs = pm.registers
 
-    def plugin(kind: str, name: Any, where: str):
+class _PluginChecks:
+    """Every plugin name and plugin option block of a raw config, checked one by one; the errors collected."""
+
+    def __init__(self, pm):
+        self.regs = pm.registers
+        self.errors: list[str] = []
+
+    def plugin(self, kind: str, name: Any, where: str):
         if not isinstance(name, str):
             return None  # a wrong type is a schema error, reported above
         try:
-            return regs[kind].get(name)
+            return self.regs[kind].get(name)
         except KeyError as exc:
-            errors.append(f"{where}: {exc}")
+            self.errors.append(f"{where}: {exc}")
             return None
 
-    def options(cls, opts: Any, where: str, extra: dict[str, Any] | None = None) -> None:
+    def options(self, cls, opts: Any, where: str, extra: dict[str, Any] | None = None) -> None:
         from megatron.config import validate_plugin_options
+        from megatron.errors import MegatronError
 
         if cls is None or not isinstance(opts, dict):
             return
         try:
             validate_plugin_options(cls, {**(extra or {}), **opts}, where)
         except MegatronError as exc:
-            errors.append(str(exc))
+            self.errors.append(str(exc))
 
-    datasets = _raw(raw, "data.datasets", _default(DataConfig, "datasets"))
-    for i, spec in enumerate(datasets if isinstance(datasets, list) else []):
-        spec = spec.model_dump() if hasattr(spec, "model_dump") else spec
-        if isinstance(spec, dict):
-            options(plugin("dataset", spec.get("plugin"), f"data.datasets.{i}.plugin"), spec.get("options", {}),
-                    f"data.datasets.{i}.options")
-    for section, model in (("detector", DetectorConfig), ("learner", LearnerConfig)):
-        cls = plugin(section, _raw(raw, f"{section}.name", _default(model, "name")), f"{section}.name")
-        options(cls, _raw(raw, f"{section}.options", {}), f"{section}.options")
-    metrics = _raw(raw, "similarity.metrics", _default(SimilarityConfig, "metrics"))
-    metric_options = _raw(raw, "similarity.options", {})
-    names: list[tuple[Any, str]] = [(m, f"similarity.metrics.{i}") for i, m in enumerate(metrics)] \
-        if isinstance(metrics, list) else []
-    names.append((_raw(raw, "similarity.metric", _default(SimilarityConfig, "metric")), "similarity.metric"))
-    if isinstance(metric_options, dict):
-        names += [(m, f"similarity.options.{m}") for m in metric_options]
-    seen: set[str] = set()
-    sample_size = _raw(raw, "similarity.sample_size", _default(SimilarityConfig, "sample_size"))
-    for name, where in names:
-        if not isinstance(name, str) or name in seen:
-            continue
-        seen.add(name)
-        cls = plugin("similarity", name, where)
-        if cls is not None:
-            extra = {"sample_size": sample_size} if "sample_size" in cls.Options.model_fields else {}
-            opts = metric_options.get(name, {}) if isinstance(metric_options, dict) else {}
-            options(cls, opts, f"similarity.options.{name}", extra)
-    loggers = _raw(raw, "loggers", [])
-    for i, spec in enumerate(loggers if isinstance(loggers, list) and "logger" in regs else []):
-        spec = {"name": spec} if isinstance(spec, str) else spec
-        if isinstance(spec, dict):
-            options(plugin("logger", spec.get("name"), f"loggers.{i}.name"), spec.get("options", {}),
-                    f"loggers.{i}.options")
-    if data and cfg is not None and not errors:
-        errors.extend(check_data(cfg, pm))
-    return cfg, errors
+    def datasets(self, raw: dict) -> None:
+        from megatron.config import DataConfig
+
+        datasets = _raw(raw, "data.datasets", _default(DataConfig, "datasets"))
+        for i, spec in enumerate(datasets if isinstance(datasets, list) else []):
+            spec = spec.model_dump() if hasattr(spec, "model_dump") else spec
+            if isinstance(spec, dict):
+                self.options(self.plugin("dataset", spec.get("plugin"), f"data.datasets.{i}.plugin"),
+                             spec.get("options", {}), f"data.datasets.{i}.options")
+
+    def detector_and_learner(self, raw: dict) -> None:
+        from megatron.config import DetectorConfig, LearnerConfig
+
+        for section, model in (("detector", DetectorConfig), ("learner", LearnerConfig)):
+            cls = self.plugin(section, _raw(raw, f"{section}.name", _default(model, "name")), f"{section}.name")
+            self.options(cls, _raw(raw, f"{section}.options", {}), f"{section}.options")
+
+    def similarity(self, raw: dict) -> None:
+        from megatron.config import SimilarityConfig
+
+        metrics = _raw(raw, "similarity.metrics", _default(SimilarityConfig, "metrics"))
+        metric_options = _raw(raw, "similarity.options", {})
+        names: list[tuple[Any, str]] = [(m, f"similarity.metrics.{i}") for i, m in enumerate(metrics)] \
+            if isinstance(metrics, list) else []
+        names.append((_raw(raw, "similarity.metric", _default(SimilarityConfig, "metric")), "similarity.metric"))
+        if isinstance(metric_options, dict):
+            names += [(m, f"similarity.options.{m}") for m in metric_options]
+        seen: set[str] = set()
+        sample_size = _raw(raw, "similarity.sample_size", _default(SimilarityConfig, "sample_size"))
+        for name, where in names:
+            if not isinstance(name, str) or name in seen:
+                continue
+            seen.add(name)
+            cls = self.plugin("similarity", name, where)
+            if cls is not None:
+                extra = {"sample_size": sample_size} if "sample_size" in cls.Options.model_fields else {}
+                opts = metric_options.get(name, {}) if isinstance(metric_options, dict) else {}
+                self.options(cls, opts, f"similarity.options.{name}", extra)
+
+    def loggers(self, raw: dict) -> None:
+        loggers = _raw(raw, "loggers", [])
+        for i, spec in enumerate(loggers if isinstance(loggers, list) and "logger" in self.regs else []):
+            spec = {"name": spec} if isinstance(spec, str) else spec
+            if isinstance(spec, dict):
+                self.options(self.plugin("logger", spec.get("name"), f"loggers.{i}.name"), spec.get("options", {}),
+                             f"loggers.{i}.options")
 
 
-def check_data(cfg, pm) -> list[str]:
+def check_data(cfg, pm) -> tuple[list[str], list[str]]:
     """Load every dataset of ``cfg`` (each on its own, so one failing dataset does not hide another) and check
-    the target, the sources, K and the held-out split as a run would; returns the error messages."""
-    from megatron.data.episodes import split_target
+    the target, the sources, K and the split as a run would; returns the error messages and the target's
+    fingerprint lines (patients, box sizes at the input size, what K is drawn from)."""
     from megatron.errors import MegatronError
     from megatron.experiment import load_tasks
 
@@ -184,7 +214,18 @@ def check_data(cfg, pm) -> list[str]:
             tasks.extend(load_tasks(one, pm))
         except MegatronError as exc:
             errors.append(f"data.datasets.{i} ({spec.plugin}): {exc}")
-    load_errors = len(errors)
+    by_name = {t.name: t for t in tasks}
+    errors.extend(_task_set_errors(cfg, tasks, load_errors=len(errors)))
+    target = by_name.get(cfg.data.target)
+    if target is None:
+        return errors, []
+    errors.extend(_split_errors(cfg, target))
+    return errors, _target_notes(cfg, pm, target)
+
+
+def _task_set_errors(cfg, tasks: list, load_errors: int) -> list[str]:
+    """Unique task names, a known target, known sources that exclude the target, and no empty source."""
+    errors: list[str] = []
     names = [t.name for t in tasks]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -192,8 +233,7 @@ def check_data(cfg, pm) -> list[str]:
                       "(give each dataset a distinct `name` option)")
     by_name = {t.name: t for t in tasks}
     loaded = ", ".join(by_name) or "none"
-    target = by_name.get(cfg.data.target)
-    if target is None:
+    if cfg.data.target not in by_name:
         errors.append(f"data.target: no task named {cfg.data.target!r}; tasks loaded: {loaded}")
     sources = cfg.data.sources if cfg.data.sources is not None else [n for n in by_name if n != cfg.data.target]
     unknown = [n for n in sources if n not in by_name]
@@ -207,9 +247,36 @@ def check_data(cfg, pm) -> list[str]:
         if n in by_name and len(by_name[n]) == 0:
             errors.append(f"task {n!r} ({by_name[n].source}) holds no images; check its annotation file and "
                           "image folder")
-    if target is not None:
-        try:
-            split_target(target, cfg.data.shots, cfg.data.eval_images, cfg.seed)
-        except MegatronError as exc:
-            errors.append(str(exc))
     return errors
+
+
+def _split_errors(cfg, target) -> list[str]:
+    """The pool, validation and held-out split as ``megatron run`` draws them (whole patients)."""
+    from megatron.errors import MegatronError
+    from megatron.training.prepare import split_target_three
+
+    try:
+        split_target_three(target, cfg.data.shots, cfg.data.eval_images, cfg.data.validation_images, cfg.seed)
+    except MegatronError as exc:
+        return [str(exc)]
+    return []
+
+
+def _target_notes(cfg, pm, target) -> list[str]:
+    """The target's fingerprint at the configured input size, with any warning about small boxes."""
+    from megatron.data.check import CheckReport, k_availability, patient_and_size_lines
+    from megatron.data.check import detector_stride
+    from megatron.data.fingerprint import fingerprint, fingerprint_problems
+    from megatron.data.groups import describe_grouping, images_per_group
+
+    report = CheckReport(path=f"target {target.name!r}", format="", task_name=target.name,
+                         n_boxes=sum(len(r.boxes) for r in target.records))
+    report.grouping = describe_grouping(target)
+    report.patients = images_per_group(target.records) if target.records else {}
+    if report.n_boxes:
+        report.fingerprint = fingerprint(target, cfg.data.input_size, detector_stride(cfg, pm))
+    report.for_k = k_availability(target, cfg.data.shots, cfg.data.eval_images, cfg.seed)
+    lines = [f"target {target.name!r}: {line}" for line in patient_and_size_lines(report)]
+    for problem in fingerprint_problems(report.fingerprint, f"target {target.name!r}") if report.fingerprint else []:
+        lines.append(f"warning: {problem.message}; fix: {problem.fix}")
+    return lines

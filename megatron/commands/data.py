@@ -2,6 +2,8 @@
 dataset plugin's tasks (by default the built-in ``medsynth`` suite) as COCO folders."""
 from __future__ import annotations
 
+# lazy imports: start-up time (heavy modules are imported inside the command functions; see megatron/commands/__init__.py)
+
 import argparse
 from pathlib import Path
 
@@ -33,6 +35,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--image-dir", help="COCO: folder the file_name paths are relative to (default: images/ beside "
                    "the annotation file, else its folder)")
     c.add_argument("--split", help="YOLO: sub-folder of images/ and labels/ to check (e.g. train)")
+    c.add_argument("--input-size", type=int, default=None, metavar="PX", help="PATH: the detector input size the "
+                   "box sizes are measured at (default: data.input_size's default; -c uses the config's)")
+    c.add_argument("--stride", type=int, default=None, metavar="PX", help="PATH: the detector's smallest stride "
+                   "(default 8, YOLOX; faster-rcnn: 4; -c asks the configured detector)")
+    c.add_argument("--allow-outside-paths", action="store_true", help="PATH: read image paths that leave the image "
+                   "folder (absolute, ../, symlinks); by default each is an error (-c: the dataset option "
+                   "allow_outside_paths)")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.add_argument("--show", type=int, default=30, metavar="N", help="list at most N problems (default 30; --json lists all)")
     c.set_defaults(func=_check)
@@ -56,14 +65,16 @@ def _check(args: argparse.Namespace) -> int:
     if args.config is not None:
         return _check_config(args)
     console = Console()
+    measure = {k: v for k, v in (("input_size", args.input_size), ("stride", args.stride)) if v is not None}
+    measure["allow_outside_paths"] = args.allow_outside_paths
     if args.json:
-        report = check_dataset(Path(args.path), args.format, args.image_dir, args.split)
+        report = check_dataset(Path(args.path), args.format, args.image_dir, args.split, **measure)
         print(report_json(report))
         return 0 if report.ok else 1
     with _progress(console) as progress:
         bar = progress.add_task("opening images", total=None)
         report = check_dataset(Path(args.path), args.format, args.image_dir, args.split,
-                               progress=lambda done, total: progress.update(bar, completed=done, total=total))
+                               progress=lambda done, total: progress.update(bar, completed=done, total=total), **measure)
     print_report(report, console, args.show)
     return 0 if report.ok else 1
 
@@ -99,6 +110,8 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def print_report(report, console: Console, show: int = 30) -> None:
+    from megatron.data.check import patient_and_size_lines
+
     console.print(f"[bold]{report.path}[/] ({report.format}) task [cyan]{report.task_name or '-'}[/]", highlight=False)
     if report.n_images:
         overview = Table(title="dataset", show_header=False)
@@ -110,6 +123,8 @@ def print_report(report, console: Console, show: int = 30) -> None:
         overview.add_row("image sizes", ", ".join(f"{k}: {v}" for k, v in sizes[:6]) +
                          (f" (+{len(sizes) - 6} more)" if len(sizes) > 6 else ""))
         console.print(overview)
+        for line in patient_and_size_lines(report):
+            console.print(escape(line), highlight=False, soft_wrap=True)
         if report.categories:  # unannotated folders (similarity only) have no classes
             classes = Table(title="boxes per class")
             classes.add_column("class")

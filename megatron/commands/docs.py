@@ -2,6 +2,8 @@
 included: its title, docstring and options table, the same form as the built-in pages in registry_docs/."""
 from __future__ import annotations
 
+# lazy imports: start-up time (heavy modules are imported inside the command functions; see megatron/commands/__init__.py)
+
 import argparse
 from pathlib import Path
 

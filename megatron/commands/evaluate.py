@@ -1,4 +1,6 @@
-"""``megatron evaluate --checkpoint FILE DATASET_PATH``: a saved model's COCO metrics on a COCO or YOLO dataset.
+"""``megatron evaluate --checkpoint FILE DATASET_PATH``: a saved model's COCO metrics on a COCO or YOLO dataset,
+or on volumes (``--format volume``: NIfTI / DICOM series read by the ``volume`` plugin, options through ``--set``),
+where FROC per scan (:mod:`megatron.evaluation.volume`) comes beside the slice-level COCO metrics.
 
 The dataset is read by the same readers as the ``coco``/``yolo`` plugins and ``megatron data check`` (layout
 detected the same way); its classes are matched *by name* to the model's class names (a dataset class the
@@ -7,6 +9,8 @@ scored by :func:`megatron.evaluation.evaluate`, exactly as the run scored its he
 IoU and max detections from the model file unless given).
 """
 from __future__ import annotations
+
+# lazy imports: start-up time (heavy modules are imported inside the command functions; see megatron/commands/__init__.py)
 
 import argparse
 import dataclasses
@@ -31,7 +35,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dataset", metavar="DATASET_PATH", help="COCO annotation file, COCO folder (annotations.json or "
                    "annotations/*.json) or YOLO folder (images/ + labels/)")
     p.add_argument("--checkpoint", required=True, metavar="FILE", help="a megatron model file (RUN_DIR/models/*.pth)")
-    p.add_argument("--format", choices=["coco", "yolo"], help="dataset layout (default: detected)")
+    p.add_argument("--format", choices=["coco", "yolo", "volume"], help="dataset layout (default: detected; a .nii / "
+                   ".nii.gz path is a volume)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="volume: an option of the `volume` "
+                   "dataset plugin (e.g. labels=DIR, lesions_csv=FILE, intensity=lung, channels=2.5d); give the ones "
+                   "the model was trained with. Every slice is evaluated (empty_fraction=1) unless set")
     p.add_argument("--image-dir", help="COCO: folder the file_name paths are relative to (default: images/ beside "
                    "the annotation file, else its folder)")
     p.add_argument("--split", help="YOLO: sub-folder of images/ and labels/ to read (e.g. val)")
@@ -69,6 +77,29 @@ def read_dataset(path: Path, format: str | None = None, image_dir: str | None = 
     return task
 
 
+def is_volume_input(path: Path, format: str | None) -> bool:
+    """``--format volume``, or (format not given) a NIfTI file."""
+    from megatron.data.volumes import is_nifti
+
+    return format == "volume" or (format is None and is_nifti(Path(path)))
+
+
+def volume_task(path: Path, options: dict):
+    """The volumes at ``path`` as one slice task through the ``volume`` plugin; every slice unless the options
+    say otherwise (per-scan FROC counts false positives on all of them)."""
+    from megatron.config import validate_plugin_options
+    from megatron.data.problems import raise_for_errors
+    from megatron_plugins.datasets.volume import VolumeDataset
+
+    merged = {"empty_fraction": 1.0, **options, "root": str(Path(path).expanduser())}
+    plugin = VolumeDataset(validate_plugin_options(VolumeDataset, merged, "volume --set"))
+    [(task, problems)] = plugin.load_with_problems()
+    raise_for_errors(problems, str(path))
+    if not task.records:
+        raise DataError(f"{path}: no slice to evaluate; fix: check the volume options (--set)")
+    return task
+
+
 def match_classes(task, class_names: list[str], dataset: str, model: str):
     """``task`` with its labels renumbered to the model's label order (classes matched by name)."""
     from megatron.types import Task
@@ -89,11 +120,9 @@ def match_classes(task, class_names: list[str], dataset: str, model: str):
                 source=task.source, image_loader=task.image_loader)
 
 
-def evaluate_model(detector, info, task, device, batch_size: int = 8, score_threshold: float | None = None,
-                   on_images=None) -> dict:
-    """Predict on every image of ``task`` (labels already in the model's order) with the runner's own
-    prediction loop and score with the core evaluator; ``on_images(n)`` is called as images are done."""
-    from megatron.evaluation import evaluate
+def predict_detections(detector, info, task, device, batch_size: int = 8, on_images=None) -> list:
+    """The model's detections on every image of ``task`` (the runner's prediction loop, the model file's
+    preprocessing); ``on_images(n)`` is called as images are done."""
     from megatron.evaluation.predictions import predict_task
 
     pre = info.preprocessor()
@@ -104,13 +133,29 @@ def evaluate_model(detector, info, task, device, batch_size: int = 8, score_thre
         detections.extend(predict_task(detector, part, pre, batch_size, device))
         if on_images is not None:
             on_images(len(part))
+    return detections
+
+
+def evaluate_model(detector, info, task, device, batch_size: int = 8, score_threshold: float | None = None,
+                   on_images=None, per_scan: bool = False) -> dict:
+    """Predict on every image of ``task`` (labels already in the model's order) with the runner's own
+    prediction loop and score with the core evaluator; ``on_images(n)`` is called as images are done.
+    ``per_scan`` (slices of the ``volume`` plugin): ``volume_froc`` too, FROC per scan of the linked 3D candidates."""
+    from megatron.evaluation import evaluate
+    from megatron.evaluation.volume import volume_froc
+
+    detections = predict_detections(detector, info, task, device, batch_size, on_images)
     ev = info.evaluation
     threshold = score_threshold if score_threshold is not None else info.score_threshold
-    return evaluate(detections, task.records, list(task.categories), score_threshold=threshold,
-                    iou_threshold=float(ev["iou_threshold"]), max_detections=int(ev["max_detections"]))
+    metrics = evaluate(detections, task.records, list(task.categories), score_threshold=threshold,
+                       iou_threshold=float(ev["iou_threshold"]), max_detections=int(ev["max_detections"]))
+    if per_scan:
+        metrics["volume_froc"] = volume_froc(task.records, detections)
+    return metrics
 
 
 def _run(args: argparse.Namespace) -> int:
+    from megatron.commands.common import parse_set_options
     from megatron.errors import ConfigError
     from megatron.training.model_file import load_model, resolve_device
 
@@ -118,7 +163,13 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.score_threshold is not None and not 0.0 <= args.score_threshold <= 1.0:
         raise ConfigError(f"--score-threshold must be in [0, 1], got {args.score_threshold}")
-    task = read_dataset(Path(args.dataset), args.format, args.image_dir, args.split)
+    per_scan = is_volume_input(Path(args.dataset), args.format)
+    if per_scan:
+        task = volume_task(Path(args.dataset), parse_set_options(args.set))
+    elif args.set:
+        raise ConfigError("--set gives options of the `volume` plugin: use it with --format volume")
+    else:
+        task = read_dataset(Path(args.dataset), args.format, args.image_dir, args.split)
     device = resolve_device(args.device)
     detector, info = load_model(args.checkpoint, device=device)
     task = match_classes(task, info.class_names, args.dataset, str(info.path))
@@ -129,7 +180,7 @@ def _run(args: argparse.Namespace) -> int:
     with progress:
         bar = progress.add_task("evaluating", total=len(task))
         metrics = evaluate_model(detector, info, task, device, args.batch_size, args.score_threshold,
-                                 on_images=lambda n: progress.advance(bar, n))
+                                 on_images=lambda n: progress.advance(bar, n), per_scan=per_scan)
     if args.json:
         print(json.dumps({"model": str(info.path), "dataset": str(args.dataset), "detector": info.detector_name,
                           "class_names": info.class_names, "metrics": metrics}, indent=2))
@@ -151,4 +202,19 @@ def _run(args: argparse.Namespace) -> int:
         ap = metrics["per_class_AP50"].get(name)
         per_class.add_row(escape(name), f"{100 * ap:.1f}%" if ap is not None else "[dim]no ground truth[/]")
     console.print(per_class)
+    if per_scan:
+        console.print(froc_table(metrics["volume_froc"]))
     return 0
+
+
+def froc_table(froc: dict) -> Table:
+    """FROC per scan as a table: sensitivity at each false-positive rate per volume, and their mean."""
+    table = Table(title=f"FROC per scan ({froc['n_volumes']} volumes, {froc['n_lesions']} lesions, "
+                        f"{froc['n_candidates']} 3D candidates)")
+    table.add_column("false positives / scan")
+    table.add_column("sensitivity", justify="right")
+    for rate, sens in zip(froc["fp_per_scan"], froc["sensitivity"]):
+        table.add_row(f"{rate:g}", f"{100 * sens:.1f}%")
+    table.add_row("[bold]mean[/]", f"[bold]{100 * froc['mean_sensitivity']:.1f}%[/]")
+    table.caption = (f"{froc['slices_evaluated']} of {froc['slices_total']} slices evaluated; {froc['matching']}")
+    return table

@@ -1,6 +1,8 @@
 """``megatron plugins``: every registered plugin with its kind, package, version and hooks."""
 from __future__ import annotations
 
+# lazy imports: start-up time (heavy modules are imported inside the command functions; see megatron/commands/__init__.py)
+
 import argparse
 import json
 

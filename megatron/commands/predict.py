@@ -10,11 +10,21 @@ the suffixes it supports (:data:`megatron.data.io.READABLE_SUFFIXES`, DICOM incl
 their suffix. The preprocessing is the model file's own (input size, CLAHE, padding) and the prediction loop is
 the runner's (:func:`megatron.evaluation.predictions.predict_task`), so predictions match those of the run that
 trained the model. An image that cannot be read is reported (file and fix) and skipped; the exit code is then 1.
+
+``--volumes``: the PATHs are volumes (NIfTI, DICOM series) read by the ``volume`` dataset plugin (its options through
+``--set``, every slice): ``DIR/detections.json`` gains ``volume_id`` and ``slice_index`` per entry, the slice
+detections scoring at least the threshold are linked into 3D candidates (:mod:`megatron.evaluation.volume`) written to
+``DIR/candidates.json`` (per volume id: class, score, centre in voxels and in world mm, RAS and LPS, diameter, slice
+range), and ``DIR/<volume id>_strip.png`` shows the central slices of the best candidates with their boxes.
 """
 from __future__ import annotations
 
+# lazy imports: start-up time (heavy modules are imported inside the command functions; see megatron/commands/__init__.py)
+
 import argparse
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -43,10 +53,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, metavar="FILE", help="a megatron model file (RUN_DIR/models/*.pth)")
     p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output folder (default: {DEFAULT_OUT}/)")
     p.add_argument("--score-threshold", type=float, metavar="S",
-                   help="keep detections scoring at least S (default: the model file's evaluation threshold, else 0.3)")
+                   help="keep detections scoring at least S (default: the model file's operating point, chosen on "
+                        "the run's validation split; without one, its fixed evaluation.score_threshold, 0.3)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per forward pass (default 8)")
     p.add_argument("--no-draw", action="store_true", help="write detections.json only, no PNGs")
+    p.add_argument("--volumes", action="store_true", help="PATHs are volumes (NIfTI files, folders of them, DICOM "
+                   "series folders): every slice is predicted, detections on neighbouring slices are linked into 3D "
+                   "candidates -> DIR/candidates.json (world mm), and one PNG strip per volume")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="with --volumes: an option of the "
+                   "`volume` dataset plugin (e.g. intensity=lung, channels=2.5d: the ones the model was trained with)")
     p.set_defaults(func=_run)
 
 
@@ -194,55 +210,86 @@ def entries_as_arrays(entries: list[dict]) -> tuple[np.ndarray, np.ndarray, np.n
 
 
 def _run(args: argparse.Namespace) -> int:
-    from megatron.atomic_io import atomic_write_json
-    from megatron.data.io import read_image, write_image
-    from megatron.errors import ConfigError
-    from megatron.evaluation.predictions import predict_task
     from megatron.training.model_file import load_model, resolve_device
-    from megatron.types import ImageRecord, Task
 
     console = Console()
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.score_threshold is not None and not 0.0 <= args.score_threshold <= 1.0:
-        raise ConfigError(f"--score-threshold must be in [0, 1], got {args.score_threshold}")
+    _check_args(args)
+    if args.volumes:
+        return _run_volumes(args, console)
     images = collect_images(args.paths)
     out = Path(args.out)
     names = drawing_names([name for _, name in images])
     if not args.no_draw:
-        inputs = {p.resolve(): p for p, _ in images}
-        for name in names:
-            clash = inputs.get((out / name).resolve())
-            if clash is not None:
-                raise DataError(f"the drawing {out / name} would overwrite the input image {clash}; "
-                                "fix: choose another --out folder")
+        _refuse_overwriting_inputs(images, names, out)
     device = resolve_device(args.device)
     detector, info = load_model(args.checkpoint, device=device)
-    threshold = args.score_threshold if args.score_threshold is not None else info.score_threshold
-    pre = info.preprocessor()
+    threshold, threshold_source = _threshold(args, info)
     out.mkdir(parents=True, exist_ok=True)
+    done = _predict_images(images, names, detector, info, device, threshold, args, console)
+    _write_outputs(out, done)
+    _print_summary(console, info, threshold, threshold_source, done, out, args.no_draw)
+    return 1 if done.failures else 0
 
-    results: list[dict] = []
-    image_entries: list[dict] = []
-    failures: list[tuple[Path, str]] = []
-    per_class = {n: 0 for n in info.class_names}
+
+def _check_args(args: argparse.Namespace) -> None:
+    from megatron.errors import ConfigError
+
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.score_threshold is not None and not 0.0 <= args.score_threshold <= 1.0:
+        raise ConfigError(f"--score-threshold must be in [0, 1], got {args.score_threshold}")
+    if args.set and not args.volumes:
+        raise ConfigError("--set gives options of the `volume` plugin: use it with --volumes")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder: predict writes detections.json, images.json and the "
+                          "drawings into a folder. Fix: give a folder name (a new one is created), e.g. "
+                          f"--out {out.with_suffix('')}-predictions")
+
+
+def _threshold(args: argparse.Namespace, info) -> tuple[float, str]:
+    threshold, threshold_source = info.default_threshold
+    if args.score_threshold is not None:
+        threshold, threshold_source = args.score_threshold, f"score >= {args.score_threshold:g}: --score-threshold"
+    return threshold, threshold_source
+
+
+def _refuse_overwriting_inputs(images: list[tuple[Path, Path]], names: list[str], out: Path) -> None:
+    inputs = {p.resolve(): p for p, _ in images}
+    for name in names:
+        clash = inputs.get((out / name).resolve())
+        if clash is not None:
+            raise DataError(f"the drawing {out / name} would overwrite the input image {clash}; "
+                            "fix: choose another --out folder")
+
+
+@dataclass
+class Predicted:
+    """What the prediction loop produced: COCO result entries, image entries, unreadable images, counts per class."""
+
+    results: list[dict] = field(default_factory=list)
+    image_entries: list[dict] = field(default_factory=list)
+    failures: list[tuple[Path, str]] = field(default_factory=list)
+    per_class: dict[str, int] = field(default_factory=dict)
+
+
+def _progress(console: Console, total: int) -> tuple[Progress, Any]:
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console, transient=True, disable=not console.is_terminal)
+    return progress, progress.add_task("predicting", total=total)
+
+
+def _predict_images(images, names, detector, info, device, threshold, args, console) -> Predicted:
+    """Read, predict and draw the images batch by batch; an unreadable image is recorded and skipped."""
+    from megatron.evaluation.predictions import predict_task
+    from megatron.types import Task
+
+    done = Predicted(per_class={n: 0 for n in info.class_names})
+    pre = info.preprocessor()
+    progress, bar = _progress(console, len(images))
     with progress:
-        bar = progress.add_task("predicting", total=len(images))
         for start in range(0, len(images), args.batch_size):
-            raws: dict[int, np.ndarray] = {}
-            records = []
-            for k in range(start, min(start + args.batch_size, len(images))):
-                path = images[k][0]
-                try:
-                    raws[k + 1] = raw = read_image(path)
-                except DataError as exc:
-                    failures.append((path, str(exc)))
-                    progress.advance(bar)
-                    continue
-                records.append(ImageRecord(k + 1, path, int(raw.shape[1]), int(raw.shape[0]), np.zeros((0, 4)),
-                                           np.zeros(0), str(path)))
+            raws, records = _read_batch(images, start, args.batch_size, done, lambda: progress.advance(bar))
             if not records:
                 continue
             # the pixels were read once above; the runner's prediction loop gets them through the task's loader
@@ -251,39 +298,153 @@ def _run(args: argparse.Namespace) -> int:
             try:
                 preds = predict_task(detector, chunk, pre, args.batch_size, device)
             except DataError as exc:  # e.g. pixels the preprocessing cannot use
-                failures.extend((r.path, str(exc)) for r in records)
+                done.failures.extend((r.path, str(exc)) for r in records)
                 progress.advance(bar, len(records))
                 continue
             for record, det in zip(records, preds):
-                k, raw = record.image_id - 1, raws[record.image_id]
-                entries = _results(record.image_id, str(record.path), det, info.class_names, threshold)
-                results.extend(entries)
-                for e in entries:
-                    per_class[e["category_name"]] = per_class.get(e["category_name"], 0) + 1
-                entry = {"id": record.image_id, "file_name": str(record.path), "width": record.width,
-                         "height": record.height, "detections": len(entries)}
-                if not args.no_draw:
-                    boxes, labels, scores = entries_as_arrays(entries)
-                    write_image(out / names[k], draw_detections(display_image(raw), boxes, labels, scores,
-                                                                info.class_names))
-                    entry["drawing"] = names[k]
-                image_entries.append(entry)
+                _record_image(record, det, raws[record.image_id], names, info, threshold, args, done)
                 progress.advance(bar)
+    return done
 
-    atomic_write_json(out / "detections.json", results)
-    atomic_write_json(out / "images.json", image_entries)
+
+def _read_batch(images, start: int, batch_size: int, done: Predicted, advance) -> tuple[dict, list]:
+    from megatron.data.io import read_image
+    from megatron.types import ImageRecord
+
+    raws: dict[int, np.ndarray] = {}
+    records = []
+    for k in range(start, min(start + batch_size, len(images))):
+        path = images[k][0]
+        try:
+            raws[k + 1] = raw = read_image(path)
+        except DataError as exc:
+            done.failures.append((path, str(exc)))
+            advance()
+            continue
+        records.append(ImageRecord(k + 1, path, int(raw.shape[1]), int(raw.shape[0]), np.zeros((0, 4)),
+                                   np.zeros(0), str(path)))
+    return raws, records
+
+
+def _record_image(record, det, raw, names, info, threshold, args, done: Predicted) -> None:
+    from megatron.data.io import write_image
+
+    k = record.image_id - 1
+    entries = _results(record.image_id, str(record.path), det, info.class_names, threshold)
+    done.results.extend(entries)
+    for e in entries:
+        done.per_class[e["category_name"]] = done.per_class.get(e["category_name"], 0) + 1
+    entry = {"id": record.image_id, "file_name": str(record.path), "width": record.width,
+             "height": record.height, "detections": len(entries)}
+    if not args.no_draw:
+        boxes, labels, scores = entries_as_arrays(entries)
+        write_image(Path(args.out) / names[k], draw_detections(display_image(raw), boxes, labels, scores,
+                                                               info.class_names))
+        entry["drawing"] = names[k]
+    done.image_entries.append(entry)
+
+
+def _write_outputs(out: Path, done: Predicted) -> None:
+    from megatron.atomic_io import atomic_write_json
+
+    atomic_write_json(out / "detections.json", done.results)
+    atomic_write_json(out / "images.json", done.image_entries)
+
+
+def _print_summary(console: Console, info, threshold: float, threshold_source: str, done: Predicted, out: Path,
+                   no_draw: bool, what: str = "image(s)") -> None:
     table = Table(title=f"{info.detector_name} model {escape(info.path.name)}: detections scoring >= {threshold:g}")
     table.add_column("class")
     table.add_column("detections", justify="right")
-    for name, n in per_class.items():
+    for name, n in done.per_class.items():
         table.add_row(escape(name), str(n))
     console.print(table)
-    console.print(f"{len(image_entries)} image(s) -> {escape(str(out / 'detections.json'))}"
-                  + ("" if args.no_draw else f" and {len(image_entries)} drawing(s) in {escape(str(out))}"),
+    console.print(f"threshold: {escape(threshold_source)}", highlight=False)
+    console.print(f"{len(done.image_entries)} {what} -> {escape(str(out / 'detections.json'))}"
+                  + ("" if no_draw else f" and {len(done.image_entries)} drawing(s) in {escape(str(out))}"),
                   highlight=False)
-    for path, message in failures:
+    for path, message in done.failures:
         console.print(f"[red]error[/] {escape(str(path))}: {escape(message)}", highlight=False, soft_wrap=True)
-    if failures:
-        console.print(f"[red]{len(failures)} image(s) could not be read[/] (listed above); the others were written")
-        return 1
+    if done.failures:
+        console.print(f"[red]{len(done.failures)} image(s) could not be read[/] (listed above); the others were written")
+
+
+# --- volumes ----------------------------------------------------------------------------------------
+def _run_volumes(args: argparse.Namespace, console: Console) -> int:
+    """``--volumes``: every slice of each volume (the ``volume`` plugin, options from ``--set``), slice
+    detections linked into 3D candidates (world mm) -> DIR/candidates.json, and per volume a PNG strip of the
+    slices holding candidates, boxes drawn."""
+    from megatron.atomic_io import atomic_write_json
+    from megatron.commands.common import parse_set_options
+    from megatron.commands.evaluate import predict_detections, volume_task
+    from megatron.training.model_file import load_model, resolve_device
+
+    options = parse_set_options(args.set)
+    tasks = [volume_task(Path(p), options) for p in args.paths]
+    out = Path(args.out)
+    device = resolve_device(args.device)
+    detector, info = load_model(args.checkpoint, device=device)
+    threshold, threshold_source = _threshold(args, info)
+    out.mkdir(parents=True, exist_ok=True)
+    done = Predicted(per_class={n: 0 for n in info.class_names})
+    candidates: dict[str, list[dict]] = {}
+    for task in tasks:
+        detections = predict_detections(detector, info, task, device, args.batch_size)
+        for record, det in zip(task.records, detections):
+            entries = _results(record.image_id, record.file_name, det, info.class_names, threshold)
+            done.results.extend(dict(e, volume_id=record.meta["volume_id"], slice_index=record.meta["slice_index"])
+                                for e in entries)
+            for e in entries:
+                done.per_class[e["category_name"]] = done.per_class.get(e["category_name"], 0) + 1
+        found = volume_candidates(task, detections, threshold, info.class_names)
+        candidates.update(found)
+        if not args.no_draw:
+            done.image_entries += draw_strips(task, detections, threshold, info.class_names, found, out)
+    atomic_write_json(out / "candidates.json", candidates)
+    _write_outputs(out, done)
+    _print_summary(console, info, threshold, threshold_source, done, out, True, what="volume strip(s)")
+    console.print(f"{sum(len(c) for c in candidates.values())} 3D candidate(s) in {len(candidates)} volume(s) -> "
+                  f"{escape(str(out / 'candidates.json'))}", highlight=False)
     return 0
+
+
+def volume_candidates(task, detections, threshold: float, class_names: list[str]) -> dict[str, list[dict]]:
+    """Per volume id: the 3D candidates (linked slice detections scoring >= ``threshold``), each with its class
+    name, world centre (RAS and LPS mm), diameter and slice range, best score first."""
+    from megatron.evaluation.volume import volume_objects
+
+    objects = volume_objects(task.records, [(d.boxes, d.scores, d.labels) for d in detections], False,
+                             min_score=threshold)
+    out: dict[str, list[dict]] = {str(r.meta["volume_id"]): [] for r in task.records}
+    for volume_id, found in objects.items():
+        out[volume_id] = [dict(o.to_dict(), category_name=class_names[o.label]) for o in found]
+    return out
+
+
+#: slices shown per volume strip (the central slice of each of the best candidates)
+STRIP_SLICES = 6
+
+
+def draw_strips(task, detections, threshold: float, class_names: list[str], found: dict, out: Path) -> list[dict]:
+    """One PNG per volume, ``<volume id>_strip.png``: side by side, the central slice of each of its best
+    candidates (else its middle slice), with that slice's detections scoring >= ``threshold`` drawn."""
+    from megatron.data.io import write_image
+
+    entries = []
+    for volume_id, cands in found.items():
+        by_slice = {int(r.meta["slice_index"]): (r, d) for r, d in zip(task.records, detections)
+                    if str(r.meta["volume_id"]) == volume_id}
+        axis = int(next(iter(by_slice.values()))[0].meta["slice_axis"])
+        centres = {int(round(c["centre_voxel"][axis])) for c in cands[:STRIP_SLICES]}
+        chosen = sorted(centres & set(by_slice)) or [sorted(by_slice)[len(by_slice) // 2]]
+        panels = []
+        for s in chosen:
+            record, det = by_slice[s]
+            raw = task.load_image(record)
+            grey = raw[:, :, 1] if raw.ndim == 3 else raw  # 2.5D: the slice itself is the middle channel
+            keep = det.scores >= threshold
+            panels.append(draw_detections(display_image(grey), det.boxes[keep], det.labels[keep], det.scores[keep],
+                                          class_names))
+        write_image(out / f"{volume_id}_strip.png", np.concatenate(panels, axis=1))
+        entries.append({"volume_id": volume_id, "drawing": f"{volume_id}_strip.png", "slices": chosen})
+    return entries

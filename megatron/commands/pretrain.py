@@ -2,6 +2,8 @@
 that ``megatron run --checkpoint PATH`` starts from."""
 from __future__ import annotations
 
+# lazy imports: start-up time (heavy modules are imported inside the command functions; see megatron/commands/__init__.py)
+
 import argparse
 import dataclasses
 from pathlib import Path

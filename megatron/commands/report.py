@@ -1,6 +1,8 @@
 """``megatron report``: rebuild results and report of one or more benchmark directories from their records."""
 from __future__ import annotations
 
+# lazy imports: start-up time (heavy modules are imported inside the command functions; see megatron/commands/__init__.py)
+
 import argparse
 
 from megatron.errors import ConfigError
@@ -17,6 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", choices=["selected", "final"], default="selected",
                    help="whose metrics: `selected` (default) = each cell's model chosen on the target's validation "
                         "split, measured on the held-out test split; `final` = the model after the last meta-epoch")
+    p.add_argument("--equivalence-margin", type=float, metavar="POINTS",
+                   help="the margin of the equivalence verdicts, in mAP points (default: the grid's "
+                        "report.equivalence_margin, else 5)")
     p.add_argument("--epoch", type=int, help="the epoch of the fixed-epoch bar chart (default: the last all reached)")
     p.set_defaults(func=run)
 
@@ -29,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     if len(args.dirs) > 1 and not args.out:
         raise ConfigError("megatron report: with several directories give --out (where the merged report goes)")
     out = args.out or args.dirs[0]
-    res = build_report(args.dirs, out, epoch=args.epoch, model=args.model)
+    res = build_report(args.dirs, out, epoch=args.epoch, model=args.model, margin=args.equivalence_margin)
     console = Console()
     n_done = sum(r["status"] == "complete" for r in res.rows)
     console.print(f"{n_done} complete cell(s) of {len(res.rows)}; {len(res.plots)} plot(s)")

@@ -1,6 +1,8 @@
 """``megatron run``: the experiment, end to end."""
 from __future__ import annotations
 
+# lazy imports: start-up time (heavy modules are imported inside the command functions; see megatron/commands/__init__.py)
+
 import argparse
 from pathlib import Path
 
@@ -9,7 +11,9 @@ from rich.table import Table
 
 from megatron import hookimpl
 from megatron.commands.common import add_config_arguments, config_from_args, config_option
-from megatron.training.record import CURVE_FILE, RECORD_FILE, TABLE_METRICS
+from megatron.training.progress import DEFAULT_LOG_EVERY, LOG_EVERY_S, print_full_width
+from megatron.training.record import (CONFIG_FILE, CURVE_FILE, RECORD_FILE, SUMMARY_FILE, TABLE_METRICS,
+                                     operating_point_lines)
 
 DESCRIPTION = """\
 The method's three stages: (1) pre-train the detector on the source tasks (stage 1; cached by content hash
@@ -43,10 +47,13 @@ training.meta_batch must be a multiple of their number; rank 0 writes the run di
 Options and config: defaults < --config FILE < the command line. Each dedicated option is short for the
 config key named in its help (--meta-epochs N is training.meta_epochs); giving it and --set for the same
 key together is an error (exit 2), whatever their order. --set KEY=null sets a key to null (e.g.
---set training.grad_clip=null turns clipping off, --set data.eval_images=null holds out all the rest).
+--set training.grad_clip=null turns clipping off, --set data.eval_images=null evaluates on every target image except the max(K, 40) reserved for the K-shot
+pools, at least 5).
 
 One run per folder: a run locks its run directory while it runs; a second run into it stops at once
-(exit 2) naming the process that holds it. A run that fails records `status: failed` and the error in
+(exit 2) naming the process that holds it. A run writes only into folders that are megatron's (marked
+`.megatron-run` when a run claims them): an existing non-empty folder without the marker is refused (exit 2,
+listing what it holds) unless --force. A run that fails records `status: failed` and the error in
 run.json; rerunning a folder whose run failed before its first checkpoint starts it afresh, one with
 checkpoints needs --resume.
 """
@@ -72,7 +79,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run-dir", metavar="DIR", help="the run directory (default: <out>/<name>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in the run directory from its last checkpoints (same config)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--force", action="store_true",
+                   help="use --run-dir even if it holds files that are not a megatron run's (files of the names a run "
+                        "writes are replaced; nothing else is touched)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (nor plain progress lines)")
+    p.add_argument("--log-every", type=_positive_int, default=DEFAULT_LOG_EVERY, metavar="N",
+                   help="when stdout is not a terminal (a log file, SLURM, CI): a progress line every N outer steps "
+                        f"or {LOG_EVERY_S:g} s, whichever comes first (default {DEFAULT_LOG_EVERY}); stage and "
+                        "evaluation lines always")
     p.add_argument("--logger", action="append", metavar="NAME",
                    help="switch on a logger plugin for this run, e.g. tensorboard or csv (default options; options "
                         "go in the config's `loggers:` list); repeatable")
@@ -80,6 +94,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="train across N processes on this machine (torchrun underneath; backend nccl on CUDA, gloo "
                         "on CPU); training.meta_batch must be a multiple of N")
     p.set_defaults(func=run_command, run_parser=p)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of steps, e.g. 10") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: expected at least 1 step")
+    return value
 
 
 def relaunch_argv(args: argparse.Namespace) -> list[str]:
@@ -159,19 +183,22 @@ def run_command(args: argparse.Namespace, pm=None) -> int:
     pm.register(reporter, name="megatron.cli-stages")
     try:
         record = run_experiment(cfg, run_dir=Path(args.run_dir) if args.run_dir else None, pm=pm,
-                                resume=args.resume, progress=not args.no_progress)
+                                resume=args.resume, progress=not args.no_progress, log_every=args.log_every,
+                                force=args.force)
     finally:
         pm.unregister(name="megatron.cli-stages")
         mdist.shutdown()
     if not mdist.is_main_process():
         return 0  # rank 0 prints the results
-    console.print(results_table(record))
+    print_full_width(console, results_table(record))
+    for line in operating_point_lines(record):
+        console.print(line, highlight=False)
     if record.get("comparison"):
         console.print(f"[dim]Equal compute: {record['comparison']['how']}.[/]")
     if record.get("selection"):
         console.print(f"[dim]Sources: {record['selection']['reason']}[/]")
     run_dir = Path(record["run_dir"])
-    console.print(f"Run directory: [bold]{run_dir}[/] ({RECORD_FILE}, config.yaml, summary.md"
+    console.print(f"Run directory: [bold]{run_dir}[/] ({RECORD_FILE}, {CONFIG_FILE}, {SUMMARY_FILE}"
                   f"{', ' + CURVE_FILE if cfg.output.plots else ''}, checkpoints/"
                   f"{', models/' if cfg.output.save_models else ''})")
     models = [m for lrec in record.get("learners", {}).values() for k, m in (lrec.get("models") or {}).items()
@@ -184,7 +211,7 @@ def run_command(args: argparse.Namespace, pm=None) -> int:
 
 def results_table(record: dict) -> Table:
     """Learner vs baseline: the final held-out metrics (in %), compute and epochs; fits 80 columns."""
-    short = {"precision": "P", "recall": "R"}
+    short = {"precision": "P", "recall": "R", "FROC": "FROC"}
     ev = (record.get("config") or {}).get("evaluation", {})
     table = Table(title=f"{record.get('target')} held-out split ({record.get('eval_images')} images), "
                         f"K = {record.get('shots')} shots, seed {record.get('seed')}",

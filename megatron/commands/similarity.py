@@ -7,6 +7,8 @@ when a dataset has none. Every table, plot and the JSON say how many images each
 """
 from __future__ import annotations
 
+# lazy imports: start-up time (heavy modules are imported inside the command functions; see megatron/commands/__init__.py)
+
 import argparse
 import json
 import logging
@@ -143,9 +145,8 @@ def compute_tasks(cfg, pm, target, sources: list, metric_names: list[str], progr
     """:func:`compute` on given tasks. Metrics with ``USES_LABELS`` are skipped when a task has no boxes
     (``result["skipped"]``: metric -> reason). Each metric's entry holds ``images``: task -> images used."""
     from megatron.errors import ConfigError
-    from megatron.api.similarity import SimilarityContext
     from megatron.similarity import build_metric, pairwise_distances
-    from megatron.similarity.selection import detector_feature_extractor
+    from megatron.similarity.selection import similarity_context
     from megatron.runtime.environment import resolve_device
     from megatron.types import Task
 
@@ -170,9 +171,7 @@ def compute_tasks(cfg, pm, target, sources: list, metric_names: list[str], progr
     device = resolve_device(cfg.training.device)
     # the detector's head size comes from the sources' classes; unlabelled folders have none (features only)
     labelled = [t for t in ordered[1:] if t.categories] or [Task(name="unlabelled", categories=["object"], records=[])]
-    make, desc = detector_feature_extractor(cfg, pm, labelled, device)
-    ctx = SimilarityContext(seed=cfg.seed, device=device, input_size=cfg.data.input_size,
-                            make_feature_extractor=make, feature_extractor_desc=desc)
+    ctx = similarity_context(cfg, pm, labelled, device)
     result: dict[str, Any] = {"target": target.name, "sources": [t.name for t in sources], "metrics": {}}
     if skipped:
         result["skipped"] = skipped

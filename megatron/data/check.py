@@ -3,9 +3,12 @@
 :func:`check_dataset` detects the layout (COCO annotation file or folder, YOLO folder, a folder of DICOM
 files, a folder of unannotated images), reads it with the same readers the dataset plugins use, opens every
 image (pixels, not only headers) and returns a :class:`CheckReport`: counts, box-size and image-size
-distributions, pixel types and every problem found. :func:`check_config` does the same for every dataset of
+distributions, pixel types, patients (images per patient, and a warning when file names or DICOM headers suggest
+patients the config does not declare), the box-size fingerprint at the detector's input size
+(:mod:`megatron.data.fingerprint`) and every problem found (image paths leaving the image folder included). :func:`check_config` does the same for every dataset of
 an experiment config, through its plugin (``DatasetPlugin.load_with_problems``, else ``load``), third-party
-plugins included.
+plugins included, at the config's ``data.input_size`` and detector stride, and says how many patients and
+images the target's pool of K is drawn from.
 """
 from __future__ import annotations
 
@@ -19,15 +22,20 @@ import numpy as np
 
 from megatron.data.coco import ANNOTATION_FILE, default_image_dir, default_task_name, read_coco_task
 from megatron.data.dicom import is_dicom_file
+from megatron.data.fingerprint import DEFAULT_STRIDE, fingerprint, fingerprint_problems
 from megatron.data.folder import read_image_folder
+from megatron.data.groups import count_groups, describe_grouping, grouping_hints, images_per_group
 from megatron.data.io import IMAGE_SUFFIXES
 from megatron.data.problems import Problem
+from megatron.data.split import split_target
 from megatron.data.yolo import read_yolo_task
 from megatron.errors import ConfigError, DataError
 from megatron.types import Task
-from megatron.config import validate_plugin_options
+from megatron.config import DataConfig, validate_plugin_options
 
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
+#: the input size a dataset checked without a config is measured at: the config's default
+DEFAULT_INPUT_SIZE = DataConfig.model_fields["input_size"].default
 Format = Literal["coco", "yolo", "dicom", "folder"]
 
 
@@ -48,6 +56,10 @@ class CheckReport:
     image_height: dict[str, float] = field(default_factory=dict)
     image_sizes: dict[str, int] = field(default_factory=dict)  # "WxH" -> count, most common first
     pixel_types: dict[str, int] = field(default_factory=dict)  # e.g. "uint16 gray" -> count
+    grouping: str = ""  # where the patients come from (GROUPING_NONE: every image its own)
+    patients: dict[str, float] = field(default_factory=dict)  # groups, images, min / median / max images per patient
+    fingerprint: dict[str, Any] = field(default_factory=dict)  # box sizes at the input size (megatron.data.fingerprint)
+    for_k: dict[str, Any] = field(default_factory=dict)  # the target only: patients and images the pool is drawn from
     problems: list[Problem] = field(default_factory=list)
 
     @property
@@ -133,9 +145,12 @@ def _looks_like_coco(path: Path) -> bool:
 
 
 def check_dataset(path: Path, format: Format | None = None, image_dir: Path | None = None, split: str | None = None,
-                  progress: Callable[[int, int], None] | None = None) -> CheckReport:
+                  progress: Callable[[int, int], None] | None = None, input_size: int = DEFAULT_INPUT_SIZE,
+                  stride: int = DEFAULT_STRIDE, allow_outside_paths: bool = False) -> CheckReport:
     """Validate the dataset at ``path`` and summarise it; opens every image. Never raises on bad data:
-    every problem (including an unreadable annotation file) is in ``report.problems``."""
+    every problem (including an unreadable annotation file) is in ``report.problems``. ``input_size`` and
+    ``stride``: what the box-size fingerprint is measured against; ``allow_outside_paths``: image paths leaving
+    the image folder are read (by default each is an error)."""
     path = Path(path)
     try:
         if format is None:
@@ -146,11 +161,13 @@ def check_dataset(path: Path, format: Format | None = None, image_dir: Path | No
             fmt, where = format, path
         if fmt == "coco":
             task, problems = read_coco_task(where, Path(image_dir) if image_dir else default_image_dir(where),
-                                            name=default_task_name(where))
+                                            name=default_task_name(where), allow_outside_paths=allow_outside_paths)
         elif fmt in ("dicom", "folder"):
-            task, problems = read_image_folder(where, where.resolve().name, dicom_only=fmt == "dicom")
+            task, problems = read_image_folder(where, where.resolve().name, dicom_only=fmt == "dicom",
+                                               allow_outside_paths=allow_outside_paths)
         else:
-            task, problems = read_yolo_task(where, name=where.resolve().name, split=split)
+            task, problems = read_yolo_task(where, name=where.resolve().name, split=split,
+                                            allow_outside_paths=allow_outside_paths)
     except DataError as exc:
         message, _, fix = str(exc).partition("; fix: ")
         return CheckReport(path=str(path), format=format or "unknown",
@@ -159,7 +176,36 @@ def check_dataset(path: Path, format: Format | None = None, image_dir: Path | No
     report = CheckReport(path=str(where), format=fmt, task_name=task.name, categories=list(task.categories),
                          problems=list(problems))
     _summarise(task, report, progress)
+    _describe_patients_and_boxes(task, report, input_size, stride)
     return report
+
+
+def _describe_patients_and_boxes(task: Task, report: CheckReport, input_size: int, stride: int) -> None:
+    """The grouping (images per patient, and hints when the config names no group source) and, for annotated
+    tasks, the box-size fingerprint at ``input_size`` with its warning."""
+    report.grouping = describe_grouping(task)
+    if task.records:
+        report.patients = images_per_group(task.records)
+    for hint in grouping_hints(task):
+        message, _, fix = hint.partition("; fix: ")
+        report.problems.append(Problem("warning", "groups_not_declared", report.path, "", message, fix))
+    if report.n_boxes:
+        report.fingerprint = fingerprint(task, input_size, stride)
+        report.problems.extend(fingerprint_problems(report.fingerprint, report.path))
+
+
+def k_availability(task: Task, shots: int, eval_images: int | None, seed: int) -> dict[str, Any]:
+    """Patients and images of the target, how many of them the evaluation split takes (whole patients, as a run
+    draws it for ``seed``) and how many are left for the pool of K; ``{"error": ...}`` when K does not fit."""
+    out: dict[str, Any] = {"shots": shots, "images": len(task), "patients": count_groups(task.records)}
+    try:
+        _, held = split_target(task, shots, eval_images, seed)
+    except DataError as exc:
+        return {**out, "error": str(exc)}
+    held_ids = {r.image_id for r in held.records}
+    rest = [r for r in task.records if r.image_id not in held_ids]
+    return {**out, "evaluation_images": len(held), "evaluation_patients": count_groups(held.records),
+            "available_images": len(rest), "available_patients": count_groups(rest)}
 
 
 def _summarise(task: Task, report: CheckReport, progress: Callable[[int, int], None] | None) -> None:
@@ -255,5 +301,52 @@ def check_config(cfg: Any, pm: Any, progress: Callable[[int, int], None] | None 
             report = CheckReport(path=f"{label}: {task.source or task.name}", format=spec.plugin,
                                  task_name=task.name, categories=list(task.categories), problems=list(problems))
             _summarise(task, report, progress)
+            _describe_patients_and_boxes(task, report, cfg.data.input_size, detector_stride(cfg, pm))
+            if task.name == cfg.data.target:
+                report.for_k = k_availability(task, cfg.data.shots, cfg.data.eval_images, cfg.seed)
             reports.append(report)
     return reports
+
+
+def detector_stride(cfg: Any, pm: Any) -> int:
+    """The configured detector's smallest stride (``Detector.SMALLEST_STRIDE``; 8 when it cannot be known)."""
+    try:
+        cls = pm.registers["detector"].get(cfg.detector.name)
+    except KeyError:
+        return DEFAULT_STRIDE
+    return int(getattr(cls, "SMALLEST_STRIDE", DEFAULT_STRIDE))
+
+
+def patient_and_size_lines(report: CheckReport) -> list[str]:
+    """The report's patients, box-size fingerprint and K availability as plain lines (``data check`` and
+    ``config validate --data`` print them)."""
+    lines = []
+    if report.patients:
+        p = report.patients
+        lines.append(f"patients: {p['groups']} for {p['images']} images (images per patient: min {p['min']:g}, "
+                     f"median {p['median']:g}, max {p['max']:g}); grouping: {report.grouping}")
+    f = report.fingerprint
+    if f:
+        px = f["box_px_at_input"]
+        lines.append(f"boxes at data.input_size {f['input_size']}: sqrt(area) {px['q0']:g} / {px['q5']:g} / "
+                     f"{px['q50']:g} / {px['q95']:g} / {px['q100']:g} px (min / 5% / median / 95% / max); "
+                     f"{f['boxes_below_stride']} of {f['boxes']} ({f['share_below_stride']:.0%}) below the detector's "
+                     f"smallest stride ({f['smallest_stride']} px)")
+        if f["box_mm"]:
+            mm = f["box_mm"]
+            lines.append(f"boxes in mm ({f['boxes_with_spacing']} with known pixel spacing): sqrt(area) {mm['q0']:g} / "
+                         f"{mm['q50']:g} / {mm['q100']:g} mm (min / median / max)")
+        if f["recommended_input_size"]:
+            r = f["recommended_input_size"]
+            verdict = "enough" if f["input_size"] >= r else "too small"
+            lines.append(f"recommended data.input_size: at least {r} (the smallest multiple of 32 keeping 95% of boxes "
+                         f"at >= {f['smallest_stride']} px, at most the image size; now {f['input_size']}: {verdict})")
+    k = report.for_k
+    if k:
+        if "error" in k:
+            lines.append(f"for K={k['shots']}: {k['images']} images of {k['patients']} patients; {k['error']}")
+        else:
+            lines.append(f"for K={k['shots']}: {k['images']} images of {k['patients']} patients; the evaluation split "
+                         f"takes {k['evaluation_images']} images ({k['evaluation_patients']} patients), leaving "
+                         f"{k['available_images']} images of {k['available_patients']} patients for the pool")
+    return lines

@@ -8,8 +8,10 @@ pydicom does the work; megatron only chooses the order and the output range:
 
 1. **Decode** one frame: :func:`pydicom.pixels.pixel_array` (``index=frame``). Signed pixel data comes back
    sign-extended (``int16``); ``YBR_FULL``/``YBR_FULL_422`` come back as RGB (pydicom's
-   :func:`~pydicom.pixels.convert_color_space`). Compressed transfer syntaxes need a codec package; when it
-   is missing the :class:`~megatron.errors.DataError` names the file, the transfer syntax and the package.
+   :func:`~pydicom.pixels.convert_color_space`). Compressed transfer syntaxes (JPEG baseline/extended/lossless,
+   JPEG-LS, JPEG 2000, HTJ2K, RLE) decode through the pydicom plugins installed with megatron (pylibjpeg with
+   libjpeg, openjpeg and rle); when a decode fails the :class:`~megatron.errors.DataError` names the file, the
+   transfer syntax and the package.
 2. **Grayscale** (``MONOCHROME1``/``MONOCHROME2``):
 
    - the modality LUT: :func:`pydicom.pixels.apply_modality_lut` (Modality LUT Sequence, or
@@ -52,7 +54,9 @@ _MAGIC = b"DICM"
 _RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".pgm", ".ppm", ".webp", ".json", ".txt",
                     ".yaml", ".yml", ".csv", ".md")
 
-# pip packages that decode each compressed transfer syntax (pydicom's decoder plugins); python-gdcm decodes all
+# pip packages that decode each compressed transfer syntax (pydicom's decoder plugins, installed with megatron:
+# pylibjpeg + its libjpeg/openjpeg/rle plugins, pip wheels for every platform with no system library, unlike
+# python-gdcm's; they cover every syntax below); python-gdcm decodes all of them too
 _PYLIBJPEG_LIBJPEG = "pylibjpeg pylibjpeg-libjpeg"
 _PYLIBJPEG_OPENJPEG = "pylibjpeg pylibjpeg-openjpeg"
 CODEC_PACKAGES: dict[str, str] = {
@@ -188,6 +192,9 @@ class DicomHeader:
     has_pixels: bool
     modality: str = ""
     sop_class: str = ""
+    patient_id: str = ""  # PatientID and StudyInstanceUID: the groups a split keeps together
+    study_uid: str = ""
+    spacing: tuple[float, float] | None = None  # PixelSpacing (else ImagerPixelSpacing), mm: (row, column)
 
 
 def read_header(path: Path) -> DicomHeader:
@@ -200,7 +207,21 @@ def read_header(path: Path) -> DicomHeader:
                        frames=number_of_frames(ds) if has_pixels else 0, photometric=_photometric(ds),
                        transfer_syntax=f"{ts.name} ({ts})" if ts is not None else "unknown",
                        has_pixels=has_pixels, modality=str(ds.get("Modality", "")),
-                       sop_class=getattr(sop, "name", str(sop)))
+                       sop_class=getattr(sop, "name", str(sop)), patient_id=str(ds.get("PatientID", "") or "").strip(),
+                       study_uid=str(ds.get("StudyInstanceUID", "") or "").strip(), spacing=_pixel_spacing(ds))
+
+
+def _pixel_spacing(ds) -> tuple[float, float] | None:
+    """The (row, column) pixel spacing in mm from PixelSpacing or ImagerPixelSpacing; None when absent or bad."""
+    for tag in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(tag)
+        try:
+            row, col = (float(v) for v in value)
+        except (TypeError, ValueError):
+            continue
+        if row > 0 and col > 0:
+            return row, col
+    return None
 
 
 def read_dicom(path: Path, frame: int | None = None, display: DicomDisplay | None = None) -> np.ndarray:
@@ -260,8 +281,11 @@ def codec_message(path: Path, ts, exc: BaseException) -> str:
         reason = reason[:300] + "..."
     packages = CODEC_PACKAGES.get(uid)
     if packages:
-        fix = (f"install a decoder for it, `pip install {packages}` (or `pip install python-gdcm`), or convert the "
-               "file to an uncompressed transfer syntax (gdcmconv --raw, or dcmtk's dcmdjpeg / dcmdjpls)")
+        # megatron installs these decoders (pyproject.toml); failing here means a broken install or data they reject
+        fix = (f"megatron installs its decoder ({packages}): if it is missing, reinstall it, `pip install {packages}`; "
+               "if it is installed, the data is damaged or a variant it cannot read: convert the file to an "
+               "uncompressed transfer syntax (gdcmconv --raw, or dcmtk's dcmdjpeg / dcmdjpls) or try "
+               "`pip install python-gdcm`")
     else:
         fix = ("convert the file to an uncompressed transfer syntax (e.g. `gdcmconv --raw IN OUT`), or install "
                "python-gdcm, which decodes most transfer syntaxes")

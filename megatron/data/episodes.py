@@ -1,40 +1,36 @@
 """Batches, episodes and the few-shot target split.
 
 - :func:`load_batch` / :func:`iterate_batches`: decoded (cached), preprocessed, collated batches of a task,
-  for fine-tuning and evaluation.
-- :func:`split_target`: the target task -> (K-image training pool, held-out evaluation split). Nested pools
-  and a K-independent held-out split, so K = 20 and K = 40 results are comparable (details there).
+  for fine-tuning and evaluation; :func:`plan_batches` draws an epoch's order and per-batch augmentation
+  seeds up front, so a :class:`~megatron.data.loader.Loader`'s workers can load the batches in any order.
+- :func:`split_target` (in :mod:`megatron.data.split`, imported here): the target task -> (K-image training pool,
+  held-out evaluation split), drawn over patients. Nested pools and a K-independent held-out split, so K = 20
+  and K = 40 results are comparable (details there).
 - :class:`EpisodeSampler`: support/query episodes, image-level K-shot by default or N-way K-shot with an
-  explicit label remap; deterministic for a seed, and its RNG state round-trips for exact resume.
+  explicit label remap; deterministic for a seed, and its RNG state round-trips for exact resume;
+  :meth:`EpisodeSampler.meta_batches` streams meta-batches loaded ahead by a loader's workers.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import weakref
 from dataclasses import dataclass
+from collections import deque
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from megatron.data.groups import has_groups
+from megatron.data.loader import Loader
 from megatron.data.preprocess import Preprocessor, collate
 from megatron.errors import DataError
 from megatron.types import Batch, Episode, ImageRecord, Task
 from megatron.runtime.distributed import shard as shard_list
+# the target split lives in megatron.data.split; imported here for the callers that know it by this module
+from megatron.data.split import MIN_EVAL_IMAGES, RESERVED_SHOTS, check_not_empty, split_target  # noqa: F401
 
 log = logging.getLogger(__name__)
-
-#: the smallest held-out split :func:`split_target` accepts when it chooses the split size itself
-MIN_EVAL_IMAGES = 5
-#: the largest K whose pool is reserved out of the evaluation split by default (the method compares K=20, 40)
-RESERVED_SHOTS = 40
-
-
-def _check_not_empty(task: Task, what: str) -> None:
-    if len(task) == 0:
-        raise DataError(
-            f"task {task.name!r} ({task.source or 'no source'}) has no images, so it cannot be used for {what}; "
-            "check the dataset path/annotation file, or remove the task from data.datasets / data.sources"
-        )
 
 
 def load_batch(task: Task, indices: Sequence[int], pre: Preprocessor, rng: np.random.Generator | None = None) -> Batch:
@@ -42,7 +38,7 @@ def load_batch(task: Task, indices: Sequence[int], pre: Preprocessor, rng: np.ra
 
     Augmented when ``pre.augment`` and an ``rng`` is given.
     """
-    _check_not_empty(task, "a batch")
+    check_not_empty(task, "a batch")
     if len(indices) == 0:
         raise ValueError(f"load_batch on task {task.name!r}: no indices given")
     samples = []
@@ -54,134 +50,53 @@ def load_batch(task: Task, indices: Sequence[int], pre: Preprocessor, rng: np.ra
     return collate(samples)
 
 
-def iterate_batches(task: Task, batch_size: int, pre: Preprocessor, rng: np.random.Generator | None = None,
-                    shuffle: bool = False) -> Iterator[Batch]:
-    """Every image of ``task`` once, in batches of ``batch_size`` (the last one may be smaller).
+@dataclass(frozen=True)
+class BatchJob:
+    """One batch to load: ``task``'s record ``indices``, augmented from ``aug_seed`` (``None``: not augmented).
+    ``task`` is the task's position in the list the jobs were planned over."""
 
-    ``shuffle`` needs an ``rng`` (the order is drawn from it, so it is reproducible). Batches are augmented
-    when ``pre.augment`` and an ``rng`` is given: for evaluation pass ``rng=None`` (or use
-    ``pre.without_augment()``, which shares the decoded-image cache).
-    """
-    _check_not_empty(task, "training or evaluation")
+    task: int
+    indices: tuple[int, ...]
+    aug_seed: int | None
+
+
+def plan_batches(n_images: int, batch_size: int, rng: np.random.Generator | None, shuffle: bool,
+                 augment: bool, task: int = 0) -> list[BatchJob]:
+    """One epoch over ``n_images`` in batches of ``batch_size``: the order (shuffled from ``rng`` when
+    ``shuffle``) and, when ``augment`` and an ``rng`` is given, one augmentation seed per batch, drawn from
+    ``rng`` now. A batch's pixels then depend on its job alone, whoever loads it."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if shuffle and rng is None:
         raise ValueError("iterate_batches(shuffle=True) needs an rng so the order is reproducible")
-    order = rng.permutation(len(task)) if shuffle else np.arange(len(task))
-    for start in range(0, len(order), batch_size):
-        yield load_batch(task, order[start:start + batch_size], pre, rng)
+    order = rng.permutation(n_images) if shuffle else np.arange(n_images)
+    jobs = []
+    for start in range(0, n_images, batch_size):
+        seed = int(rng.integers(2**63)) if augment and rng is not None else None
+        jobs.append(BatchJob(task, tuple(int(i) for i in order[start:start + batch_size]), seed))
+    return jobs
 
 
-# -- the target split -----------------------------------------------------------------------------------
-
-def _stratified_pick(rng: np.random.Generator, strata: list[np.ndarray], count: int) -> list[int]:
-    """``count`` items spread over ``strata`` in proportion to their sizes (largest remainder), random within."""
-    total = sum(len(s) for s in strata)
-    exact = [count * len(s) / total for s in strata]
-    take = [int(e) for e in exact]
-    for j in sorted(range(len(strata)), key=lambda j: exact[j] - take[j], reverse=True)[: count - sum(take)]:
-        take[j] += 1
-    picked: list[int] = []
-    for s, k in zip(strata, take):
-        picked.extend(int(x) for x in rng.permutation(s)[:k])
-    return picked
+def load_planned_batch(context: tuple[Sequence[Task], Preprocessor], job: BatchJob) -> Batch:
+    """A :class:`BatchJob` loaded (what a loader's worker runs); ``context``: the tasks and the preprocessor."""
+    tasks, pre = context
+    rng = np.random.default_rng(job.aug_seed) if job.aug_seed is not None else None
+    return load_batch(tasks[job.task], job.indices, pre, rng)
 
 
-def _either(fixes: list[str]) -> str:
-    """``["a", "b", "c"]`` -> ``"a, b, or c"``: the possible fixes of a split that does not fit."""
-    return fixes[0] if len(fixes) == 1 else ", ".join(fixes[:-1]) + ", or " + fixes[-1]
+def iterate_batches(task: Task, batch_size: int, pre: Preprocessor, rng: np.random.Generator | None = None,
+                    shuffle: bool = False, loader: Loader | None = None) -> Iterator[Batch]:
+    """Every image of ``task`` once, in batches of ``batch_size`` (the last one may be smaller).
 
-
-def split_target(task: Task, shots: int, eval_images: int | None, seed: int, *,
-                 reserve: int = RESERVED_SHOTS, min_eval_images: int = MIN_EVAL_IMAGES) -> tuple[Task, Task]:
-    """Split the few-shot target into ``(pool, held_out)``: a ``shots``-image training pool and an evaluation
-    split no training step may see. Deterministic for ``seed``.
-
-    How, and why:
-
-    1. **Held-out first, independent of K.** Its size is ``eval_images`` when given, otherwise every image
-       outside the first ``max(shots, reserve)`` (``reserve`` = 40, the method's largest K) — capped so at
-       least ``min_eval_images`` remain. It is drawn stratified (images with findings / without, in the
-       task's proportions) from a seeded generator, so for one seed it is *the same images for every
-       K <= reserve*: K = 20 and K = 40 numbers are measured on identical evaluation data.
-    2. **Nested pools.** The remaining images are put in one seeded order and the pool is its first K, so
-       the K = 20 pool is a subset of the K = 40 pool (same seed): a K comparison changes only how much
-       data there is, not which. With ``eval_images=None`` and K = 20, the 20 images reserved for K = 40
-       are in neither split.
-    3. **Findings first, empties proportionally.** The order interleaves the two strata so that every
-       prefix of length k holds ``floor(k * f)`` no-finding images (f: the task's no-finding fraction):
-       the pool keeps negatives in proportion, rounded down in favour of annotated images (a few-shot
-       pool should not waste its K on empty images by chance).
-
-    Both returned tasks keep the task's name, categories and loader (so they share decoded-image cache
-    entries); the held-out records stay in the task's order. Errors: :class:`DataError` with the numbers
-    and the fix when K does not fit.
+    ``shuffle`` needs an ``rng`` (the order is drawn from it, so it is reproducible). Batches are augmented
+    when ``pre.augment`` and an ``rng`` is given: for evaluation pass ``rng=None`` (or use
+    ``pre.without_augment()``, which shares the decoded-image cache). The order and the augmentation seeds
+    are drawn from ``rng`` when the first batch is asked for (:func:`plan_batches`); ``loader`` (default: in
+    this thread) loads the batches, identically for any number of workers.
     """
-    _check_not_empty(task, "a few-shot target")
-    n = len(task)
-    if shots < 1:
-        raise DataError(f"target task {task.name!r}: shots (K) must be >= 1, got {shots}; set data.shots")
-    if eval_images is not None and eval_images < 1:
-        raise DataError(f"target task {task.name!r}: eval_images must be >= 1, got {eval_images}; set data.eval_images")
-    ids = [r.image_id for r in task.records]
-    if len(set(ids)) != n:
-        dupes = sorted({i for i in ids if ids.count(i) > 1})[:10]
-        raise DataError(f"target task {task.name!r}: image ids repeat ({dupes}); the split needs unique image ids, "
-                        "fix the annotation file")
-    if eval_images is not None:
-        n_eval = eval_images
-        if shots + n_eval > n:
-            fixes = []
-            if n - n_eval >= 1:
-                fixes.append(f"lower data.shots to at most {n - n_eval}")
-            if n - shots >= 1:
-                fixes.append(f"lower data.eval_images to at most {n - shots}")
-            fixes.append(f"add at least {shots + n_eval - n} image(s) to the target")
-            raise DataError(
-                f"target task {task.name!r} has {n} images: a pool of K={shots} plus {n_eval} held-out images "
-                f"(data.shots + data.eval_images) needs {shots + n_eval}; fix: {_either(fixes)}"
-            )
-    else:
-        if shots > n - min_eval_images:
-            fixes = []
-            if n - min_eval_images >= 1:
-                fixes.append(f"lower data.shots to at most {n - min_eval_images}")
-            if n - shots >= 1:
-                fixes.append(f"set data.eval_images to at most {n - shots} (a smaller held-out split than the "
-                             f"default minimum of {min_eval_images})")
-            fixes.append(f"add at least {shots + min_eval_images - n} image(s) to the target")
-            raise DataError(
-                f"target task {task.name!r} has {n} images: K={shots} (data.shots) leaves "
-                f"{max(n - shots, 0)} for the held-out evaluation split, which needs at least {min_eval_images} "
-                f"when data.eval_images is not set; fix: {_either(fixes)}"
-            )
-        n_eval = n - min(max(shots, reserve), n - min_eval_images)
-
-    rng = np.random.default_rng(seed)
-    has_finding = np.array([len(r.boxes) > 0 for r in task.records])
-    findings, empties = np.flatnonzero(has_finding), np.flatnonzero(~has_finding)
-    held = sorted(_stratified_pick(rng, [findings, empties], n_eval))
-    held_set = set(held)
-    rest_f = [int(i) for i in rng.permutation(findings) if int(i) not in held_set]
-    rest_e = [int(i) for i in rng.permutation(empties) if int(i) not in held_set]
-    empty_fraction = len(empties) / n
-    order: list[int] = []
-    n_empty = 0
-    fi = ei = 0
-    while fi < len(rest_f) or ei < len(rest_e):
-        want_empty = n_empty < int((len(order) + 1) * empty_fraction + 1e-9)
-        if (want_empty and ei < len(rest_e)) or fi >= len(rest_f):
-            order.append(rest_e[ei])
-            ei += 1
-            n_empty += 1
-        else:
-            order.append(rest_f[fi])
-            fi += 1
-    pool = task.subset(order[:shots])
-    held_out = task.subset(held)
-    log.info("target %r: pool of %d images (%d without findings), %d held out, seed %d",
-             task.name, len(pool), sum(len(r.boxes) == 0 for r in pool.records), len(held_out), seed)
-    return pool, held_out
+    check_not_empty(task, "training or evaluation")
+    jobs = plan_batches(len(task), batch_size, rng, shuffle, pre.augment)
+    yield from (loader or Loader()).map(load_planned_batch, ([task], pre), jobs, cache=pre.cache)
 
 
 # -- episodes ---------------------------------------------------------------------------------------------
@@ -215,7 +130,9 @@ class EpisodeSampler:
     """Draws episodes (a support and a query batch, no image in both) from tasks.
 
     Image level (default): ``support_size`` then ``query_size`` distinct images, uniformly, with all the
-    task's classes. N-way K-shot (``n_way`` set): draw ``n_way`` of the task's classes (among those with
+    task's classes; when the task's records name patients (``ImageRecord.group``), support and query come from
+    distinct patients (patients in a seeded order, random images within one), so a query image is never a
+    near-duplicate of a support image; the N-way query likewise leaves out the support's patients. N-way K-shot (``n_way`` set): draw ``n_way`` of the task's classes (among those with
     enough annotated images), pick support images until each chosen class has at least ``k_shot``
     annotated images in the support (``k_shot`` defaults to ``max(1, support_size // n_way)``), then up to
     ``query_size`` further images holding a chosen class. Other classes' boxes are dropped (their lesions
@@ -286,6 +203,45 @@ class EpisodeSampler:
         ``training.meta_batch`` when ``size`` does not divide over the ranks), without decoding the other
         ranks' images.
         """
+        picks, draws, keep = self._draw_meta_batch(tasks, size, shard)
+        return [self._load(tasks[picks[j]], draws[j]) for j in keep]
+
+    def meta_batches(self, tasks: list[Task], size: int, steps: int | None, shard: Any | None = None,
+                     loader: Loader | None = None) -> Iterator["MetaBatch"]:
+        """``steps`` meta-batches (``None``: as many as are asked for), each exactly what :meth:`meta_batch` would return at that point (with
+        ``last_drawn_ids`` set as it sets it), loaded ahead by ``loader``'s workers (default: in this thread).
+
+        The meta-batches are drawn in this thread, in order, at most the loader's prefetch ahead of the one
+        consumed; closing the iterator (or stopping early: a budget) puts the sampler back to the state after
+        the last meta-batch consumed, so ``state_dict()`` and resume see only what training used.
+        """
+        per_rank = len(shard_list(list(range(size)), shard)) if shard is not None else size
+        ahead: deque = deque()  # (sampler state before the draw, drawn ids) of each drawn, unconsumed meta-batch
+
+        def plan() -> Iterator[tuple[int, _Draw]]:
+            for _ in (range(steps) if steps is not None else itertools.count()):
+                before = self.state_dict()
+                picks, draws, keep = self._draw_meta_batch(tasks, size, shard)
+                ahead.append((before, self.last_drawn_ids))
+                yield from ((picks[j], draws[j]) for j in keep)
+
+        items = (loader or Loader()).map(_load_drawn_episode, (self, tasks), plan(), cache=self.pre.cache)
+        try:
+            for _ in (range(steps) if steps is not None else itertools.count()):
+                episodes = [next(items) for _ in range(per_rank)]
+                _, ids = ahead.popleft()
+                self.last_drawn_ids = ids
+                yield MetaBatch(episodes, ids)
+        finally:
+            items.close()
+            if ahead:  # drawn ahead for the workers, never used: as if never drawn
+                self.load_state_dict(ahead[0][0])
+                self.last_drawn_ids = []
+
+    def _draw_meta_batch(self, tasks: list[Task], size: int, shard: Any | None
+                         ) -> tuple[list[int], list["_Draw"], Sequence[int]]:
+        """Draw a whole meta-batch (task picks and episode draws, nothing decoded): the picks, the draws and the
+        positions this rank loads; sets ``last_drawn_ids``."""
         if not tasks:
             raise DataError("meta_batch: no source tasks to draw episodes from; list at least one in data.sources")
         if size < 1:
@@ -296,15 +252,14 @@ class EpisodeSampler:
         draws = [self._draw(tasks[i]) for i in picks]
         self.last_drawn_ids = [(tasks[i].name, int(tasks[i].records[r].image_id))
                                for i, d in zip(picks, draws) for r in (*d.support, *d.query)]
-        keep = range(size)
+        keep: Sequence[int] = range(size)
         if shard is not None:
-
             keep = shard_list(list(range(size)), shard)
-        return [self._load(tasks[picks[j]], draws[j]) for j in keep]
+        return picks, draws, keep
 
     def _draw(self, task: Task) -> "_Draw":
         """The random part of an episode (its images, N-way classes, augmentation seed); nothing decoded."""
-        _check_not_empty(task, "episodes")
+        check_not_empty(task, "episodes")
         if self.n_way is None:
             support_idx, query_idx = self._image_level(task)
             chosen = None
@@ -338,8 +293,32 @@ class EpisodeSampler:
                 f"(support {self.support_size} + query {self.query_size}); lower episodes.support_size / "
                 "episodes.query_size or add images to the task"
             )
+        if has_groups(task):
+            return self._image_level_by_patient(task)
         drawn = [int(i) for i in self.rng.choice(len(task), need, replace=False)]
         return drawn[: self.support_size], drawn[self.support_size:]
+
+    def _image_level_by_patient(self, task: Task) -> tuple[list[int], list[int]]:
+        """Support then query images from patients in a seeded order (random images within a patient), so no
+        patient is in both: the query is not a near-duplicate of a support image."""
+        members: dict[str, list[int]] = {}
+        for i, record in enumerate(task.records):
+            members.setdefault(record.group_id, []).append(i)
+        groups = list(members.values())
+        largest = max(len(m) for m in groups)
+        if len(task) - (self.support_size + largest - 1) < self.query_size:
+            raise DataError(
+                f"task {task.name!r} has {len(task)} images of {len(groups)} patients (the largest holds {largest}): "
+                f"support {self.support_size} + query {self.query_size} images from distinct patients cannot always "
+                "be drawn; lower episodes.support_size / episodes.query_size or add patients to the task")
+        support: list[int] = []
+        query: list[int] = []
+        for g in self.rng.permutation(len(groups)):
+            part, need = (support, self.support_size) if len(support) < self.support_size else (query, self.query_size)
+            part.extend(int(i) for i in self.rng.permutation(groups[int(g)])[: need - len(part)])
+            if len(query) == self.query_size:
+                break
+        return support, query
 
     def _n_way(self, task: Task) -> tuple[list[int], list[int], list[int]]:
         n_way, k_shot = self.n_way, self.k_shot
@@ -371,15 +350,32 @@ class EpisodeSampler:
                 support.append(i)
                 in_support.add(i)
         holding = np.unique(np.concatenate([per_class[c] for c in chosen]))
-        rest = [int(i) for i in holding if int(i) not in in_support]
+        support_patients = {task.records[i].group_id for i in support}  # no patient in support and query
+        rest = [int(i) for i in holding if int(i) not in in_support
+                and task.records[int(i)].group_id not in support_patients]
         if not rest:
             raise DataError(
-                f"task {task.name!r}: after the {len(support)} support images no image with the chosen classes "
-                f"({', '.join(task.categories[c] for c in chosen)}) is left for the query; lower episodes.k_shot "
-                "or annotate more images"
+                f"task {task.name!r}: after the {len(support)} support images (and their patients' other images) no "
+                f"image with the chosen classes ({', '.join(task.categories[c] for c in chosen)}) is left for the "
+                "query; lower episodes.k_shot or annotate more images (of more patients)"
             )
         query = [int(i) for i in self.rng.permutation(rest)[: self.query_size]]
         return support, query, chosen
+
+
+@dataclass(frozen=True)
+class MetaBatch:
+    """One meta-batch of :meth:`EpisodeSampler.meta_batches`: this rank's episodes, and ``(task name, image
+    id)`` of every image the whole meta-batch drew (all ranks'), in order."""
+
+    episodes: list[Episode]
+    drawn_ids: list[tuple[str, int]]
+
+
+def _load_drawn_episode(context: tuple["EpisodeSampler", list[Task]], job: tuple[int, "_Draw"]) -> Episode:
+    """A drawn episode loaded (what a loader's worker runs): ``job`` is (task position, draw)."""
+    sampler, tasks = context
+    return sampler._load(tasks[job[0]], job[1])
 
 
 @dataclass(frozen=True)
@@ -400,8 +396,9 @@ def _remap(task: Task, indices: list[int], label_map: dict[int, int], chosen: li
         r = task.records[i]
         keep = np.isin(r.labels, list(label_map))
         new_labels = np.array([label_map[int(c)] for c in r.labels[keep]], dtype=np.int64)
+        # group and meta travel along: a loader may need them (a volume slice is found through its meta)
         records.append(ImageRecord(r.image_id, r.path, r.width, r.height, r.boxes[keep], new_labels, r.file_name,
-                                   r.frame))
+                                   r.frame, group=r.group, meta=r.meta))
     return Task(name=task.name, categories=[task.categories[c] for c in chosen], records=records,
                 modality=task.modality, source=task.source, image_loader=task.image_loader)
 

@@ -174,23 +174,41 @@ class Augmentations:
             raise ConfigError("invalid augmentation settings: " + "; ".join(problems))
 
 
+#: the decoded-image cache's default size limit: decoded images are held downsampled to at most the input
+#: size (a 512-px grayscale image is 256 KiB), so this keeps a few thousand of them
+DEFAULT_CACHE_BYTES = 1 << 30
+
+
 class DecodedImageCache:
     """A bounded, thread-safe LRU of decoded images keyed by ``(task name, image_id, path, loader)``.
 
     Few-shot training decodes the same handful of images every epoch; caching the decoded, normalised,
     (CLAHE'd) and downsampled array makes every epoch after the first skip file decoding. Entries are
-    read-only arrays. ``max_images=0`` disables caching.
+    read-only arrays. Bounded by ``max_bytes`` (the arrays' ``nbytes``) and, when given, ``max_images``; either
+    limit at 0 disables caching.
+
+    Worker threads share one cache (the lock guards it). A worker *process* inherits a copy of the cache
+    when it starts and gets ``max_bytes / workers`` of its own (:meth:`limit_to`), so all the copies
+    together stay within the configured limit.
     """
 
-    def __init__(self, max_images: int = 256):
-        if max_images < 0:
+    def __init__(self, max_images: int | None = None, max_bytes: int = DEFAULT_CACHE_BYTES):
+        if max_images is not None and max_images < 0:
             raise ConfigError(f"cache size must be >= 0 images, got {max_images}")
+        if max_bytes < 0:
+            raise ConfigError(f"cache size must be >= 0 bytes, got {max_bytes}; set data.cache_bytes")
         self.max_images = max_images
+        self.max_bytes = int(max_bytes)
+        self.nbytes = 0
         self._items: OrderedDict[Hashable, Any] = OrderedDict()
-        # guards the OrderedDict: DataLoader worker *threads* may share one preprocessor
+        # guards the OrderedDict and the byte count: worker threads share one preprocessor
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_bytes > 0 and self.max_images != 0
 
     def get(self, key: Hashable) -> Any | None:
         with self._lock:
@@ -203,27 +221,44 @@ class DecodedImageCache:
             return value
 
     def put(self, key: Hashable, value: Any) -> None:
-        if self.max_images == 0:
+        size = int(getattr(value, "nbytes", 0))
+        if not self.enabled or size > self.max_bytes:
             return
         with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self.nbytes -= int(getattr(old, "nbytes", 0))
             self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.max_images:
-                self._items.popitem(last=False)
+            self.nbytes += size
+            self._evict()
+
+    def _evict(self) -> None:
+        """Drop least recently used entries until both limits hold (called with the lock held)."""
+        while self._items and (self.nbytes > self.max_bytes
+                               or (self.max_images is not None and len(self._items) > self.max_images)):
+            _, dropped = self._items.popitem(last=False)
+            self.nbytes -= int(getattr(dropped, "nbytes", 0))
+
+    def limit_to(self, max_bytes: int) -> None:
+        """Lower the byte limit (a worker process's share), evicting what no longer fits."""
+        with self._lock:
+            self.max_bytes = max(0, int(max_bytes))
+            self._evict()
 
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+            self.nbytes = 0
             self.hits = self.misses = 0
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def __getstate__(self) -> dict:  # picklable for DataLoader workers: ships empty, without the lock
-        return {"max_images": self.max_images}
+    def __getstate__(self) -> dict:  # picklable (a spawned worker): ships empty, without the lock
+        return {"max_images": self.max_images, "max_bytes": self.max_bytes}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["max_images"])
+        self.__init__(state["max_images"], state.get("max_bytes", DEFAULT_CACHE_BYTES))
 
 
 def _loader_key(task: Task) -> Hashable:
@@ -267,14 +302,14 @@ class Preprocessor:
     Deterministic given the rng: every call draws the same number of random values whatever is enabled.
 
     Keyword options: ``augmentations`` (an :class:`Augmentations`), ``pad_value`` (letterbox fill, 0..255),
-    ``cache_size`` (decoded images kept in the LRU, 0 = off) or ``cache`` (a :class:`DecodedImageCache` to
-    share), ``min_box_size`` (input px) and ``min_visible_fraction`` (see the module docstring),
+    ``cache_bytes`` (the decoded-image LRU's size limit in bytes, 0 = off), ``cache_size`` (a limit in images
+    as well, 0 = off) or ``cache`` (a :class:`DecodedImageCache` to share), ``min_box_size`` (input px) and ``min_visible_fraction`` (see the module docstring),
     ``clahe_clip_limit`` and ``clahe_tiles`` (cv2 CLAHE parameters).
     """
 
     def __init__(self, input_size: int, clahe: bool = False, augment: bool = False, *,
-                 augmentations: Augmentations | None = None, pad_value: int = 0, cache_size: int = 256,
-                 cache: DecodedImageCache | None = None, min_box_size: float = 2.0,
+                 augmentations: Augmentations | None = None, pad_value: int = 0, cache_size: int | None = None,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, cache: DecodedImageCache | None = None, min_box_size: float = 2.0,
                  min_visible_fraction: float = 0.25, clahe_clip_limit: float = 2.0, clahe_tiles: int = 8):
         if int(input_size) < 8:
             raise ConfigError(f"input_size must be at least 8 pixels, got {input_size}")
@@ -293,22 +328,28 @@ class Preprocessor:
         self.min_visible_fraction = float(min_visible_fraction)
         self.clahe_clip_limit = float(clahe_clip_limit)
         self.clahe_tiles = int(clahe_tiles)
-        self.cache = cache if cache is not None else DecodedImageCache(cache_size)
-        self._clahe_op = None
+        self.cache = cache if cache is not None else DecodedImageCache(cache_size, cache_bytes)
+        # one CLAHE operator per thread: worker threads share this preprocessor, a cv2 CLAHE object is not
+        # safe to apply from two threads at once
+        self._clahe_ops = threading.local()
 
     def __repr__(self) -> str:
         return (f"Preprocessor(input_size={self.input_size}, clahe={self.clahe}, augment={self.augment}, "
-                f"cache={self.cache.max_images})")
+                f"cache_bytes={self.cache.max_bytes})")
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_clahe_op"] = None  # cv2 objects do not pickle; rebuilt lazily
+        del state["_clahe_ops"]  # cv2 objects (and thread-locals) do not pickle; rebuilt lazily
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._clahe_ops = threading.local()
 
     def without_augment(self) -> "Preprocessor":
         """The evaluation twin: same settings and the same decoded-image cache, no augmentation."""
         twin = object.__new__(Preprocessor)
-        twin.__dict__.update(self.__getstate__())
+        twin.__setstate__(self.__getstate__())
         twin.augment = False
         return twin
 
@@ -331,14 +372,15 @@ class Preprocessor:
         return img
 
     def _apply_clahe(self, img: np.ndarray) -> np.ndarray:
-        if self._clahe_op is None:
-            self._clahe_op = cv2.createCLAHE(clipLimit=self.clahe_clip_limit,
-                                             tileGridSize=(self.clahe_tiles, self.clahe_tiles))
+        op = getattr(self._clahe_ops, "op", None)
+        if op is None:
+            op = self._clahe_ops.op = cv2.createCLAHE(clipLimit=self.clahe_clip_limit,
+                                                      tileGridSize=(self.clahe_tiles, self.clahe_tiles))
         if img.ndim == 2:
-            return self._clahe_op.apply(img)
+            return op.apply(img)
         # colour: equalise lightness only, so hues are kept
         lab = cv2.cvtColor(img, cv2.COLOR_RGB2LAB)
-        lab[:, :, 0] = self._clahe_op.apply(np.ascontiguousarray(lab[:, :, 0]))
+        lab[:, :, 0] = op.apply(np.ascontiguousarray(lab[:, :, 0]))
         return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
 
     def decode(self, task: Task, record: ImageRecord) -> np.ndarray:

@@ -38,6 +38,7 @@ import numpy as np
 from megatron.errors import DataError
 from megatron.evaluation.boxes import box_iou
 from megatron.evaluation.froc import froc
+from megatron.evaluation.operating_point import apply_operating_point, choose_operating_point, scored_hits
 from megatron.types import Detections, ImageRecord
 
 log = logging.getLogger(__name__)
@@ -157,7 +158,9 @@ def _precision_recall(grouped: dict, records: list[ImageRecord], score_threshold
 
 
 def evaluate(detections: list[Detections], records: list[ImageRecord], categories: list[str],
-             score_threshold: float = 0.3, iou_threshold: float = 0.5, max_detections: int = 100) -> dict[str, Any]:
+             score_threshold: float = 0.3, iou_threshold: float = 0.5, max_detections: int = 100,
+             operating_point: str | dict[str, Any] | None = None,
+             target_sensitivity: float | None = None) -> dict[str, Any]:
     """Score ``detections`` against the ground truth in ``records`` (conventions: see the module docstring).
 
     Returns a dict with ``mAP50``, ``mAP50_95``, ``per_class_AP50`` and ``per_class_AP50_95`` (class name ->
@@ -166,6 +169,11 @@ def evaluate(detections: list[Detections], records: list[ImageRecord], categorie
     curve points and counts: :func:`megatron.evaluation.froc.froc`), ``n_images``, ``n_gt``, ``n_det``
     (detections after the per-image ``max_detections`` cap) and the thresholds used. All metric values are
     fractions in ``[0, 1]``.
+
+    ``operating_point`` (:mod:`megatron.evaluation.operating_point`): a rule (``max_f1`` | ``sensitivity`` |
+    ``fixed``, with ``target_sensitivity``) chooses a threshold on these records; a point chosen elsewhere (the
+    dict of that choice) is applied to them. Either adds ``operating_point``: the threshold, where it came from,
+    and precision, recall, F1 and the FROC point (``fp_per_image``, ``sensitivity``) at it on these records.
     """
     if not records:
         raise DataError("evaluate: no records to evaluate on; the evaluation split is empty")
@@ -189,7 +197,14 @@ def evaluate(detections: list[Detections], records: list[ImageRecord], categorie
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     empty = (np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64))
-    froc_result = froc([(*grouped.get(r.image_id, empty), r.boxes, r.labels) for r in records], iou_threshold)
+    per_image = [(*grouped.get(r.image_id, empty), r.boxes, r.labels) for r in records]
+    froc_result = froc(per_image, iou_threshold)
+    extra = {}
+    if operating_point is not None:
+        sh = scored_hits(per_image, iou_threshold)
+        extra["operating_point"] = (
+            choose_operating_point(sh, operating_point, score_threshold, target_sensitivity).to_dict()
+            if isinstance(operating_point, str) else apply_operating_point(sh, operating_point))
     return {
         "mAP50": map50,
         "mAP50_95": map50_95,
@@ -210,4 +225,5 @@ def evaluate(detections: list[Detections], records: list[ImageRecord], categorie
         "score_threshold": float(score_threshold),
         "iou_threshold": float(iou_threshold),
         "max_detections": int(max_detections),
+        **extra,
     }

@@ -14,18 +14,23 @@ One meta-epoch (:meth:`LearnerRun.meta_epoch`):
 
 Compute is counted in image passes (forward + backward, target fine-tuning included; evaluation is free).
 Under a budget a learner stops before an outer step that would leave too little for the next fine-tuning, so
-the last evaluation always follows a complete fine-tuning.
+the last evaluation always follows a complete fine-tuning. Every learner spends the budget: a meta-epoch whose
+planned steps would leave too little for one more meta-epoch (an outer step and a fine-tuning) takes further
+outer steps until the budget is spent, so a learner with costly meta-epochs does not stop up to one meta-epoch
+short of the others. A learner that still ends more than :data:`EQUAL_COMPUTE_TOLERANCE` short of its budget
+(its epoch cap came first) is marked ``equal_compute.equal: false`` in its record, with the reason.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -44,11 +49,13 @@ from megatron.types import Task
 from megatron.config import validate_plugin_options
 from megatron.experiment import build_detector
 from megatron.data.episodes import iterate_batches
-from megatron.data.episodes import EpisodeSampler
+from megatron.data.episodes import EpisodeSampler, MetaBatch, load_planned_batch, plan_batches
+from megatron.data.loader import Loader
 from megatron.data.preprocess import Preprocessor
 from megatron.training.rundir import load_resume_state
 from megatron.training.rundir import save_checkpoint
 from megatron.evaluation.predictions import evaluate_detector
+from megatron.evaluation.operating_point import fixed_point, model_operating_point
 from megatron.training.model_file import preprocessing_settings, save_model
 
 log = logging.getLogger(__name__)
@@ -59,6 +66,8 @@ MODELS_DIR = "models"
 #: under a compute budget, a learner runs at most this many times ``training.meta_epochs`` meta-epochs
 #: unless ``training.max_meta_epochs`` says otherwise (a guard against a budget that is never reached)
 DEFAULT_EPOCH_CAP_FACTOR = 10
+#: a learner that spent less than this fraction short of its compute budget spent "the same compute"
+EQUAL_COMPUTE_TOLERANCE = 0.02
 
 
 @dataclass
@@ -104,21 +113,16 @@ def steps_per_source_epoch(cfg: ExperimentConfig, tasks: list[Task]) -> int:
     return max(1, math.ceil(sum(len(t) for t in tasks) / episode_images(cfg)))
 
 
-def head_classes_for(cfg: ExperimentConfig, sources: list[Task]) -> int:
-    """The meta-model's head size: ``episodes.n_way`` for N-way episodes (labels remapped to 0..N-1), else
-    the largest class count among the source tasks (episode labels are task-local 0..C-1)."""
-    if cfg.episodes.n_way is not None:
-        return cfg.episodes.n_way
-    return max(len(t.categories) for t in sources)
-
-
 class TargetPoolBatches:
     """F epochs over the target pool, shuffled and augmented from a generator that depends only on the seed
     and the meta-epoch: every learner fine-tunes on the same batch stream. Sized (``len``: batches), so a
-    fine-tuning schedule (warm-up, decay) can be planned; iterable once per ``iter``."""
+    fine-tuning schedule (warm-up, decay) can be planned; iterable once per ``iter``. Every epoch's order and
+    per-batch augmentation seeds are drawn when iteration starts, and ``loader``'s workers load the batches
+    ahead (the same batches for any number of workers)."""
 
-    def __init__(self, pool: Task, epochs: int, batch_size: int, pre, seed: int):
+    def __init__(self, pool: Task, epochs: int, batch_size: int, pre, seed: int, loader: Loader | None = None):
         self.pool, self.epochs, self.batch_size, self.pre, self.seed = pool, epochs, batch_size, pre, seed
+        self.loader = loader or Loader()
 
     @property
     def batches_per_epoch(self) -> int:
@@ -128,10 +132,12 @@ class TargetPoolBatches:
         return self.epochs * self.batches_per_epoch
 
     def __iter__(self):
-
+        if len(self.pool) == 0:  # the error a batch of an empty task gets
+            yield from iterate_batches(self.pool, self.batch_size, self.pre)
         rng = np.random.default_rng(self.seed)
-        for _ in range(self.epochs):
-            yield from iterate_batches(self.pool, self.batch_size, self.pre, rng, shuffle=True)
+        jobs = [job for _ in range(self.epochs)
+                for job in plan_batches(len(self.pool), self.batch_size, rng, True, self.pre.augment)]
+        yield from self.loader.map(load_planned_batch, ([self.pool], self.pre), jobs, cache=self.pre.cache)
 
 
 class DrawLog:
@@ -162,8 +168,10 @@ class LearnerRun:
         self.ckpt_path = state.run_dir / "checkpoints" / name / CHECKPOINT_FILE
         self.compute = ComputeAccount(budget=budget.limit)
         self.learner = build_learner(state, name, self.compute)
-        self.pre_train = Preprocessor(cfg.data.input_size, clahe=cfg.data.clahe, augment=cfg.data.augment)
+        self.pre_train = Preprocessor(cfg.data.input_size, clahe=cfg.data.clahe, augment=cfg.data.augment,
+                                      cache_bytes=cfg.data.cache_bytes)
         self.pre_eval = self.pre_train.without_augment()
+        self.loader = Loader.from_config(cfg.data, state.device)
         self.sampler = EpisodeSampler(cfg.episodes.support_size, cfg.episodes.query_size, self.pre_train,
                                       seed=training_seed(cfg, "episodes"), n_way=cfg.episodes.n_way,
                                       k_shot=cfg.episodes.k_shot)
@@ -246,6 +254,7 @@ class LearnerRun:
                 break
         self.lrec["stopped_by"] = stopped_by
         self.lrec["meta_epochs_run"] = len(self.lrec["epochs"])
+        self.lrec["equal_compute"] = compute_equality(self.compute.spent, self.budget.limit, stopped_by)
         self._save(finished=True)
         events.stage_end("meta_train", learner=self.name, meta_epochs_run=len(self.lrec["epochs"]), stopped_by=stopped_by)
         return self.lrec
@@ -301,11 +310,23 @@ class LearnerRun:
         return "budget" if budget_hit else "continue"
 
     def source_training(self, e: int, tasks: list[Task], total_steps: int) -> tuple[list[float], bool]:
-        """The meta-epoch's outer steps on the source tasks; ``(losses, budget_hit)``."""
+        """The meta-epoch's outer steps on the source tasks; ``(losses, budget_hit)``. Every rank draws the whole
+        meta-batch (the same random numbers) and decodes only its share, ahead of the step in the loader's
+        workers; when the loop ends, the sampler is put back to the last meta-batch a step used."""
+        meta_batches = self.sampler.meta_batches(tasks, self.t.meta_batch, None, shard=self.state.env,
+                                                 loader=self.loader)
+        try:
+            return self._source_steps(e, total_steps, meta_batches)
+        finally:
+            meta_batches.close()
+
+    def _source_steps(self, e: int, total_steps: int, meta_batches: Iterator[MetaBatch]) -> tuple[list[float], bool]:
         env, compute, budget, lrec = self.state.env, self.compute, self.budget, self.lrec
         reserve = self.finetune_cost if self.finetune_cost is not None else 2 * self.t.finetune_epochs * len(self.state.data.pool)
         losses: list[float] = []
-        for step in range(total_steps):
+        for step in itertools.count():
+            if step >= total_steps and not self.leftover_too_small(reserve):
+                break
             if budget.limit is not None and compute.spent + self.step_cost + reserve > budget.limit:
                 return losses, True
             # how far the run is, for learners with a schedule (Reptile's annealed outer step size)
@@ -315,9 +336,9 @@ class LearnerRun:
                 self.learner.set_progress((e + step / total_steps) / self.t.meta_epochs)
             before = compute.spent
             counted = (compute.images_forward, compute.images_backward)
-            # every rank draws the whole meta-batch (the same random numbers) and decodes only its share
-            episodes = self.sampler.meta_batch(tasks, self.t.meta_batch, shard=env)
-            self.draws.add_ids(self.sampler.last_drawn_ids)  # the whole meta-batch's images, the same on every rank
+            drawn = next(meta_batches)
+            episodes = drawn.episodes
+            self.draws.add_ids(drawn.drawn_ids)  # the whole meta-batch's images, the same on every rank
             try:
                 stats = self.learner.meta_step(episodes)
             except torch.OutOfMemoryError as exc:
@@ -348,6 +369,15 @@ class LearnerRun:
                                           "compute_spent": compute.spent})
         return losses, False
 
+    def leftover_too_small(self, reserve: int) -> bool:
+        """Under a budget: whether what would be left after this meta-epoch's fine-tuning (``reserve`` image
+        passes) could not pay for another meta-epoch of one outer step and a fine-tuning. The meta-epoch then goes
+        on past its planned steps until the budget is spent, instead of ending the learner's run short of it."""
+        limit = self.budget.limit
+        if limit is None or self.step_cost <= 0:
+            return False
+        return limit - self.compute.spent - reserve < self.step_cost + reserve
+
     def adapt(self, e: int):
         """Fine-tune a target-sized copy of the meta-model on the pool (every rank the same copy; nothing to
         average) and charge it."""
@@ -360,7 +390,7 @@ class LearnerRun:
             target_model.set_num_classes(n_target)
             target_model.to(state.device)
         batches = TargetPoolBatches(state.data.pool, self.t.finetune_epochs, self.t.batch_size, self.pre_train,
-                                  training_seed(cfg, "finetune", e))
+                                  training_seed(cfg, "finetune", e), loader=self.loader)
         original = self.learner.detector
         self.learner.detector = target_model  # adapt() works on the learner's detector: lend it the copy
         try:
@@ -377,11 +407,17 @@ class LearnerRun:
     def evaluate(self, adapted, e: int) -> dict[str, Any]:
 
         state = self.state
-        out = {"heldout": evaluate_detector(adapted, state.data.heldout, self.pre_eval, state.cfg, state.device,
-                                            self.learner.ctx, state.env)}
+        ev = state.cfg.evaluation
+        out: dict[str, Any] = {}
+        # the operating point is chosen on validation, then applied to the held-out split (never chosen there)
+        point = fixed_point(ev.score_threshold, ev.operating_point, "fixed default (no validation split)")
         if state.data.validation is not None:
             out["validation"] = evaluate_detector(adapted, state.data.validation, self.pre_eval, state.cfg,
-                                                  state.device, self.learner.ctx, state.env)
+                                                  state.device, self.learner.ctx, state.env,
+                                                  operating_point=ev.operating_point, loader=self.loader)
+            point = out["validation"]["operating_point"]
+        out["heldout"] = evaluate_detector(adapted, state.data.heldout, self.pre_eval, state.cfg, state.device,
+                                           self.learner.ctx, state.env, operating_point=point, loader=self.loader)
         return out
 
     def _best(self) -> dict[str, Any] | None:
@@ -407,7 +443,8 @@ class LearnerRun:
         common = dict(detector_name=cfg.detector.name, detector_options=dict(cfg.detector.options),
                       class_names=list(state.data.pool.categories), input_size=cfg.data.input_size,
                       preprocessing=preprocessing_settings(self.pre_eval), provenance=provenance,
-                      evaluation=cfg.evaluation.model_dump(mode="json"))
+                      evaluation=cfg.evaluation.model_dump(mode="json"),
+                      operating_point=model_operating_point(metrics.get("validation"), metrics["heldout"]))
         final = folder / f"{self.name}-final.pth"
         save_model(adapted, final, **common)
         self.lrec["models"]["final"] = str(final)
@@ -420,6 +457,23 @@ class LearnerRun:
             self.lrec["models"]["best_meta_epoch"] = e + 1
 
 
+def compute_equality(spent: int, budget: int | None, stopped_by: str) -> dict[str, Any] | None:
+    """Whether a learner spent its compute budget (within :data:`EQUAL_COMPUTE_TOLERANCE`), and if not, why
+    (for the record: a cell marked unequal is left out of verdicts). None without a budget."""
+    if budget is None:
+        return None
+    fraction = spent / budget if budget else 1.0
+    equal = fraction >= 1.0 - EQUAL_COMPUTE_TOLERANCE
+    reason = None
+    if not equal:
+        reason = (f"stopped by its epoch cap (training.max_meta_epochs) after {spent} of {budget} image passes; "
+                  "raise training.max_meta_epochs" if stopped_by == "epoch_cap" else
+                  f"stopped by {stopped_by} after {spent} of {budget} image passes: the remainder could not pay "
+                  "one outer step and a fine-tuning")
+    return {"spent": spent, "budget": budget, "fraction": round(fraction, 4), "equal": equal,
+            "tolerance": EQUAL_COMPUTE_TOLERANCE, "reason": reason}
+
+
 def build_learner(state: RunState, name: str, compute: ComputeAccount) -> MetaLearner:
     """The learner ``name`` around a detector built from the run's start weights (the same for every learner)."""
 
@@ -428,7 +482,7 @@ def build_learner(state: RunState, name: str, compute: ComputeAccount) -> MetaLe
     # identical initial weights for every learner: the detector is built right after the same seed
     seed_everything(training_seed(cfg, "init"))
     detector = build_detector(cfg, state.pm, state.head_classes, checkpoint=state.start_checkpoint,
-                              options=state.options.detector)
+                              options=state.options.detector, report=state.record.get("pretrain"))
     detector.to(state.device)
     mdist.broadcast_module(detector, state.env)  # rank 0's initial weights everywhere, whatever the init did
     scaler = grad_scaler(state.amp)

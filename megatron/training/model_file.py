@@ -9,6 +9,10 @@ A *model file* holds everything needed to use the detector, and nothing that nee
 - the prototypes and temperature of a prototype (cosine) classifier when one is in place
   (:meth:`~megatron.api.detector.Detector.get_prototypes`): a ``proto``-adapted detector reloads identically,
 - the evaluation settings (score threshold for precision/recall/F1, IoU, max detections),
+- the operating point: the score threshold chosen on the validation split (``evaluation.operating_point``),
+  where it came from, and precision / recall / F1 and the FROC point at it on validation and held-out — the
+  default threshold of ``megatron predict`` (files without one, or from a run without a validation split,
+  fall back to the fixed score threshold, and say so),
 - provenance (learner, run directory, meta-epoch, metrics, seed, megatron and torch versions, time),
 - the detector's ``state_dict``.
 
@@ -20,7 +24,10 @@ Layout (a dict; only tensors, str, int, float, bool, None, lists and dicts, so
      "class_names": [...], "input_size": 256,
      "preprocessing": {"clahe": False, "clahe_clip_limit": 2.0, "clahe_tiles": 8, "pad_value": 0,
                        "intensity_window_percentiles": [0.5, 99.5]},
-     "evaluation": {"score_threshold": 0.3, "iou_threshold": 0.5, "max_detections": 100},
+     "evaluation": {"score_threshold": 0.3, "iou_threshold": 0.5, "max_detections": 100, ...},
+     "operating_point": None | {"threshold": 0.12, "rule": "max_f1", "chosen_on": "validation", ...,
+                                "validation": {"precision": ..., "recall": ..., "F1": ..., "fp_per_image": ...},
+                                "heldout": {...}},
      "prototypes": None | {"prototypes": Tensor (C, D), "temperature": 10.0},
      "provenance": {...},
      "state_dict": {...}}
@@ -44,6 +51,7 @@ import torch
 
 from megatron.atomic_io import atomic_torch_save
 from megatron.errors import UnknownNameError
+from megatron.evaluation.operating_point import describe as describe_operating_point
 from megatron.training.weights import FORMAT_TAG as DETECTOR_CHECKPOINT_TAG
 from megatron.training.weights import CheckpointError, read_checkpoint_file
 from megatron.data import preprocess
@@ -85,10 +93,21 @@ class ModelInfo:
     provenance: dict[str, Any] = field(default_factory=dict)
     prototypes: bool = False  # a prototype (cosine) classifier is part of the model
     version: int = MODEL_VERSION
+    operating_point: dict[str, Any] | None = None  # chosen on validation (model_operating_point); None: older file
 
     @property
     def score_threshold(self) -> float:
+        """The fixed threshold of the run's P/R/F1 (``evaluation.score_threshold``)."""
         return float(self.evaluation.get("score_threshold", EVALUATION_DEFAULTS["score_threshold"]))
+
+    @property
+    def default_threshold(self) -> tuple[float, str]:
+        """``megatron predict``'s default threshold and, in words, where it came from: the operating point chosen
+        on the validation split when the file has one, else the fixed ``score_threshold``."""
+        point = self.operating_point
+        if point and point.get("chosen_on") == "validation":
+            return float(point["threshold"]), describe_operating_point(point, self.score_threshold)
+        return self.score_threshold, describe_operating_point(point, self.score_threshold)
 
     def preprocessor(self):
         """An evaluation :class:`~megatron.data.preprocess.Preprocessor` with the model's settings (no augmentation)."""
@@ -98,7 +117,8 @@ class ModelInfo:
         return {"path": str(self.path), "detector": {"name": self.detector_name, "options": self.detector_options},
                 "class_names": list(self.class_names), "input_size": self.input_size,
                 "preprocessing": dict(self.preprocessing), "evaluation": dict(self.evaluation),
-                "prototypes": self.prototypes, "provenance": dict(self.provenance), "version": self.version}
+                "prototypes": self.prototypes, "provenance": dict(self.provenance), "version": self.version,
+                "operating_point": self.operating_point}
 
 
 # --- preprocessing settings --------------------------------------------------------------------------
@@ -168,22 +188,48 @@ def _plain(value: Any, where: str) -> Any:
 
 def save_model(detector: torch.nn.Module, path: str | Path, *, detector_name: str, detector_options: dict[str, Any],
                class_names: list[str], input_size: int, preprocessing: dict[str, Any] | Any,
-               provenance: dict[str, Any] | None = None, evaluation: dict[str, Any] | None = None) -> Path:
+               provenance: dict[str, Any] | None = None, evaluation: dict[str, Any] | None = None,
+               operating_point: dict[str, Any] | None = None) -> Path:
     """Write ``detector`` as a self-describing model file at ``path`` (atomically); returns the path.
 
     ``detector_options``: the plugin options (a dict or the detector's ``Options`` model); ``class_names``: one
     per class of the head, in label order; ``preprocessing``: the Preprocessor the detector was trained with
     (or its :func:`preprocessing_settings`, or a dict with some of those keys); ``evaluation``: the
-    evaluation settings (``score_threshold`` — also the default of ``megatron predict`` —, ``iou_threshold``,
-    ``max_detections``); ``provenance``: anything plain that says where the model comes from (learner, run
-    directory, meta-epoch, metrics, seed...; megatron and torch versions and the time are added).
+    evaluation settings (``score_threshold``, ``iou_threshold``, ``max_detections``); ``operating_point``: the
+    threshold chosen on the validation split and where it came from, with P/R/F1 at it
+    (:func:`megatron.evaluation.operating_point.model_operating_point`) — ``megatron predict``'s default
+    threshold, else ``score_threshold`` is; ``provenance``: anything plain that says where the model comes from
+    (learner, run directory, meta-epoch, metrics, seed...; megatron and torch versions and the time are added).
 
     A prototype classifier in place (``detector.get_prototypes()``) is saved with the model. Mismatches
     between the arguments and the detector (name, number of classes, input size, options) are a ValueError:
     a file that contradicts its own weights would mislead every later use.
     """
-
     path = Path(path)
+    names = _checked_class_names(detector, detector_name, class_names, input_size)
+    prov = {"megatron_version": str(megatron.__version__), "torch_version": str(torch.__version__),
+            "saved_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    prov.update(_plain(dict(provenance or {}), "provenance"))
+    obj = {
+        "format": MODEL_FORMAT,
+        "version": MODEL_VERSION,
+        "detector": {"name": str(detector_name), "options": _checked_options(detector, detector_options)},
+        "class_names": names,
+        "input_size": int(input_size),
+        "preprocessing": _checked_preprocessing(preprocessing, input_size),
+        "evaluation": {**EVALUATION_DEFAULTS, **_plain(dict(evaluation or {}), "evaluation")},
+        "operating_point": _plain(operating_point, "operating_point"),
+        "prototypes": _prototypes_of(detector, detector_name, path),
+        "provenance": prov,
+        "state_dict": {k: v.detach().cpu().clone() for k, v in detector.state_dict().items()},
+    }
+    atomic_torch_save(obj, path)
+    return path
+
+
+def _checked_class_names(detector: torch.nn.Module, detector_name: str, class_names: list[str],
+                         input_size: int) -> list[str]:
+    """The class names as plain strings, after checking name, head size and input size against the detector."""
     plugin_name = getattr(detector, "PLUGIN_NAME", None)
     if plugin_name is not None and plugin_name != detector_name:
         raise ValueError(f"save_model: detector_name={detector_name!r} but the detector is {plugin_name!r}")
@@ -197,6 +243,12 @@ def save_model(detector: torch.nn.Module, path: str | Path, *, detector_name: st
     det_size = getattr(detector, "input_size", None)
     if det_size is not None and int(det_size) != int(input_size):
         raise ValueError(f"save_model: input_size={input_size} but the detector was built for {det_size}")
+    return names
+
+
+def _checked_options(detector: torch.nn.Module, detector_options: dict[str, Any] | Any) -> dict[str, Any]:
+    """The detector options as plain values, every option spelled out when the plugin has an Options model
+    (defaults may change between versions); options that differ from the detector's own are a ValueError."""
     options = _plain(detector_options if detector_options is not None else {}, "detector_options")
     own = getattr(detector, "options", None)
     options_cls = getattr(type(detector), "Options", None)
@@ -205,45 +257,34 @@ def save_model(detector: torch.nn.Module, path: str | Path, *, detector_name: st
         if given != own.model_dump(mode="json"):
             raise ValueError(f"save_model: detector_options {options} differ from the detector's own options "
                              f"{own.model_dump(mode='json')}")
-        options = given  # every option spelled out: defaults may change between versions
+        options = given
+    return options
+
+
+def _checked_preprocessing(preprocessing: dict[str, Any] | Any, input_size: int) -> dict[str, Any]:
+    """Preprocessing settings from a Preprocessor or a dict, with the defaults filled in."""
     if hasattr(preprocessing, "clahe") and hasattr(preprocessing, "input_size"):  # a Preprocessor
         if int(preprocessing.input_size) != int(input_size):
             raise ValueError(f"save_model: the Preprocessor's input_size {preprocessing.input_size} is not {input_size}")
         preprocessing = preprocessing_settings(preprocessing)
     try:
-        preprocessing = _check_preprocessing(_plain(dict(preprocessing), "preprocessing"), "save_model")
+        return _check_preprocessing(_plain(dict(preprocessing), "preprocessing"), "save_model")
     except ModelFileError as exc:
         raise ValueError(str(exc)) from None
-    evaluation = {**EVALUATION_DEFAULTS, **_plain(dict(evaluation or {}), "evaluation")}
 
+
+def _prototypes_of(detector: torch.nn.Module, detector_name: str, path: Path) -> dict[str, Any] | None:
+    """The prototype (cosine) classifier in place, if any: ``{"prototypes": Tensor, "temperature": float}``."""
     try:
         protos = detector.get_prototypes() if hasattr(detector, "get_prototypes") else None
     except NotImplementedError:
         log.warning("detector %r implements set_prototypes but not get_prototypes: if a prototype classifier is "
                     "in place, %s will not reload identically", detector_name, path)
-        protos = None
-    prototypes = None
-    if protos is not None:
-        tensor, temperature = protos
-        prototypes = {"prototypes": tensor.detach().cpu().clone(), "temperature": float(temperature)}
-
-    prov = {"megatron_version": str(megatron.__version__), "torch_version": str(torch.__version__),
-            "saved_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    prov.update(_plain(dict(provenance or {}), "provenance"))
-    obj = {
-        "format": MODEL_FORMAT,
-        "version": MODEL_VERSION,
-        "detector": {"name": str(detector_name), "options": options},
-        "class_names": names,
-        "input_size": int(input_size),
-        "preprocessing": preprocessing,
-        "evaluation": evaluation,
-        "prototypes": prototypes,
-        "provenance": prov,
-        "state_dict": {k: v.detach().cpu().clone() for k, v in detector.state_dict().items()},
-    }
-    atomic_torch_save(obj, path)
-    return path
+        return None
+    if protos is None:
+        return None
+    tensor, temperature = protos
+    return {"prototypes": tensor.detach().cpu().clone(), "temperature": float(temperature)}
 
 
 # --- reading ------------------------------------------------------------------------------------------
@@ -303,6 +344,7 @@ def read_model_file(path: str | Path) -> tuple[ModelInfo, dict[str, torch.Tensor
             provenance=dict(obj.get("provenance") or {}),
             prototypes=obj.get("prototypes") is not None,
             version=version,
+            operating_point=dict(obj["operating_point"]) if obj.get("operating_point") else None,
         )
         state = obj["state_dict"]
     except (KeyError, TypeError, ValueError) as exc:

@@ -3,13 +3,16 @@
 The target is split three ways (:func:`split_target_three`): the K-image training **pool**, a **validation**
 split the reported ``-best`` model is chosen on (``data.validation_images``; 0 = none, null = a quarter of the
 evaluation images, at most 20) and the **held-out** test split that no training or selection step ever sees.
-The evaluation images are drawn first and do not depend on K (see :func:`megatron.data.episodes.split_target`);
+Every part is made of whole patients (the records' groups: :mod:`megatron.data.split` says how the pool of K
+images is filled from them). The evaluation images are drawn first and do not depend on K (see
+:func:`megatron.data.split.split_target`);
 the validation split is carved out of them, seeded, so every K of one seed is validated and tested on the same
 images, and the pool is never touched. In a real few-shot setting the validation images are labelled images
 too: count them in what the study needed (the built-in suite's images are free).
 
 ``data.split_from: RUN_DIR/run.json`` reuses another run's split exactly, by image id, and refuses with the
-missing ids when the data no longer holds them.
+missing ids when the data no longer holds them, with the ids when an image changed file or patient, and with
+the ids (and patients) a split holds in two parts.
 """
 from __future__ import annotations
 
@@ -18,15 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from megatron.config import ExperimentConfig
 from megatron.errors import DataError
 from megatron.experiment import build_taskset, load_tasks
 from megatron.pluginmanager import PluginManager
 from megatron.runtime import distributed as mdist
 from megatron.types import Task
-from megatron.data.episodes import split_target
+from megatron.data.groups import describe_grouping
+from megatron.data.split import carve_validation, refuse_overlaps, split_target
 from megatron.training.record import load_record
 
 log = logging.getLogger(__name__)
@@ -42,12 +44,17 @@ class PreparedData:
     validation: Task | None
     heldout: Task
 
-    def split_manifest(self) -> dict[str, list[dict[str, Any]]]:
-        """``{"pool": [{"id", "file_name"}, ...], "validation": [...], "heldout": [...]}``: the exact images."""
+    def split_manifest(self) -> dict[str, Any]:
+        """``{"pool": [{"id", "file_name", "group"}, ...], "validation": [...], "heldout": [...], "grouping": how,
+        "patients": {part: count}}``: the exact images, each with its group (patient; ``image:<id>`` when the
+        image is its own), and how the target's images were grouped."""
         def ids(task: Task | None) -> list[dict[str, Any]]:
-            return [] if task is None else [{"id": r.image_id, "file_name": r.file_name} for r in task.records]
+            return [] if task is None else [{"id": r.image_id, "file_name": r.file_name, "group": r.group_id}
+                                            for r in task.records]
 
-        return {"pool": ids(self.pool), "validation": ids(self.validation), "heldout": ids(self.heldout)}
+        parts = {"pool": self.pool, "validation": self.validation, "heldout": self.heldout}
+        return {**{k: ids(t) for k, t in parts.items()}, "grouping": describe_grouping(self.target),
+                "patients": {k: len({r.group_id for r in t.records}) if t else 0 for k, t in parts.items()}}
 
 
 def prepare_data(cfg: ExperimentConfig, pm: PluginManager, env: mdist.DistEnv) -> PreparedData:
@@ -75,8 +82,8 @@ def auto_validation_images(heldout: int) -> int:
 def split_target_three(target: Task, shots: int, eval_images: int | None, validation_images: int | None,
                        seed: int) -> tuple[Task, Task | None, Task]:
     """``(pool, validation or None, heldout)``: :func:`~megatron.data.episodes.split_target` for the pool and the
-    evaluation images, then ``validation_images`` of those (stratified by findings, seeded) set apart as the
-    validation split. The evaluation images do not depend on K, and neither does this carving, so for one seed
+    evaluation images, then about ``validation_images`` of those (whole patients, stratified by findings, seeded:
+    :func:`~megatron.data.split.carve_validation`) set apart as the validation split. The evaluation images do not depend on K, and neither does this carving, so for one seed
     every K is validated and tested on the same images. ``validation_images=None``: see
     :func:`auto_validation_images`."""
 
@@ -92,16 +99,7 @@ def split_target_three(target: Task, shots: int, eval_images: int | None, valida
             f"target task {target.name!r}: the evaluation images ({len(held)}, data.eval_images) must hold the "
             f"validation split ({n_val}, data.validation_images) and at least one held-out test image; "
             f"fix: {', or '.join(fixes)}")
-    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0x7A11D])
-    records = held.records
-    with_f = [i for i, r in enumerate(records) if len(r.boxes)]
-    without = [i for i, r in enumerate(records) if not len(r.boxes)]
-    n_with = min(len(with_f), max(n_val - len(without), round(n_val * len(with_f) / len(records))))
-    chosen = {int(i) for i in rng.permutation(with_f)[:n_with]} | {int(i) for i in rng.permutation(without)[:n_val - n_with]}
-    validation = held.subset(sorted(chosen))
-    heldout = held.subset([i for i in range(len(records)) if i not in chosen])
-    log.info("target %r: validation split of %d images (%d with findings), %d held out", target.name,
-             len(validation), n_with, len(heldout))
+    validation, heldout = carve_validation(held, n_val, seed)
     return pool, validation, heldout
 
 
@@ -122,24 +120,34 @@ def read_split_manifest(path: str | Path) -> dict[str, list[dict[str, Any]]]:
 def split_from_record(target: Task, path: str | Path) -> tuple[Task, Task | None, Task]:
     """Rebuild ``(pool, validation, heldout)`` from another run's manifest, by image id (file names checked)."""
     manifest = read_split_manifest(path)
+    refuse_overlaps(manifest, f"data.split_from: {path}")
     index = {r.image_id: i for i, r in enumerate(target.records)}
-    missing, renamed = [], []
+    missing, renamed, regrouped = [], [], []
     for part in SPLITS:
         for entry in manifest[part]:
             i = index.get(entry.get("id"))
             if i is None:
                 missing.append(entry.get("id"))
-            elif entry.get("file_name") not in (None, target.records[i].file_name):
-                renamed.append(f"{entry['id']} ({entry['file_name']} then, {target.records[i].file_name} now)")
-    if missing or renamed:
+                continue
+            record = target.records[i]
+            if entry.get("file_name") not in (None, record.file_name):
+                renamed.append(f"{entry['id']} ({entry['file_name']} then, {record.file_name} now)")
+            if entry.get("group") not in (None, record.group_id):
+                regrouped.append(f"{entry['id']} (patient {entry['group']} then, {record.group_id} now)")
+    if missing or renamed or regrouped:
         parts = []
         if missing:
             parts.append(f"{len(missing)} image id(s) are not in the target {target.name!r} any more: "
                          f"{', '.join(map(str, missing[:10]))}{' ...' if len(missing) > 10 else ''}")
         if renamed:
             parts.append(f"{len(renamed)} image(s) changed file: {'; '.join(renamed[:5])}")
+        if regrouped:
+            parts.append(f"{len(regrouped)} image(s) changed patient: {'; '.join(regrouped[:5])}")
         raise DataError(f"data.split_from: {path}: the split cannot be reused: {'; '.join(parts)}. Point data at the "
                         "dataset that run used, or drop --split-from to draw a new split")
+    # a record written before groups existed: the patients the data names now must not straddle its parts
+    refuse_overlaps({part: [{"id": e["id"], "group": target.records[index[e["id"]]].group_id} for e in manifest[part]]
+                     for part in SPLITS}, f"data.split_from: {path} (with the target's patients)")
 
     def subset(part: str) -> Task | None:
         return target.subset([index[e["id"]] for e in manifest[part]]) if manifest[part] else None

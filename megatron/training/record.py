@@ -18,27 +18,16 @@ import torch
 
 from megatron.atomic_io import atomic_write_json
 from megatron.errors import DataError
-
-RECORD_FILE = "run.json"
-CONFIG_FILE = "config.yaml"
-SUMMARY_FILE = "summary.md"
-CURVE_FILE = "map50_curve.png"
-FROC_FILE = "froc_curve.png"  # megatron.training.plots.plot_froc
-
-# the metrics shown in tables, in order, with their display names
-TABLE_METRICS: tuple[tuple[str, str], ...] = (
-    ("mAP50", "mAP50"),
-    ("mAP50_95", "mAP50:95"),
-    ("precision", "precision"),
-    ("recall", "recall"),
-    ("F1", "F1"),
-    ("FROC", "FROC"),  # mean sensitivity at 1/8..8 false positives per image (megatron.evaluation.froc)
+from megatron.evaluation.metric_names import REPORTED_METRICS as TABLE_METRICS  # noqa: F401 - read here too
+from megatron.evaluation.operating_point import describe as describe_operating_point
+from megatron.training.run_files import (  # noqa: F401 - importers read the file names here too
+    CONFIG_FILE, CURVE_FILE, FROC_FILE, RECORD_FILE, SUMMARY_FILE,
 )
 
 _PACKAGES = ("torch", "torchvision", "mmdet", "mmcv", "mmengine", "numpy")
 
 
-def _version(package: str) -> str | None:
+def package_version(package: str) -> str | None:
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
@@ -68,7 +57,7 @@ def collect_versions(device: torch.device, cfg: Any = None, pm: Any = None,
     ``cfg`` and ``pm`` also ``plugins``: every plugin the run uses (:func:`collect_plugin_versions`)."""
     versions: dict[str, Any] = {"python": sys.version.split()[0]}
     for package in _PACKAGES:
-        versions[package] = _version(package)
+        versions[package] = package_version(package)
     versions["platform"] = platform.platform()
     versions["cpu"] = _cpu_name()
     versions["device"] = describe_device(device)
@@ -161,6 +150,27 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def operating_point_lines(record: dict[str, Any]) -> list[str]:
+    """Per learner, the held-out precision / recall / F1 and FROC point at the operating point chosen on
+    validation (of the validation-chosen model, else the final one), beside the fixed-threshold figures."""
+    ev = (record.get("config") or {}).get("evaluation") or {}
+    fixed = float(ev.get("score_threshold", 0.3))
+    lines = []
+    for name, lrec in record.get("learners", {}).items():
+        metrics = lrec.get("best") or lrec.get("final") or {}
+        point = metrics.get("operating_point")
+        if not point:
+            continue
+        lines.append(f"- {name}: {describe_operating_point(point, fixed)} → held-out precision "
+                     f"{_fmt(point.get('precision'))}, recall {_fmt(point.get('recall'))}, F1 {_fmt(point.get('F1'))}; "
+                     f"FROC point {_fmt(point.get('fp_per_image'))} false positives per image at sensitivity "
+                     f"{_fmt(point.get('sensitivity'))}")
+    if not lines:
+        return []
+    return ["", f"Operating point (the table's precision / recall / F1 are at the fixed score >= {fixed:g}):", "",
+            *lines]
+
+
 def summary_markdown(record: dict[str, Any]) -> str:
     """The summary table as Markdown (also what ``megatron run`` prints, in rich form)."""
     head = ["learner", *(title for _, title in TABLE_METRICS), "compute (image passes)", "meta-epochs",
@@ -186,14 +196,20 @@ def summary_markdown(record: dict[str, Any]) -> str:
         lines += ["", f"'best on validation': the held-out metrics of the meta-epoch whose adapted model scored highest "
                       f"on the validation split ({record.get('validation_images')} images, never trained on); that "
                       "model is models/<learner>-best.pth, the last one models/<learner>-final.pth."]
+    lines += operating_point_lines(record)
     pre = record.get("pretrain") or {}
     if pre:
         lines += ["", f"Stage 1 (pre-training on the sources): {pre.get('source', '')}"
                       f"{': ' + str(pre['checkpoint']) if pre.get('checkpoint') else ''}."]
     if record.get("split"):
-        sizes = {k: len(v) for k, v in record["split"].items()}
+        split = record["split"]
+        sizes = {k: len(v) for k, v in split.items() if isinstance(v, list)}
+        patients = split.get("patients") or {}
+        grouping = (f" Patients (groups: {split['grouping']}): pool {patients.get('pool')}, validation "
+                    f"{patients.get('validation')}, held-out {patients.get('heldout')}; none is in two parts."
+                    if split.get("grouping") else "")
         lines += ["", f"Target split (image ids in run.json): pool {sizes.get('pool')}, validation "
-                      f"{sizes.get('validation')}, held-out {sizes.get('heldout')}."]
+                      f"{sizes.get('validation')}, held-out {sizes.get('heldout')}.{grouping}"]
     if record.get("comparison"):
         lines += ["", f"Comparison: {record['comparison'].get('how', '')}"]
     if record.get("selection"):

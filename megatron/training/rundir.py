@@ -11,8 +11,17 @@ What lives here (the runner calls it; nothing here trains):
   -> started afresh, saying so; an unfinished run with checkpoints -> needs ``--resume``. With the default
   run name, folders that are taken (complete, in use, or unfinished with checkpoints) are skipped for the
   next free ``<name>-N``.
-- **Leftovers.** The temporary files of atomic writes killed half-way are removed when a run claims the
-  folder (:func:`megatron.atomic_io.remove_stale_tmp_files`).
+- **Ownership.** A folder is megatron's only when it says so: claiming it writes the marker ``.megatron-run``
+  (:data:`MARKER_FILE`). A folder that exists, holds anything besides megatron's own lock and temp files, and has
+  no marker is refused (:class:`RunDirNotOwned`, exit 2) *before anything is written into it*, listing what it
+  holds and suggesting a new name or ``--force`` (which adopts it: files of megatron's names are replaced,
+  nothing else is touched). Folders of runs made before the marker existed are recognised by their
+  ``run.json`` carrying megatron's ``status`` field and adopted (the marker is added), so they still resume; a
+  ``run.json`` without ``status`` is not megatron's. With the default run name, a folder that is not megatron's
+  is skipped for the next free ``<name>-N``.
+- **Leftovers.** The temporary files of atomic writes killed half-way are removed when a run claims a folder it
+  owns, by their exact name pattern and only when their writer's process is gone
+  (:func:`megatron.atomic_io.remove_stale_tmp_files`); a user's own ``.notes.v2.tmp`` is never touched.
 - **Checkpoints.** :func:`save_checkpoint` keeps the previous good checkpoint (``last.pt`` + ``previous.pt``,
   both written atomically); :func:`load_resume_state` validates what it reads (format, learner name, any check
   of the caller) and falls back to ``previous.pt`` with a logged warning, or raises
@@ -35,13 +44,17 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from megatron.atomic_io import atomic_torch_save, atomic_write_json, file_mode, remove_stale_tmp_files, safe_torch_load
+from megatron import __version__
+from megatron.atomic_io import (TMP_PATTERN, atomic_torch_save, atomic_write_json, file_mode, remove_stale_tmp_files,
+                                safe_torch_load)
 from megatron.errors import ConfigError, MegatronError
+from megatron.training.run_files import RECORD_FILE
 
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
-RECORD_FILE = "run.json"
+#: written when a run claims a folder: the folder is megatron's (see "Ownership" above)
+MARKER_FILE = ".megatron-run"
 CHECKPOINTS_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.pt"
 PREVIOUS_CHECKPOINT = "previous.pt"
@@ -79,6 +92,23 @@ class RunDirBusy(ConfigError):
 
 class RunDirTaken(ConfigError):
     """The folder holds a run this run may not replace (complete, or unfinished with checkpoints)."""
+
+
+class RunDirNotOwned(RunDirTaken):
+    """A non-empty folder that is not megatron's (no marker, no megatron run.json): never written into."""
+
+    def __init__(self, path: Path, contents: list[str]):
+        self.path, self.contents = Path(path), list(contents)
+        shown = ", ".join(self.contents[:8]) + (f" (+{len(self.contents) - 8} more)" if len(self.contents) > 8 else "")
+        super().__init__(
+            f"{self.path} is not a megatron run folder (no {MARKER_FILE} marker and no run.json of a megatron run) and "
+            f"is not empty: it holds {shown}. A run writes run.json, config.yaml, summary.md, models/ and "
+            "checkpoints/ there and would replace your files of those names, so nothing was written. Fix: choose a "
+            "new folder (--run-dir NEW_DIR, or --name / output.name), or pass --force to use this one anyway (files "
+            "of those names are replaced; nothing else is touched or deleted)")
+
+    def __reduce__(self):  # picklable (torch.distributed sends rank 0's errors to every rank)
+        return (type(self), (self.path, self.contents))
 
 
 class CheckpointUnusable(ConfigError):
@@ -128,9 +158,9 @@ def _holder_info() -> dict[str, Any]:
             "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds")}
 
 
-def read_lock_holder(run_dir: str | Path) -> dict[str, Any] | None:
+def read_lock_holder(run_dir: str | Path, lock_file: str = LOCK_FILE) -> dict[str, Any] | None:
     """What the lock file of ``run_dir`` says about its (last) holder: ``{"pid", "host", "started"}``."""
-    path = Path(run_dir) / LOCK_FILE
+    path = Path(run_dir) / lock_file
     for _ in range(10):  # the holder writes its details right after taking the lock: give it a moment
         try:
             text = path.read_text()
@@ -146,18 +176,19 @@ def read_lock_holder(run_dir: str | Path) -> dict[str, Any] | None:
     return None
 
 
-def lock_run_dir(run_dir: str | Path) -> RunDirLock:
-    """Take the exclusive lock of ``run_dir`` (created if needed) or raise :class:`RunDirBusy` at once."""
+def lock_run_dir(run_dir: str | Path, lock_file: str = LOCK_FILE) -> RunDirLock:
+    """Take the exclusive lock of ``run_dir`` (created if needed) or raise :class:`RunDirBusy` at once.
+    ``lock_file``: another lock in the same folder (a benchmark shard's)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / LOCK_FILE
+    path = run_dir / lock_file
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, file_mode())
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
         os.close(fd)
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise RunDirBusy(run_dir, read_lock_holder(run_dir)) from None
+            raise RunDirBusy(run_dir, read_lock_holder(run_dir, lock_file)) from None
         raise ConfigError(f"{path}: cannot lock the run directory ({exc.strerror}); flock is needed to keep one "
                           "run per folder: use a local file system for --out / --run-dir") from None
     try:
@@ -212,6 +243,34 @@ def inspect_run_dir(run_dir: str | Path) -> RunDirState:
         state.checkpoints = sorted(p for p in ckpt_root.glob("*/*.pt")
                                    if p.name in (LAST_CHECKPOINT, PREVIOUS_CHECKPOINT) and p.is_file())
     return state
+
+
+def foreign_contents(run_dir: str | Path) -> list[str]:
+    """What makes ``run_dir`` not megatron's: its entries (``sub/`` for folders), when it exists, holds more than
+    megatron's lock and temp files, and has neither the marker nor a megatron ``run.json`` (one with ``status``:
+    a run made before the marker existed); ``[]`` when megatron may use it."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or (run_dir / MARKER_FILE).is_file() or _legacy_run(run_dir):
+        return []
+    return sorted(f"{p.name}/" if p.is_dir() else p.name for p in run_dir.iterdir()
+                  if p.name != LOCK_FILE and not TMP_PATTERN.match(p.name))
+
+
+def _legacy_run(run_dir: Path) -> bool:
+    """A run made before the marker existed: its run.json is a dict with megatron's ``status`` field."""
+    try:
+        record = json.loads((run_dir / RECORD_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(record, dict) and isinstance(record.get("status"), str)
+
+
+def write_marker(run_dir: str | Path) -> None:
+    """Mark ``run_dir`` as megatron's (kept as written first: the marker says who made the folder)."""
+    path = Path(run_dir) / MARKER_FILE
+    if not path.is_file():
+        atomic_write_json(path, {"megatron_version": __version__, **_holder_info(),
+                                 "note": "this folder is a megatron run directory (see megatron run --help)"})
 
 
 @dataclasses.dataclass
@@ -284,14 +343,19 @@ class RunDirClaim:
         self.release()
 
 
-def _take(path: Path, resume: bool) -> RunDirClaim:
+def _take(path: Path, resume: bool, force: bool = False) -> RunDirClaim:
     created = not path.exists()
+    if not force and (contents := foreign_contents(path)):
+        raise RunDirNotOwned(path, contents)  # before the lock file: nothing is written into a folder not ours
     started_before = (path / LOCK_FILE).exists()  # before this process's own lock file
     lock = lock_run_dir(path)
     try:
+        if not force and (contents := foreign_contents(path)):
+            raise RunDirNotOwned(path, contents)  # filled between the look and the lock
         state = inspect_run_dir(path)
         state.started_here = started_before
         decision = decide(state, resume)
+        write_marker(path)
         removed = remove_stale_tmp_files(path)
     except BaseException:
         lock.release()
@@ -307,21 +371,22 @@ def _take(path: Path, resume: bool) -> RunDirClaim:
     return RunDirClaim(path, decision.mode, lock, decision.note, state.record, removed)
 
 
-def claim_run_dir(run_dir: str | Path | None, default_base: str | Path, resume: bool) -> RunDirClaim:
+def claim_run_dir(run_dir: str | Path | None, default_base: str | Path, resume: bool, force: bool = False
+                  ) -> RunDirClaim:
     """Lock and claim the folder a run writes to; the claim holds the lock until released (keep it for the
     whole run).
 
-    ``run_dir`` given (``--run-dir``): that folder, or :class:`RunDirBusy` / a ConfigError (see
-    :func:`decide`). Otherwise the default ``default_base`` (``<output.dir>/<name>``): a fresh run takes the
-    first of ``<name>``, ``<name>-2``, ... that is free or holds a run that failed before its first checkpoint
-    (skipping folders in use, complete, or unfinished with checkpoints); ``resume`` takes the newest of them
-    that holds a run.
+    ``run_dir`` given (``--run-dir``): that folder, or :class:`RunDirBusy` / :class:`RunDirNotOwned` / a
+    ConfigError (see :func:`decide`); ``force`` adopts a folder that is not megatron's. Otherwise the default
+    ``default_base`` (``<output.dir>/<name>``): a fresh run takes the first of ``<name>``, ``<name>-2``, ...
+    that is free or holds a run that failed before its first checkpoint (skipping folders in use, complete,
+    unfinished with checkpoints, or not megatron's); ``resume`` takes the newest of them that holds a run.
     """
     if run_dir is not None:
-        return _take(Path(run_dir), resume)
+        return _take(Path(run_dir), resume, force)
     base = Path(default_base)
     if resume:
-        existing = [p for p in _numbered(base) if (p / RECORD_FILE).exists()]
+        existing = [p for p in _numbered(base) if (p / RECORD_FILE).exists() and not foreign_contents(p)]
         if not existing:
             raise ConfigError(f"--resume: no run to resume under {base} (run without --resume first)")
         return _take(existing[-1], True)
@@ -338,6 +403,9 @@ def claim_run_dir(run_dir: str | Path | None, default_base: str | Path, resume: 
                 continue
         try:
             claim = _take(path, False)
+        except RunDirNotOwned:
+            log.warning("%s holds files that are not a megatron run; this run goes to the next free folder", path)
+            continue
         except RunDirBusy as exc:
             log.warning("%s is in use by PID %s on %s; this run goes to the next free folder", path, exc.pid, exc.host)
             continue

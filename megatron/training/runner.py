@@ -37,22 +37,24 @@ import torch
 from megatron import __version__
 from megatron.config import ExperimentConfig
 from megatron.errors import ConfigError, TrainingError
-from megatron.experiment import validate_experiment_plugins
+from megatron.experiment import check_learners_fit_detector, validate_experiment_plugins
 from megatron.api.learner import BASELINE_LEARNER as BASELINE
 from megatron.training.run_loggers import active_loggers, validate_loggers
 from megatron.pluginmanager import PluginManager
 from megatron.runtime import distributed as mdist
 from megatron.runtime.environment import deterministic, resolve_amp, resolve_device, seed_everything, threads
 from megatron.training.events import Events
-from megatron.training.meta_train import Budget, LearnerRun, RunState, head_classes_for
+from megatron.experiment import head_classes_for
+from megatron.training.meta_train import Budget, LearnerRun, RunState
+from megatron.data.split import refuse_overlaps, split_differences
 from megatron.training.prepare import PreparedData, prepare_data
 from megatron.training.progress import PROGRESS_PLUGIN_NAME
 from megatron.training.record import CONFIG_FILE, collect_versions
 from megatron.training.rundir import claim_run_dir
 from megatron import get_plugin_manager
-from megatron.similarity.selection import select_sources_for_run
+from megatron.similarity.selection import select_sources_for_run, selection_target
 from megatron.training.pretrain import stage1_cache_key, stage1_checkpoint
-from megatron.training.progress import RunProgress, progress_bars
+from megatron.training.progress import DEFAULT_LOG_EVERY, run_progress
 from megatron.training.recorder import RECORDER_PLUGIN_NAME, RunRecorder
 from megatron.training.record import load_record
 
@@ -60,16 +62,21 @@ log = logging.getLogger(__name__)
 
 
 def run_experiment(cfg: ExperimentConfig, run_dir: Path | None = None, pm: PluginManager | None = None,
-                   resume: bool = False, learners: list[str] | None = None, progress: bool = True) -> dict:
+                   resume: bool = False, learners: list[str] | None = None, progress: bool = True,
+                   log_every: int = DEFAULT_LOG_EVERY, force: bool = False) -> dict:
     """Run ``cfg.learner.name`` (and the ``finetune`` baseline at equal compute when
     ``cfg.output.compare_baseline`` and the learner is not ``finetune`` itself), or the given ``learners``
     in order (the first sets the compute the baseline gets). Returns the run record, also written
-    atomically to ``run_dir/run.json``; see the module docstring for the stages."""
+    atomically to ``run_dir/run.json``; see the module docstring for the stages. ``progress``: bars on a
+    terminal, plain lines every ``log_every`` outer steps when stdout is a file or pipe
+    (:mod:`megatron.training.progress`). ``force``: use ``run_dir`` even when it holds files that are not a
+    megatron run's (:func:`megatron.training.rundir.claim_run_dir`)."""
 
     pm = pm if pm is not None else get_plugin_manager()
     options = validate_experiment_plugins(cfg, pm)
     validate_loggers(cfg, pm)  # an unknown logger or a bad option fails here, before the run directory exists
     names = learner_names(cfg, pm, learners)
+    check_learners_fit_detector(cfg, pm, names)  # e.g. second-order MAML on a deformable-attention detector
     device = resolve_device(cfg.training.device)
     env = mdist.init_from_env(device.type)  # a single-process DistEnv unless launched by torchrun
     device = mdist.device_for(env, device)
@@ -77,19 +84,19 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path | None = None, pm: Plugi
     claims: list[Any] = []  # rank 0's claim: the run directory's lock, held until the run returns
 
     def claim() -> tuple[Path, bool]:
-        taken = claim_run_dir(run_dir, Path(cfg.output.dir) / default_run_name(cfg), resume)
+        taken = claim_run_dir(run_dir, Path(cfg.output.dir) / default_run_name(cfg), resume, force=force)
         claims.append(taken)
         return taken.path, taken.resume  # only plain values cross ranks, never the lock
 
     run_dir, resume = mdist.on_main(claim, env)  # resume: False for a folder whose run failed before a checkpoint
     try:
-        return _run_in(cfg, pm, options, names, run_dir, device, amp, env, resume, progress)
+        return _run_in(cfg, pm, options, names, run_dir, device, amp, env, resume, (progress, log_every))
     finally:
         for taken in claims:
             taken.release()
 
 
-def _run_in(cfg, pm, options, names, run_dir: Path, device, amp, env, resume: bool, progress: bool) -> dict:
+def _run_in(cfg, pm, options, names, run_dir: Path, device, amp, env, resume: bool, progress: tuple[bool, int]) -> dict:
     events = Events(pm, enabled=env.is_main)
     # loggers registered before the built-in recorder: hooks call the latest registration first, so run.json is
     # written before a logger sees the event
@@ -158,9 +165,13 @@ def _stage_prepare(cfg, pm, env, events: Events, record: dict, resume: bool) -> 
     events.stage_start("prepare")
     data = prepare_data(cfg, pm, env)
     split = data.split_manifest()
-    if resume and record.get("split") and record["split"] != split:
-        raise ConfigError("--resume: the target split differs from the one this run was started with (the target "
-                          "data changed); resume with the same data, or pass --split-from RUN_DIR/run.json")
+    if resume and record.get("split"):
+        refuse_overlaps(record["split"], "--resume: run.json")
+        changed = split_differences(record["split"], split)
+        if changed:
+            raise ConfigError(f"--resume: the target split ({', '.join(changed)}: image ids, files or patients) "
+                              "differs from the one this run was started with (the target data changed); resume with "
+                              "the same data, or pass --split-from RUN_DIR/run.json")
     record.update({
         "target": data.target.name, "sources": [t.name for t in data.sources], "shots": len(data.pool),
         "eval_images": len(data.heldout), "validation_images": len(data.validation) if data.validation else 0,
@@ -177,7 +188,9 @@ def _stage_select(cfg, pm, data: PreparedData, device, env, events: Events, reco
     if cfg.similarity.select_sources:
 
         events.stage_start("select", metric=cfg.similarity.metric, k=cfg.similarity.select_sources)
-        selection = mdist.on_main(lambda: select_sources_for_run(cfg, pm, data.target, sources, device), env)
+        # similarity reads the pool and the validation split only, never the held-out test images
+        target = selection_target(data.pool, data.validation, data.heldout)
+        selection = mdist.on_main(lambda: select_sources_for_run(cfg, pm, target, sources, device), env)
         sources = [t for t in sources if t.name in selection["chosen"]]
         events.stage_end("select", chosen=list(selection["chosen"]), reason=selection["reason"])
     record.update({"sources": [t.name for t in sources], "selection": selection,
@@ -188,7 +201,8 @@ def _stage_select(cfg, pm, data: PreparedData, device, env, events: Events, reco
 def _stage_pretrain(cfg, pm, sources, env, events: Events, record: dict) -> Path | None:
     """Stage 1: the checkpoint every learner starts from (``detector.checkpoint``, the cached stage-1
     checkpoint, or none with ``training.pretrain_epochs: 0``)."""
-    if cfg.detector.checkpoint is not None:
+    if cfg.detector.checkpoint is not None and (cfg.detector.checkpoint_role == "instead_of_stage1"
+                                                or cfg.training.pretrain_epochs == 0):
         record["pretrain"] = {"checkpoint": str(cfg.detector.checkpoint), "cache_key": None, "reused": True,
                               "epochs": None, "wall_s": 0.0, "source": "detector.checkpoint"}
         return Path(cfg.detector.checkpoint)
@@ -212,16 +226,16 @@ def _stage_pretrain(cfg, pm, sources, env, events: Events, record: dict) -> Path
 # --- plugins that live for the run ---------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _run_plugins(pm: PluginManager, cfg: ExperimentConfig, env, progress: bool) -> Iterator[None]:
-    """The built-in recorder (and progress bars on a terminal) registered as lifecycle plugins for the run, on
-    rank 0 only."""
+def _run_plugins(pm: PluginManager, cfg: ExperimentConfig, env, progress: tuple[bool, int]) -> Iterator[None]:
+    """The built-in recorder and the progress plugin (bars on a terminal, plain lines off one; ``progress``:
+    (shown, log every N steps)) registered as lifecycle plugins for the run, on rank 0 only."""
 
     with contextlib.ExitStack() as stack:
         if env.is_main:
             pm.register(RunRecorder(plots=cfg.output.plots), name=RECORDER_PLUGIN_NAME)
-            bar = stack.enter_context(progress_bars(progress))
-            if bar is not None:
-                pm.register(RunProgress(bar), name=PROGRESS_PLUGIN_NAME)
+            shown = stack.enter_context(run_progress(*progress))
+            if shown is not None:
+                pm.register(shown, name=PROGRESS_PLUGIN_NAME)
         try:
             yield
         finally:
@@ -265,8 +279,9 @@ def _start_record(cfg: ExperimentConfig, run_dir: Path, resume: bool, device: to
     return record
 
 
-# keys a resumed run may change without changing its numbers
-_RESUME_FREE = ("output", "training.num_threads", "training.device", "loggers")
+# keys a resumed run may change without changing its numbers (the data workers: tests/test_data_workers.py)
+_RESUME_FREE = ("output", "training.num_threads", "training.device", "loggers", "data.workers", "data.prefetch",
+                "data.worker_kind", "data.cache_bytes")
 
 
 def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:

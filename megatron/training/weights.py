@@ -11,10 +11,12 @@ are read by :func:`load_weights`:
 - **plain state dicts**, including torchvision's: ``resnet18/34/50/101`` ImageNet weights (``conv1.*``,
   ``layer1.*`` ...) map onto an mmdet ResNet backbone, torchvision detection models' ``backbone.body.*`` too.
 
-Files are read with ``torch.load(weights_only=True)`` (no code from the file runs). mmdet checkpoints often
-carry non-tensor objects in ``meta`` (mmengine message hubs, numpy values) that this refuses; then a
-:class:`CheckpointError` explains it, and ``allow_unsafe=True`` (or ``MEGATRON_ALLOW_UNSAFE_CHECKPOINTS=1``)
-opts in to full unpickling for a file you trust.
+Files are read with ``torch.load(weights_only=True)`` (no code from the file runs), allowing exactly the harmless
+types a model-zoo file holds in ``meta`` / ``message_hub`` (numpy scalars and arrays, mmengine's MessageHub,
+HistoryBuffer, ConfigDict: :mod:`megatron.safe_globals`), so a published mmdet checkpoint loads with no opt-in.
+A file that references anything else would run code when loaded: a :class:`CheckpointError` says so and never
+suggests the opt-in; ``allow_unsafe=True`` (or ``MEGATRON_ALLOW_UNSAFE_CHECKPOINTS=1``) is full unpickling, for a
+file you made yourself.
 
 Weights whose shape differs from the detector's are skipped and reported, never loaded half-way.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +33,9 @@ from typing import Any
 
 import torch
 
-from megatron.atomic_io import atomic_torch_save
+from megatron.atomic_io import atomic_torch_save, checksum_path, verify_checksum
 from megatron.errors import MegatronError
+from megatron.safe_globals import is_data_global, safe_load
 
 log = logging.getLogger(__name__)
 
@@ -111,45 +115,22 @@ def _abbrev(keys: list[str], n: int = 4) -> str:
 
 # --- reading ------------------------------------------------------------------------------------------
 def read_checkpoint_file(path: str | Path, allow_unsafe: bool = False) -> Any:
-    """``torch.load`` with ``weights_only=True``; clear :class:`CheckpointError` naming ``path`` on failure."""
+    """The object in a checkpoint file, read with the safe loader (tensors, containers, numbers, strings and the
+    numpy / mmengine types of :mod:`megatron.safe_globals`); a clear :class:`CheckpointError` naming ``path``
+    on failure. A file that references anything else would run code when loaded: refused, unless the caller
+    opted in (``allow_unsafe`` / ``MEGATRON_ALLOW_UNSAFE_CHECKPOINTS=1``: full unpickling of a file you trust)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found (detector.checkpoint / --checkpoint expects a local file)")
     allow_unsafe = allow_unsafe or os.environ.get(ENV_ALLOW_UNSAFE, "") not in ("", "0")
+    changed = verify_checksum(path)
+    if changed is not None:
+        raise CheckpointError(f"checkpoint {path}: {changed}. Fix: write it again (the command that made it), or "
+                              f"delete {checksum_path(path).name} if you changed it on purpose")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return safe_load(path)
     except pickle.UnpicklingError as exc:
-        reason = torch_reason(str(exc)).rstrip(".")
-        kind, names = inspect_pickle(path)
-        if kind == "not-a-checkpoint":
-            raise CheckpointError(
-                f"checkpoint {path} is not a PyTorch checkpoint: it is neither a torch.save zip archive nor a pickle "
-                f"(random, truncated or another kind of file?); torch says: {reason}. Fix: point "
-                "detector.checkpoint / --checkpoint at the .pt/.pth file written by torch.save, `megatron pretrain` "
-                "or mmdet"
-            ) from None
-        if kind == "code":
-            raise CheckpointError(
-                f"checkpoint {path} would run code when loaded: its pickle calls {', '.join(names[:4])} (code, not "
-                f"stored data); the safe loader (torch.load weights_only=True) refused it: {reason}. "
-                "Do not load this file: weights never need such calls. Ask whoever made it for the weights alone "
-                "(a state dict of tensors saved with torch.save)"
-            ) from None
-        if not allow_unsafe:
-            stored = [n for n in names if not n.startswith(("torch.", "collections.OrderedDict"))]
-            classes = f" (it stores {', '.join(stored[:4])})" if stored else ""
-            raise CheckpointError(
-                f"checkpoint {path} holds Python objects other than tensors, numbers and strings{classes}, as "
-                f"mmdet/mmengine checkpoints do in their 'meta'; the safe loader (torch.load weights_only=True) "
-                f"refused it: {reason}. Loading it fully runs code stored in the file: only if you trust where it "
-                f"came from, allow it with {ENV_ALLOW_UNSAFE}=1 (or load_weights(..., allow_unsafe=True)); or "
-                "re-save just its weights: torch.save(torch.load(p, weights_only=False)['state_dict'], 'weights.pth')."
-            ) from None
-        log.warning("loading %s with weights_only=False (unsafe loading explicitly allowed)", path)
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc2:  # noqa: BLE001 - any failure here means the file is unreadable
-            raise CheckpointError(f"checkpoint {path} cannot be read: {type(exc2).__name__}: {exc2}") from None
+        return _refused(path, torch_reason(str(exc)).rstrip("."), allow_unsafe)
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
         raise CheckpointError(
             f"checkpoint {path} is not a PyTorch checkpoint that can be read (truncated or corrupt?): "
@@ -163,26 +144,49 @@ def read_checkpoint_file(path: str | Path, allow_unsafe: bool = False) -> Any:
         ) from None
 
 
+def _refused(path: Path, reason: str, allow_unsafe: bool) -> Any:
+    """What to do with a file the safe loader refused: say why (never suggesting the opt-in for it), or load it
+    fully when the caller opted in."""
+    kind, names = inspect_pickle(path)
+    if kind == "not-a-checkpoint":
+        raise CheckpointError(
+            f"checkpoint {path} is not a PyTorch checkpoint: it is neither a torch.save zip archive nor a pickle "
+            f"(random, truncated or another kind of file?); torch says: {reason}. Fix: point "
+            "detector.checkpoint / --checkpoint at the .pt/.pth file written by torch.save, `megatron pretrain` "
+            "or mmdet"
+        ) from None
+    if not allow_unsafe:
+        what = (f"its pickle references {', '.join(names[:4])}" + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
+                + ", which is not among what a weights file holds") if kind == "code" else \
+            "its pickle uses the types a weights file holds in a way that calls code"
+        raise CheckpointError(
+            f"checkpoint {path} would run code when loaded: {what} (tensors, containers, numbers, strings, numpy "
+            f"scalars and arrays, mmengine's MessageHub / HistoryBuffer / ConfigDict); the safe loader refused it: "
+            f"{reason}. Do not load this file unless you made it yourself: weights never need code. Ask whoever made "
+            "it for the weights alone (a state dict of tensors saved with torch.save)"
+        ) from None
+    log.warning("loading %s with weights_only=False (unsafe loading explicitly allowed): it references %s",
+                path, ", ".join(names[:8]) or "nothing megatron recognises")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc2:  # noqa: BLE001 - any failure here means the file is unreadable
+        raise CheckpointError(f"checkpoint {path} cannot be read: {type(exc2).__name__}: {exc2}") from None
+
+
 # --- why the safe loader refused a file ---------------------------------------------------------------------
-#: modules whose functions run code or commands when a pickle calls them: never in a file of weights
-_CODE_MODULES = ("os", "posix", "nt", "subprocess", "sys", "shutil", "socket", "importlib", "runpy", "pty", "code",
-                 "codeop", "ctypes", "pickle", "_pickle", "marshal", "types", "webbrowser", "commands", "platform",
-                 "multiprocessing", "asyncio", "signal", "operator", "functools", "pydoc", "timeit", "tempfile",
-                 "io", "_io", "pathlib.Path.write")
-#: builtins that are plain data types (everything else in builtins, e.g. eval, exec, getattr, open, is code)
-_DATA_BUILTINS = ("set", "frozenset", "slice", "complex", "bytearray", "bytes", "object", "range", "list", "dict",
-                  "tuple", "str", "int", "float", "bool")
 #: the lines of torch's message that are advice about torch.load, not the reason
 _TORCH_BOILERPLATE = ("weights only load failed", "in pytorch 2.6", "re-running `torch.load`", "please file an issue",
                       "check the documentation", "this file can still be loaded", "alternatively, to load",
                       "(1) in pytorch", "(2) alternatively")
 
 
+#: torch's advice, inside its reason, to allow-list the refused global (megatron never gives that advice)
+_ALLOWLIST_ADVICE = re.compile(r"\s*Please use `torch\.serialization\.add_safe_globals.*?(if you trust this class/function\.|$)")
+
+
 def torch_reason(message: str, limit: int = 400) -> str:
     """torch's own reason in a ``weights_only`` UnpicklingError (e.g. ``Unsupported global: GLOBAL
     numpy.dtype was not an allowed global by default.``), without its general advice, in whole sentences."""
-    import re
-
     text = re.sub(r"\x1b\[[0-9;]*m", "", message)
     kept = []
     for line in text.splitlines():
@@ -191,6 +195,7 @@ def torch_reason(message: str, limit: int = 400) -> str:
         if not line or any(low.startswith(b) or b in low[:60] for b in _TORCH_BOILERPLATE):
             continue
         line = re.sub(r"^(WeightsUnpickler error:\s*)", "", line)
+        line = _ALLOWLIST_ADVICE.sub("", line).strip()  # torch's advice to allow-list the global: never ours
         if line:
             kept.append(line)
     reason = " ".join(kept) or " ".join(text.split())
@@ -211,9 +216,11 @@ def _sentences(text: str, limit: int) -> str:
 
 def inspect_pickle(path: Path) -> tuple[str, list[str]]:
     """Read the pickle opcodes of a checkpoint *without running them* (``pickletools``) and classify it:
-    ``("not-a-checkpoint", [])`` for bytes that are neither a torch zip nor a pickle, ``("code", names)`` when
-    it imports functions that run code (``os.system``, ``builtins.eval``, ``subprocess.*`` ...),
-    ``("objects", names)`` when it stores other classes (numpy scalars, mmengine message hubs ...)."""
+    ``("not-a-checkpoint", [])`` for bytes that are neither a torch zip nor a pickle; ``("code", names)`` with
+    the globals it references that are not on the allow-list of :mod:`megatron.safe_globals` (anything that is
+    not a tensor, container, number, string, numpy or mmengine data type: ``os.system``, ``cProfile.run``,
+    ``runpy._run_code``, ``pickle.loads`` alike); ``("objects", names)`` when every global is allowed (the
+    file then misuses one, e.g. ``getattr`` on something other than a HistoryBuffer)."""
     streams: list[bytes] = []
     try:
         raw = path.read_bytes()
@@ -237,15 +244,8 @@ def inspect_pickle(path: Path) -> tuple[str, list[str]]:
         names += [n for n in found if n not in names]
     if not names:  # a pickle the safe loader refuses that imports nothing: not something torch.save wrote
         return "not-a-checkpoint", []
-    risky = [n for n in names if _runs_code(n)]
-    return ("code", risky) if risky else ("objects", names)
-
-
-def _runs_code(name: str) -> bool:
-    module, _, attr = name.rpartition(".")
-    if module in ("builtins", "__builtin__"):
-        return attr not in _DATA_BUILTINS
-    return any(name == m or name.startswith(m + ".") for m in _CODE_MODULES)
+    foreign = [n for n in names if not is_data_global(n)]
+    return ("code", foreign) if foreign else ("objects", names)
 
 
 def _pickle_globals(data: bytes) -> list[str] | None:
@@ -264,8 +264,8 @@ def _pickle_globals(data: bytes) -> list[str] | None:
             for op, arg, _pos in pickletools.genops(stream):
                 if op.name in ("GLOBAL", "INST"):
                     names.append(str(arg).replace(" ", "."))
-                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                    names.append(f"{strings[-2]}.{strings[-1]}")
+                elif op.name == "STACK_GLOBAL":  # a name built in a way not followed here is not data
+                    names.append(f"{strings[-2]}.{strings[-1]}" if len(strings) >= 2 else "<a global of unknown name>")
                 elif isinstance(arg, str) and op.name.endswith("UNICODE") or op.name in ("STRING", "SHORT_BINSTRING",
                                                                                           "BINSTRING"):
                     strings.append(str(arg))
@@ -391,8 +391,10 @@ def _finish(report: LoadReport, path: Path) -> LoadReport:
 
 
 # --- writing ------------------------------------------------------------------------------------------
-def save_detector_checkpoint(detector: torch.nn.Module, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
-    """Write ``detector``'s weights and a header (detector name, classes, input size, options) atomically.
+def save_detector_checkpoint(detector: torch.nn.Module, path: str | Path, meta: dict[str, Any] | None = None,
+                             checksum: bool = True) -> Path:
+    """Write ``detector``'s weights and a header (detector name, classes, input size, options) atomically, with
+    its sha256 beside it (``<file>.sha256``, checked whenever it is read) unless ``checksum`` is false.
 
     ``meta`` must hold only plain values (str, numbers, lists, dicts): the file stays loadable with
     ``torch.load(weights_only=True)``.
@@ -409,7 +411,7 @@ def save_detector_checkpoint(detector: torch.nn.Module, path: str | Path, meta: 
         "state_dict": {k: v.detach().cpu().clone() for k, v in detector.state_dict().items()},
     }
     path = Path(path)
-    atomic_torch_save(obj, path)
+    atomic_torch_save(obj, path, checksum=checksum)
     return path
 
 

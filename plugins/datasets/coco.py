@@ -6,7 +6,9 @@ from pathlib import Path
 from pydantic import Field
 
 from megatron import hookimpl
-from megatron.data.coco import default_image_dir, default_task_name, read_coco_task
+from megatron.data.coco import DEFAULT_GROUP_FIELD, default_image_dir, default_task_name, read_coco_task
+from megatron.data.groups import GROUP_FIELD_HELP
+from megatron.data.paths import ALLOW_HELP
 from megatron.data.problems import Problem, raise_for_errors
 from megatron.api.dataset import DatasetOptions, DatasetPlugin
 from megatron.types import Task
@@ -33,13 +35,16 @@ class CocoDataset(DatasetPlugin):
         modality: str = Field("", description="imaging modality, informative (e.g. `mri`, `eit`)")
         categories: list[str] | None = Field(None, description="category names to keep, in label order "
                                              "(default: all, ordered by COCO id)")
+        group_field: str | None = Field(DEFAULT_GROUP_FIELD, description=GROUP_FIELD_HELP)
+        allow_outside_paths: bool = Field(False, description=ALLOW_HELP)
 
     def load_with_problems(self) -> list[tuple[Task, list[Problem]]]:
         o = self.options
         ann = Path(o.annotation_file).expanduser()
         image_dir = Path(o.image_dir).expanduser() if o.image_dir else default_image_dir(ann)
         return [read_coco_task(ann, image_dir, name=o.name or default_task_name(ann),
-                               modality=o.modality, categories=o.categories)]
+                               modality=o.modality, categories=o.categories, group_field=o.group_field,
+                               allow_outside_paths=o.allow_outside_paths)]
 
     def load(self) -> list[Task]:
         [(task, problems)] = self.load_with_problems()

@@ -7,10 +7,13 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from megatron import hookimpl
-from megatron.data.coco import read_coco_task
-from megatron.data.dicom import DicomDisplay
+from megatron.data.coco import DEFAULT_GROUP_FIELD, read_coco_task
+from megatron.data.dicom import DicomDisplay, read_header
+from megatron.data.folder import dicom_grouping, read_image_folder
+from megatron.data.groups import GROUP_BY_HELP, GROUP_FIELD_HELP, GROUPING_NONE, DicomGrouping, dicom_group
 from megatron.data.io import DicomImageLoader
-from megatron.data.folder import read_image_folder
+from megatron.data.paths import ALLOW_HELP
+from megatron.errors import DataError
 from megatron.data.problems import Problem, raise_for_errors
 from megatron.api.dataset import DatasetOptions, DatasetPlugin
 from megatron.types import Task
@@ -53,6 +56,11 @@ class DicomDataset(DatasetPlugin):
         window_index: int = Field(0, ge=0, description="which of the file's windows / VOI LUTs (0: the first)")
         frames: Literal["all", "first", "middle"] = Field(
             "all", description="without annotation_file: the frames of a multi-frame file that become images")
+        group_by: Literal["patient", "study", "none"] = Field("patient", description=GROUP_BY_HELP + "; with "
+                                                              "annotation_file, used when the COCO file names no "
+                                                              "patients (group_field)")
+        group_field: str | None = Field(DEFAULT_GROUP_FIELD, description="with annotation_file: " + GROUP_FIELD_HELP)
+        allow_outside_paths: bool = Field(False, description=ALLOW_HELP)
 
         @model_validator(mode="after")
         def _consistent(self):
@@ -71,12 +79,16 @@ class DicomDataset(DatasetPlugin):
         name = o.name or root.resolve().name
         if o.annotation_file is None:
             task, problems = read_image_folder(root, name, modality=o.modality, dicom_only=True, frames=o.frames,
-                                               display=self.display(), source=f"dicom:{root}")
+                                               display=self.display(), source=f"dicom:{root}", group_by=o.group_by,
+                                               allow_outside_paths=o.allow_outside_paths)
             return [(task, problems)]
         ann = Path(o.annotation_file).expanduser()
         task, problems = read_coco_task(ann, root, name=name, modality=o.modality, categories=o.categories,
-                                        source=f"dicom:{ann}")
+                                        source=f"dicom:{ann}", group_field=o.group_field,
+                                        allow_outside_paths=o.allow_outside_paths)
         task.image_loader = DicomImageLoader(self.display())
+        if task.grouping == GROUPING_NONE and o.group_by != "none":
+            task.grouping = _groups_from_headers(task, o.group_by, str(ann), problems)
         return [(task, problems)]
 
     def load(self) -> list[Task]:
@@ -87,6 +99,21 @@ class DicomDataset(DatasetPlugin):
             raise_for_errors(problems, where)
             out.append(task)
         return out
+
+
+def _groups_from_headers(task: Task, group_by: DicomGrouping, where: str, problems: list[Problem]) -> str:
+    """Set each record's group from its DICOM file's header (PatientID / StudyInstanceUID); the description."""
+    headers: dict[Path, object] = {}
+    for record in task.records:
+        if record.path is None or not record.path.is_file():
+            continue  # reported by the reader already
+        if record.path not in headers:
+            try:
+                headers[record.path] = read_header(record.path)
+            except DataError:
+                continue  # an unreadable file is reported when its pixels are read
+        record.group = dicom_group(headers[record.path], group_by)
+    return dicom_grouping(task.records, group_by, where, problems)
 
 
 @hookimpl

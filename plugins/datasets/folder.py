@@ -9,6 +9,8 @@ from pydantic import Field, model_validator
 from megatron import hookimpl
 from megatron.data.dicom import DicomDisplay
 from megatron.data.folder import read_image_folder
+from megatron.data.groups import GROUP_BY_HELP, GROUP_PATTERN_HELP, GROUPS_CSV_HELP
+from megatron.data.paths import ALLOW_HELP
 from megatron.data.problems import Problem, raise_for_errors
 from megatron.api.dataset import DatasetOptions, DatasetPlugin
 from megatron.types import Task
@@ -42,11 +44,17 @@ class FolderDataset(DatasetPlugin):
         window_index: int = Field(0, ge=0, description="DICOM files: which of the file's windows / VOI LUTs")
         frames: Literal["all", "first", "middle"] = Field(
             "all", description="multi-frame DICOM files: the frames that become images")
+        group_by: Literal["patient", "study", "none"] = Field("patient", description=GROUP_BY_HELP)
+        group_pattern: str | None = Field(None, description=GROUP_PATTERN_HELP + " (overrides group_by)")
+        groups_csv: Path | None = Field(None, description=GROUPS_CSV_HELP + " (overrides group_by)")
+        allow_outside_paths: bool = Field(False, description=ALLOW_HELP)
 
         @model_validator(mode="after")
         def _window(self):
             if not isinstance(self.window, str) and not self.window[1] >= 1:
                 raise ValueError(f"window width {self.window[1]:g} must be >= 1 ([center, width])")
+            if self.group_pattern is not None and self.groups_csv is not None:
+                raise ValueError("group_pattern and groups_csv are both set; keep one of them")
             return self
 
     def load_with_problems(self) -> list[tuple[Task, list[Problem]]]:
@@ -54,7 +62,10 @@ class FolderDataset(DatasetPlugin):
         root = Path(o.root).expanduser()
         display = DicomDisplay(window=o.window, window_index=o.window_index)
         task, problems = read_image_folder(root, o.name or root.resolve().name, modality=o.modality,
-                                           recursive=o.recursive, frames=o.frames, display=display)
+                                           recursive=o.recursive, frames=o.frames, display=display,
+                                           group_by=o.group_by, group_pattern=o.group_pattern,
+                                           groups_csv=Path(o.groups_csv).expanduser() if o.groups_csv else None,
+                                           allow_outside_paths=o.allow_outside_paths)
         return [(task, problems)]
 
     def load(self) -> list[Task]:

@@ -31,7 +31,8 @@ from megatron.data.problems import raise_for_errors
 from megatron.api.dataset import DatasetOptions, DatasetPlugin
 from megatron.errors import DataError
 from megatron.types import ImageRecord, Task
-from megatron_plugins.datasets.medsynth_scenes import GENERATOR_VERSION, TASK_SPECS, render
+from megatron_plugins.datasets.medsynth_scenes import (GENERATOR_VERSION, LESION_SWAP_RULES, LESION_SWAP_TARGET,
+                                                       TASK_SPECS, render)
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,10 @@ MEDSYNTH_TARGET = "eit"
 MEDSYNTH_SOURCES: tuple[str, ...] = ("mammography", "chest_xray", "pneumonia_xray", "brain_mri", "breast_mri",
                                      "breast_ultrasound")
 MEDSYNTH_TASKS: tuple[str, ...] = (*MEDSYNTH_SOURCES, MEDSYNTH_TARGET)
+#: the lesion-swap family (the meta-learning positive control): loaded only when named in the option `tasks`
+MEDSYNTH_SWAP_TASKS: tuple[str, ...] = tuple(LESION_SWAP_RULES)
+#: tasks whose image count is the option `target_images`
+MEDSYNTH_TARGETS: tuple[str, ...] = (MEDSYNTH_TARGET, LESION_SWAP_TARGET)
 #: tasks generated to be alike; a similarity metric should rank a task's family member nearest among sources
 MEDSYNTH_FAMILIES: dict[str, tuple[str, ...]] = {
     "xray": ("chest_xray", "pneumonia_xray"),
@@ -72,7 +77,8 @@ class MedSynthDataset(DatasetPlugin):
         images_per_task: int = Field(120, ge=1, description="images per source task")
         target_images: int = Field(100, ge=1, description="images of the `eit` target task (K-shot pool + held-out split)")
         image_size: int = Field(256, ge=64, le=2048, description="native (square) image size in pixels")
-        tasks: list[str] | None = Field(None, description=f"subset of tasks to load (default: all: {', '.join(MEDSYNTH_TASKS)})")
+        tasks: list[str] | None = Field(None, description=f"subset of tasks to load (default: the suite: {', '.join(MEDSYNTH_TASKS)}; "
+                                        f"the lesion-swap family {', '.join(MEDSYNTH_SWAP_TASKS)} only when named here)")
         cache_dir: Path | None = Field(None, description="where generated COCO folders are cached "
                                        f"(default {DEFAULT_CACHE}; one sub-folder per task and option hash)")
 
@@ -80,9 +86,9 @@ class MedSynthDataset(DatasetPlugin):
         @classmethod
         def _known_tasks(cls, value: list[str] | None) -> list[str] | None:
             if value is not None:
-                unknown = [t for t in value if t not in MEDSYNTH_TASKS]
+                unknown = [t for t in value if t not in (*MEDSYNTH_TASKS, *MEDSYNTH_SWAP_TASKS)]
                 if unknown:
-                    raise ValueError(f"unknown task(s) {unknown}; choose from {list(MEDSYNTH_TASKS)}")
+                    raise ValueError(f"unknown task(s) {unknown}; choose from {[*MEDSYNTH_TASKS, *MEDSYNTH_SWAP_TASKS]}")
                 if len(set(value)) != len(value) or not value:
                     raise ValueError("tasks must be a non-empty list without repeats")
             return value
@@ -90,10 +96,12 @@ class MedSynthDataset(DatasetPlugin):
 
     def task_names(self) -> list[str]:
         chosen = self.options.tasks
-        return [t for t in MEDSYNTH_TASKS if chosen is None or t in chosen]
+        if chosen is None:
+            return list(MEDSYNTH_TASKS)
+        return [t for t in (*MEDSYNTH_TASKS, *MEDSYNTH_SWAP_TASKS) if t in chosen]
 
     def n_images(self, task: str) -> int:
-        return self.options.target_images if task == MEDSYNTH_TARGET else self.options.images_per_task
+        return self.options.target_images if task in MEDSYNTH_TARGETS else self.options.images_per_task
 
     def cache_root(self) -> Path:
         return Path(self.options.cache_dir or DEFAULT_CACHE).expanduser()

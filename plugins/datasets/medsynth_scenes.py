@@ -11,7 +11,7 @@ models and which tasks were made alike on purpose.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Callable
 
 import cv2
@@ -573,6 +573,76 @@ def render_eit(rng: np.random.Generator, size: int):
     return les.result(finish(image, rng, noise=1.2, blur=0.0))
 
 
+# ----------------------------------------------------------------------------------------- lesion-swap family
+# The positive control of the meta-learning hypothesis (benchmarks/results/positive_control_meta/README.md):
+# every task paints the SAME kind of scene — one bright object of each shape on the same textured background —
+# and the tasks differ only in WHICH shape they annotate as the lesion. A detector jointly trained on the
+# source tasks sees each shape labelled in some tasks and unlabelled (background) in the others, so its best
+# joint answer is "every shape is a lesion with the same low confidence"; a start that adapts to one rule
+# within the fine-tuning budget is what meta-learning promises. Not part of the default suite: opt in with
+# the dataset option `tasks`.
+LESION_SWAP_SHAPES: tuple[str, ...] = ("disc", "ring", "square", "cross")
+#: source task -> the shape it annotates
+LESION_SWAP_SOURCES: dict[str, str] = {f"swap_{shape}": shape for shape in LESION_SWAP_SHAPES}
+#: the target: one more task of the family (its own images), annotating the ring
+LESION_SWAP_TARGET = "swap_target"
+LESION_SWAP_TARGET_SHAPE = "ring"
+LESION_SWAP_RULES: dict[str, str] = {**LESION_SWAP_SOURCES, LESION_SWAP_TARGET: LESION_SWAP_TARGET_SHAPE}
+LESION_SWAP_CLASSES = ["lesion"]
+
+
+def swap_shape_alpha(shape: str, size: int, cx: float, cy: float, r: float, edge: float) -> np.ndarray:
+    """Soft alpha map (1 inside) of one object of the family: all four have the same extent ``2r``."""
+    yy, xx = _grid(size)
+    dx, dy = np.abs(xx - cx), np.abs(yy - cy)
+    inside = lambda d: _sigmoid(d / edge)  # noqa: E731 - d > 0 inside the boundary
+    if shape == "disc":
+        return inside(r - np.hypot(dx, dy))
+    if shape == "ring":
+        rho = np.hypot(dx, dy)
+        return np.minimum(inside(r - rho), inside(rho - 0.5 * r))
+    if shape == "square":
+        return np.minimum(inside(0.85 * r - dx), inside(0.85 * r - dy))
+    if shape == "cross":
+        arm = 0.33 * r
+        return np.maximum(np.minimum(inside(r - dx), inside(arm - dy)), np.minimum(inside(r - dy), inside(arm - dx)))
+    raise ValueError(f"unknown lesion-swap shape {shape!r}; choose from {LESION_SWAP_SHAPES}")
+
+
+def lesion_swap_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[tuple[str, np.ndarray]]]:
+    """One scene of the family: the image and every painted object as ``(shape, alpha)``. One object of each
+    shape (a fifth of a random shape in half the images), the same contrast and size distribution for every
+    shape, on smooth mid-grey texture."""
+    S, f = size, size / 64.0
+    image = 100 + 14 * fractal_noise(rng, S, 4, octaves=2)
+    shapes = list(LESION_SWAP_SHAPES)
+    if rng.random() < 0.5:
+        shapes.append(str(rng.choice(LESION_SWAP_SHAPES)))
+    shapes = [shapes[i] for i in rng.permutation(len(shapes))]
+    radii = [log_uniform(rng, 4.0, 7.0) * f for _ in shapes]
+    region = np.zeros((S, S), bool)
+    margin = int(2 * f) + 1
+    region[margin:S - margin, margin:S - margin] = True
+    objects = []
+    for shape, r, c in zip(shapes, radii, sample_centers(rng, region, [1.2 * r for r in radii], min_gap=2 * f)):
+        if c is None:
+            continue
+        alpha = swap_shape_alpha(shape, S, c[0], c[1], r, edge=0.6 * f)
+        image += alpha * rng.uniform(45, 75)
+        objects.append((shape, alpha))
+    return finish(image, rng, noise=3.0, blur=0.4 * f), objects
+
+
+def render_lesion_swap(rng: np.random.Generator, size: int, lesion_shape: str):
+    """A scene of the family with boxes (class 0, ``lesion``) on the objects of ``lesion_shape`` only."""
+    image, objects = lesion_swap_scene(rng, size)
+    les = Lesions()
+    for shape, alpha in objects:
+        if shape == lesion_shape:
+            les.add(alpha, 0)
+    return les.result(image)
+
+
 # ----------------------------------------------------------------------------------------- the suite
 @dataclass(frozen=True)
 class TaskSpec:
@@ -590,6 +660,9 @@ TASK_SPECS: dict[str, TaskSpec] = {s.name: s for s in (
     TaskSpec("breast_mri", "mri", BREAST_MRI_CLASSES, render_breast_mri),
     TaskSpec("breast_ultrasound", "ultrasound", BREAST_ULTRASOUND_CLASSES, render_breast_ultrasound),
     TaskSpec("eit", "eit", EIT_CLASSES, render_eit),
+    # appended after the suite: a task's random stream is keyed by its index here, so the suite's images stay
+    *(TaskSpec(task, "synthetic-shapes", LESION_SWAP_CLASSES, partial(render_lesion_swap, lesion_shape=shape))
+      for task, shape in LESION_SWAP_RULES.items()),
 )}
 
 

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from megatron import hookimpl
 from megatron.data.problems import Problem, raise_for_errors
+from megatron.data.groups import GROUP_PATTERN_HELP, GROUPS_CSV_HELP
+from megatron.data.paths import ALLOW_HELP
 from megatron.data.yolo import read_yolo_task
 from megatron.api.dataset import DatasetOptions, DatasetPlugin
 from megatron.types import Task
@@ -30,11 +32,23 @@ class YoloDataset(DatasetPlugin):
         name: str | None = Field(None, description="task name (default: the root folder's name)")
         split: str | None = Field(None, description="sub-folder of images/ and labels/ to read (e.g. `train`); default: all of them")
         modality: str = Field("", description="imaging modality, informative")
+        group_pattern: str | None = Field(None, description=GROUP_PATTERN_HELP)
+        groups_csv: Path | None = Field(None, description=GROUPS_CSV_HELP)
+        allow_outside_paths: bool = Field(False, description=ALLOW_HELP)
+
+        @model_validator(mode="after")
+        def _one_group_source(self):
+            if self.group_pattern is not None and self.groups_csv is not None:
+                raise ValueError("group_pattern and groups_csv are both set; keep one of them")
+            return self
 
     def load_with_problems(self) -> list[tuple[Task, list[Problem]]]:
         o = self.options
         root = Path(o.root).expanduser()
-        return [read_yolo_task(root, name=o.name or root.resolve().name, split=o.split, modality=o.modality)]
+        return [read_yolo_task(root, name=o.name or root.resolve().name, split=o.split, modality=o.modality,
+                               group_pattern=o.group_pattern,
+                               groups_csv=Path(o.groups_csv).expanduser() if o.groups_csv else None,
+                               allow_outside_paths=o.allow_outside_paths)]
 
     def load(self) -> list[Task]:
         [(task, problems)] = self.load_with_problems()

@@ -13,8 +13,9 @@ from megatron_plugins.detectors._resnet import ResNetFPNOptions, configure_resne
 from megatron_plugins.detectors.mmdet_adapter import (
     PREDICT_MAX_PER_IMAGE,
     PREDICT_SCORE_THRESHOLD,
-    MMDetDetector,
+    roi_box_features,
 )
+from megatron_plugins.detectors.mmdet import MMDet
 
 
 class FasterRCNNOptions(ResNetFPNOptions):
@@ -23,7 +24,7 @@ class FasterRCNNOptions(ResNetFPNOptions):
                                 "positive); images with few objects train as well and much faster with 128")
 
 
-class FasterRCNN(MMDetDetector):
+class FasterRCNN(MMDet):
     """Faster R-CNN behind the megatron detector interface (see :class:`MMDetDetector` for the BatchNorm policy).
 
     - parameter groups: ``head`` holds both the RPN (``rpn_head``) and the RoI head (``roi_head``).
@@ -38,8 +39,10 @@ class FasterRCNN(MMDetDetector):
     """
 
     PLUGIN_NAME = "faster-rcnn"
+    PRESET_FAMILY = "faster_rcnn"
     Options = FasterRCNNOptions
     CONFIG = "faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py"
+    SMALLEST_STRIDE = 4  # the FPN's P2 level (RPN anchor strides 4 ... 64)
     CLASSIFIER = "roi_head.bbox_head.fc_cls"
     CLASSIFIER_EXTRA = ("roi_head.bbox_head.fc_reg",)
     SOFTMAX_CLASSIFIER = True
@@ -54,33 +57,7 @@ class FasterRCNN(MMDetDetector):
         return model_cfg
 
     def _box_features(self, inputs, data_samples):
-        feats = self.model.extract_feat(inputs)
-        roi_head = self.model.roi_head
-        head = roi_head.bbox_head
-        rois = self.gt_rois(data_samples, inputs.device).to(feats[0].dtype)
-        if len(rois) == 0:
-            return feats[0].new_zeros(0, head.cls_last_dim)
-        x = roi_head.bbox_roi_extractor(feats[: roi_head.bbox_roi_extractor.num_inputs], rois)
-        if roi_head.with_shared_head:
-            x = roi_head.shared_head(x)
-        # the shared + classification branch of ConvFCBBoxHead.forward, up to (not including) fc_cls
-        for conv in getattr(head, "shared_convs", []):
-            x = conv(x)
-        if getattr(head, "num_shared_fcs", 0) > 0:
-            if head.with_avg_pool:
-                x = head.avg_pool(x)
-            x = x.flatten(1)
-            for fc in head.shared_fcs:
-                x = head.relu(fc(x))
-        for conv in getattr(head, "cls_convs", []):
-            x = conv(x)
-        if x.dim() > 2:
-            if head.with_avg_pool:
-                x = head.avg_pool(x)
-            x = x.flatten(1)
-        for fc in getattr(head, "cls_fcs", []):
-            x = head.relu(fc(x))
-        return x
+        return roi_box_features(self, inputs, data_samples)
 
     def _resize_classifier(self, num_classes: int) -> None:
         head = self.model.roi_head.bbox_head

@@ -42,6 +42,7 @@ compute the body once per episode.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import warnings
@@ -56,6 +57,11 @@ from torch import nn
 from megatron.api.detector import Detector, DetectorOptions
 from megatron.errors import ConfigError
 from megatron.types import Batch, Detections, to_original_coords
+from megatron_plugins.detectors.mmdet_configs import (  # noqa: F401  (strip_pretrained: re-exported)
+    mmdet_config_dir,
+    read_config,
+    strip_pretrained,
+)
 
 log = logging.getLogger(__name__)
 # mmdet 3.3 calls the deprecated torch.cuda.amp.autocast; the warning is mmdet's, not actionable here
@@ -67,33 +73,18 @@ PREDICT_SCORE_THRESHOLD = 0.001
 PREDICT_MAX_PER_IMAGE = 100
 
 
-def mmdet_config_dir() -> Path:
-    """The folder of config files shipped inside the installed mmdet package."""
-    import mmdet
+@contextlib.contextmanager
+def quiet_mmengine():
+    """mmengine's logger at WARNING for the duration (``init_weights`` logs a paragraph per parameter)."""
+    from mmengine.logging import MMLogger  # optional dependency: only the mmdet detectors need it
 
-    return Path(mmdet.__file__).parent / ".mim" / "configs"
-
-
-def strip_pretrained(cfg: Any) -> Any:
-    """Remove every pretrained-weight reference (``init_cfg`` of type ``Pretrained``, ``pretrained=``,
-    ``load_from``) from a config dict, recursively, so building the model never downloads anything."""
-    if isinstance(cfg, dict):
-        out = {}
-        for key, value in cfg.items():
-            if key in ("pretrained", "load_from"):
-                continue
-            if key == "init_cfg" and _is_pretrained_init(value):
-                continue
-            out[key] = strip_pretrained(value)
-        return out
-    if isinstance(cfg, (list, tuple)):
-        return type(cfg)(strip_pretrained(v) for v in cfg)
-    return cfg
-
-
-def _is_pretrained_init(init_cfg: Any) -> bool:
-    items = init_cfg if isinstance(init_cfg, (list, tuple)) else [init_cfg]
-    return any(isinstance(i, dict) and (i.get("type") == "Pretrained" or "checkpoint" in i) for i in items)
+    mm_logger = MMLogger.get_current_instance()
+    level = mm_logger.level
+    mm_logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        mm_logger.setLevel(level)
 
 
 class CosineClassifier(nn.Module):
@@ -198,15 +189,21 @@ class MMDetDetector(Detector):
         """Edit the mmdet model config dict: number of classes, input size, test settings. Return it."""
         raise NotImplementedError
 
-    def build_model(self) -> nn.Module:
-        from mmengine.config import Config, ConfigDict
-        from mmengine.logging import MMLogger
-        from mmengine.registry import init_default_scope
-        from mmdet.registry import MODELS
+    def config_overrides(self) -> dict[str, Any]:
+        """Dotted config overrides merged in after reading the file (the ``mmdet`` plugin's ``cfg_options``)."""
+        return {}
 
-        cfg = Config.fromfile(str(self.config_path()))
+    def model_config(self) -> dict:
+        """The model config dict as built: read (``_base_`` resolved, overrides merged), pretrained weights
+        stripped, without the data preprocessor, edited by :meth:`configure`."""
+        cfg = read_config(self.config_path(), self.config_overrides())
         model_cfg = strip_pretrained(cfg.model.to_dict())
-        pre = model_cfg.pop("data_preprocessor", None) or {}
+        model_cfg.pop("data_preprocessor", None)
+        return self.configure(model_cfg)
+
+    def build_model(self) -> nn.Module:
+        cfg = read_config(self.config_path(), self.config_overrides())
+        pre = cfg.model.get("data_preprocessor", None) or {}
         mean = pre.get("mean") or [0.0, 0.0, 0.0]
         std = pre.get("std") or [1.0, 1.0, 1.0]
         # mmdet pipelines load BGR; bgr_to_rgb=True means the model wants RGB, else it wants BGR
@@ -214,16 +211,26 @@ class MMDetDetector(Detector):
         self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self._identity_normalisation = all(m == 0 for m in mean) and all(v == 1 for v in std)
-        model_cfg = ConfigDict(self.configure(model_cfg))
+        return self.build_mmdet_model()
+
+    def build_mmdet_model(self) -> nn.Module:
+        """``MODELS.build`` of :meth:`model_config` and mmdet's ``init_weights``; a model mmdet cannot build is
+        a :class:`ConfigError` with mmdet's own message and the config file."""
+        from mmengine.config import ConfigDict  # optional dependency: only the mmdet detectors need it
+        from mmengine.registry import init_default_scope
+        from mmdet.registry import MODELS
+
+        model_cfg = ConfigDict(self.model_config())
         init_default_scope("mmdet")
-        model = MODELS.build(model_cfg)
-        mm_logger = MMLogger.get_current_instance()
-        level = mm_logger.level
-        mm_logger.setLevel(logging.WARNING)  # init_weights logs one INFO paragraph per parameter
         try:
+            model = MODELS.build(model_cfg)
+        except Exception as exc:
+            raise ConfigError(
+                f"detector {self.PLUGIN_NAME!r}: mmdet cannot build the model of config {self.config_path()} "
+                f"(model.type {model_cfg.get('type')!r}): {type(exc).__name__}: {exc}"
+            ) from exc
+        with quiet_mmengine():  # init_weights logs one INFO paragraph per parameter
             model.init_weights()
-        finally:
-            mm_logger.setLevel(level)
         # the data preprocessor is replaced by normalise(); drop any batch augment it may hold
         if hasattr(model, "data_preprocessor") and hasattr(model.data_preprocessor, "batch_augments"):
             model.data_preprocessor.batch_augments = None
@@ -277,7 +284,23 @@ class MMDetDetector(Detector):
             return self(*args, **kwargs)
         # cloned buffers: BN running stats of the meta-parameters are not updated during fast adaptation
         buffers = {n: b.clone() for n, b in self.named_buffers()}
-        return torch.func.functional_call(self, {**buffers, **params}, args, kwargs, strict=False)
+        return torch.func.functional_call(self, {**buffers, **self._with_tied_names(params)}, args, kwargs,
+                                          strict=False, tie_weights=False)
+
+    def _with_tied_names(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``params`` under every name of each tensor (modules shared between places, as RTMDet's head convs
+        across levels): ``functional_call``'s own weight tying leaves the tied copies swapped after the call."""
+        aliases: dict[int, list[str]] = {}
+        for name, p in self.named_parameters(remove_duplicate=False):
+            aliases.setdefault(id(p), []).append(name)
+        if all(len(names) == 1 for names in aliases.values()):
+            return params
+        own = dict(self.named_parameters())
+        out = dict(params)
+        for name, value in params.items():
+            for alias in aliases.get(id(own[name]), ()) if name in own else ():
+                out[alias] = value
+        return out
 
     # --- Detector interface -----------------------------------------------------------------------
     def loss(self, batch: Batch, params: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -475,6 +498,38 @@ class MMDetDetector(Detector):
                 idx_all.append(sel[m])
         order = torch.cat(idx_all)
         return out.index_put((order,), torch.cat(rows).to(out.dtype))
+
+
+def roi_box_features(det: MMDetDetector, inputs: torch.Tensor, data_samples: list) -> torch.Tensor:
+    """RoIAlign over each annotated box through a two-stage model's box head up to (not including) ``fc_cls``:
+    the vector the classifier sees for a proposal equal to the box (Faster R-CNN's ``box_features``)."""
+    feats = det.model.extract_feat(inputs)
+    roi_head = det.model.roi_head
+    head = roi_head.bbox_head
+    rois = det.gt_rois(data_samples, inputs.device).to(feats[0].dtype)
+    if len(rois) == 0:
+        return feats[0].new_zeros(0, head.cls_last_dim)
+    x = roi_head.bbox_roi_extractor(feats[: roi_head.bbox_roi_extractor.num_inputs], rois)
+    if roi_head.with_shared_head:
+        x = roi_head.shared_head(x)
+    # the shared + classification branch of ConvFCBBoxHead.forward, up to (not including) fc_cls
+    for conv in getattr(head, "shared_convs", []):
+        x = conv(x)
+    if getattr(head, "num_shared_fcs", 0) > 0:
+        if head.with_avg_pool:
+            x = head.avg_pool(x)
+        x = x.flatten(1)
+        for fc in head.shared_fcs:
+            x = head.relu(fc(x))
+    for conv in getattr(head, "cls_convs", []):
+        x = conv(x)
+    if x.dim() > 2:
+        if head.with_avg_pool:
+            x = head.avg_pool(x)
+        x = x.flatten(1)
+    for fc in getattr(head, "cls_fcs", []):
+        x = head.relu(fc(x))
+    return x
 
 
 def sum_losses(raw: dict[str, Any]) -> dict[str, torch.Tensor]:

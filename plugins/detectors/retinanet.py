@@ -6,14 +6,15 @@ from __future__ import annotations
 
 from megatron import hookimpl
 from megatron_plugins.detectors._resnet import ResNetFPNOptions, configure_resnet
-from megatron_plugins.detectors.mmdet_adapter import MMDetDetector, SigmoidDenseHeadMixin
+from megatron_plugins.detectors.mmdet import MMDet
+from megatron_plugins.detectors.mmdet_adapter import SigmoidDenseHeadMixin
 
 
 class RetinaNetOptions(ResNetFPNOptions):
     pass
 
 
-class RetinaNet(SigmoidDenseHeadMixin, MMDetDetector):
+class RetinaNet(SigmoidDenseHeadMixin, MMDet):
     """RetinaNet behind the megatron detector interface (see :class:`MMDetDetector` for the BatchNorm policy).
 
     - classifier (``head_cls``; re-initialised by ``set_num_classes``): ``bbox_head.retina_cls``
@@ -25,6 +26,7 @@ class RetinaNet(SigmoidDenseHeadMixin, MMDetDetector):
     """
 
     PLUGIN_NAME = "retinanet"
+    PRESET_FAMILY = "retinanet"
     Options = RetinaNetOptions
     CONFIG = "retinanet/retinanet_r50_fpn_1x_coco.py"
     CLASSIFIER = "bbox_head.retina_cls"

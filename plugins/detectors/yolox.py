@@ -17,8 +17,8 @@ from megatron.api.detector import DetectorOptions
 from megatron_plugins.detectors.mmdet_adapter import (
     PREDICT_MAX_PER_IMAGE,
     PREDICT_SCORE_THRESHOLD,
-    MMDetDetector,
 )
+from megatron_plugins.detectors.mmdet import MMDet
 
 CONFIGS = {
     "nano": "yolox/yolox_nano_8xb8-300e_coco.py",
@@ -36,7 +36,7 @@ class YOLOXOptions(DetectorOptions):
     nms_iou: float = Field(0.65, gt=0, lt=1, description="IoU threshold of the non-maximum suppression at prediction")
 
 
-class YOLOX(MMDetDetector):
+class YOLOX(MMDet):
     """YOLOX behind the megatron detector interface (see :class:`MMDetDetector` for the BatchNorm policy).
 
     - classifier (``head_cls``; re-initialised by ``set_num_classes``): ``bbox_head.multi_level_conv_cls``
@@ -48,6 +48,7 @@ class YOLOX(MMDetDetector):
     """
 
     PLUGIN_NAME = "yolox"
+    PRESET_FAMILY = "yolox"
     Options = YOLOXOptions
     CLASSIFIER = "bbox_head.multi_level_conv_cls"
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.utils.checkpoint
@@ -157,71 +157,102 @@ def inner_loop(
     params = {n: all_params[n] for n in names}
     if not params:
         raise ConfigError(f"{learner.PLUGIN_NAME}: the inner loop has no trainable parameters to adapt")
-    if head_only_inner_loop(detector, params):
-        batch = batch.to(learner.ctx.device)
-        # first order: nothing flows back through the support features, so they need no graph
-        features = body_features(learner, detector, batch, graph=not first_order)
+    support_loss = support_loss_function(learner, detector, batch, params, first_order)
+    step = InnerStep(learner, support_loss, list(params), len(batch), lr, first_order)
+    first_loss = float("nan")
+    tensors = tuple(params.values())
+    for index in range(steps):
+        if checkpoint and not first_order:
+            # keep only the adapted tensors; the step's graph is rebuilt when the outer backward reaches it
+            out = torch.utils.checkpoint.checkpoint(step.fresh(), *tensors, use_reentrant=False)
+        else:
+            out = step.fresh()(*tensors)
+        tensors, loss = tuple(out[:-1]), out[-1]
+        if index == 0:
+            first_loss = float(loss)
+    return dict(zip(params, tensors)), first_loss
 
-        def support_loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
-            return head_loss(learner, detector, features, batch, p)
-    else:
-        def support_loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
-            return learner.loss(detector, batch, params=p)
+
+def support_loss_function(learner: MetaLearner, detector: Detector, batch: Batch, params: dict[str, torch.Tensor],
+                          first_order: bool) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """The support loss as a function of the adapted parameters: the head alone on body features computed once
+    (:func:`head_only_inner_loop`), else the whole ``detector.loss``."""
+    if not head_only_inner_loop(detector, params):
+        return lambda p: learner.loss(detector, batch, params=p)
+    batch = batch.to(learner.ctx.device)
+    # first order: nothing flows back through the support features, so they need no graph
+    features = body_features(learner, detector, batch, graph=not first_order)
+    return lambda p: head_loss(learner, detector, features, batch, p)
+
+
+def inner_loss_scale(learner: MetaLearner) -> float:
+    """fp16: the gradient scaler's current scale, so that small inner gradients do not underflow (unscaled after);
+    the scale only changes at the outer step, so a step recomputed during the outer backward scales alike. 1.0
+    without a scaler."""
     scaler = learner.ctx.scaler
-    # fp16: scale the loss so that small inner gradients do not underflow, unscale them after (the scale only
-    # changes at the outer step, so a step recomputed during the outer backward scales alike)
-    scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-    keys = list(params)
-    compute = learner.ctx.compute
+    return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
 
-    def make_step():
+
+class InnerStep:
+    """One functional SGD step of the inner loop: ``step(*tensors) -> (*adapted, loss before the step)``.
+
+    :meth:`fresh` gives the callable for one step. Called a second time (activation checkpointing recomputes the
+    step during the outer backward), it neither charges the compute account again nor repeats the overflow warning.
+    """
+
+    def __init__(self, learner: MetaLearner, support_loss: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+                 keys: list[str], images: int, lr: float, first_order: bool):
+        self.learner, self.support_loss, self.keys = learner, support_loss, keys
+        self.images, self.lr, self.first_order = images, lr, first_order
+        self.scale = inner_loss_scale(learner)
+
+    def fresh(self) -> Callable[..., tuple[torch.Tensor, ...]]:
         ran = False
 
         def run(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            """One SGD step: the adapted tensors, then the loss before it (detached)."""
             nonlocal ran
             recompute, ran = ran, True
-            saved = compute.state_dict() if recompute else None  # charged once, not again when recomputed
-            try:
-                loss = support_loss(dict(zip(keys, tensors)))
-                grads = torch.autograd.grad(
-                    loss * scale if scale != 1.0 else loss, tensors, create_graph=not first_order, allow_unused=True)
-                compute.backward(len(batch))
-            finally:  # a recomputation may stop early (by an exception) once it has what the backward needs
-                if saved is not None:
-                    compute.load_state_dict(saved)
-            if scale != 1.0 and not all(torch.isfinite(g).all() for g in grads if g is not None):
-                # fp16 overflow: skip this inner step, as GradScaler skips an optimiser step
-                if not recompute:
-                    log.warning("%s: inner-loop gradients overflowed at loss scale %g; step skipped",
-                                learner.PLUGIN_NAME, scale)
-                return (*tensors, loss.detach())
-            new = []
-            for p, g in zip(tensors, grads):
-                if g is None:
-                    new.append(p)
-                    continue
-                if scale != 1.0:
-                    g = g / scale
-                if first_order:
-                    g = g.detach()
-                new.append(p - lr * g)
-            return (*new, loss.detach())
+            return self.run(tensors, recompute)
 
         return run
 
-    first_loss = float("nan")
-    tensors = tuple(params.values())
-    for step in range(steps):
-        if checkpoint and not first_order:
-            # keep only the adapted tensors; the step's graph is rebuilt when the outer backward reaches it
-            out = torch.utils.checkpoint.checkpoint(make_step(), *tensors, use_reentrant=False)
-        else:
-            out = make_step()(*tensors)
-        tensors, loss = tuple(out[:-1]), out[-1]
-        if step == 0:
-            first_loss = float(loss)
-    return dict(zip(keys, tensors)), first_loss
+    def run(self, tensors: tuple[torch.Tensor, ...], recompute: bool) -> tuple[torch.Tensor, ...]:
+        loss, grads = self.gradients(tensors, recompute)
+        if self.scale != 1.0 and not all(torch.isfinite(g).all() for g in grads if g is not None):
+            # fp16 overflow: skip this inner step, as GradScaler skips an optimiser step
+            if not recompute:
+                log.warning("%s: inner-loop gradients overflowed at loss scale %g; step skipped",
+                            self.learner.PLUGIN_NAME, self.scale)
+            return (*tensors, loss.detach())
+        return (*self.sgd_update(tensors, grads), loss.detach())
+
+    def gradients(self, tensors: tuple[torch.Tensor, ...], recompute: bool):
+        """The support loss and its (scaled) gradients; charged ``images`` forward and backward, once."""
+        compute = self.learner.ctx.compute
+        saved = compute.state_dict() if recompute else None  # charged once, not again when recomputed
+        try:
+            loss = self.support_loss(dict(zip(self.keys, tensors)))
+            scaled = loss * self.scale if self.scale != 1.0 else loss
+            grads = torch.autograd.grad(scaled, tensors, create_graph=not self.first_order, allow_unused=True)
+            compute.backward(self.images)
+        finally:  # a recomputation may stop early (by an exception) once it has what the backward needs
+            if saved is not None:
+                compute.load_state_dict(saved)
+        return loss, grads
+
+    def sgd_update(self, tensors: tuple[torch.Tensor, ...], grads) -> list[torch.Tensor]:
+        """``p - lr * g`` per tensor (unscaled; detached first order); a tensor without a gradient is kept."""
+        new = []
+        for p, g in zip(tensors, grads):
+            if g is None:
+                new.append(p)
+                continue
+            if self.scale != 1.0:
+                g = g / self.scale
+            if self.first_order:
+                g = g.detach()
+            new.append(p - self.lr * g)
+        return new
 
 
 def head_only_inner_loop(detector: Detector, names: Iterable[str]) -> bool:

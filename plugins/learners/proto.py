@@ -87,6 +87,10 @@ class Proto(OuterOptimizerMixin, MetaLearner):
              "Wang et al. (2020), Frustratingly Simple Few-Shot Object Detection, ICML")
     Options: ClassVar[type[LearnerOptions]] = ProtoOptions
 
+    @classmethod
+    def required_capabilities(cls, options: LearnerOptions) -> set[str]:
+        return {"prototypes"}  # detector.box_features + set_prototypes
+
     def prototypes(self, detector: Detector, batch: Batch) -> torch.Tensor:
         """Prototypes ``(detector.num_classes, D)`` from the annotated boxes of ``batch`` (with gradient);
         charges ``len(batch)`` images forward."""

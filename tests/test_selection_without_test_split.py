@@ -1,0 +1,67 @@
+"""Source choice without the test split (issue 25): the similarity that ranks the source tasks for
+`similarity.select_sources` reads only the target's pool and validation images, never a held-out image, and the
+run record lists which target images it read."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tiny_run import make_pm, tiny_config
+
+from megatron.errors import DataError
+from megatron.similarity.ranking import build_metric, select_sources
+from megatron.similarity.selection import selection_target
+from megatron.training.prepare import split_target_three
+from megatron.training.runner import run_experiment
+from megatron.types import ImageRecord, Task
+
+
+def grey_task(name: str, n: int, level: int, heldout_guard: set | None = None) -> Task:
+    """``n`` flat images at grey ``level``, one box each; the loader raises on any id in ``heldout_guard``."""
+    records = [ImageRecord(image_id=i, path=None, width=32, height=32, boxes=np.array([[4, 4, 12, 12]], np.float32),
+                           labels=np.array([0]), file_name=f"{name}_{i}.png") for i in range(1, n + 1)]
+
+    def load(r: ImageRecord) -> np.ndarray:
+        if heldout_guard is not None and r.image_id in heldout_guard:
+            raise AssertionError(f"held-out image {r.image_id} was read")
+        return np.full((32, 32), level + r.image_id % 3, np.uint8)
+
+    return Task(name=name, categories=["lesion"], records=records, image_loader=load)
+
+
+def test_similarity_for_selection_never_reads_a_held_out_image(tmp_path):
+    target = grey_task("target", 40, 100)
+    pool, validation, heldout = split_target_three(target, 8, 30, 10, seed=0)
+    guard = {r.image_id for r in heldout.records}
+    guarded = grey_task("target", 40, 100, heldout_guard=guard)  # the same images (id i at index i-1), held-out refused
+    view = selection_target(guarded.subset([r.image_id - 1 for r in pool.records]),
+                            guarded.subset([r.image_id - 1 for r in validation.records]), heldout)
+    sources = [grey_task("near", 10, 102), grey_task("far", 10, 200)]
+    cfg = tiny_config(tmp_path, **{"similarity.sample_size": 1000})  # more than offered: every image is read
+    metric = build_metric(make_pm(), cfg, "wasserstein")
+    chosen = select_sources(metric, view.task, sources, 1)
+    assert chosen.chosen == ["near"]
+    read = {i for _, i in view.read}
+    assert read == {r.image_id for r in pool.records} | {r.image_id for r in validation.records}  # all offered
+    assert not read & guard
+    assert view.record()["offered"] == {"pool": 8, "validation": 10, "extra": 0}
+
+
+def test_a_split_whose_pool_overlaps_the_held_out_images_is_refused():
+    target = grey_task("target", 20, 100)
+    with pytest.raises(DataError, match="held-out"):
+        selection_target(target.subset([0, 1, 2]), None, target.subset([2, 3, 4]))
+
+
+@pytest.mark.slow  # a whole tiny run
+def test_the_run_record_lists_the_target_images_selection_read_and_none_is_held_out(tmp_path):
+    cfg = tiny_config(tmp_path, **{"training.meta_epochs": 1, "similarity.select_sources": 1,
+                                   "similarity.metric": "wasserstein", "similarity.metrics": ["wasserstein"],
+                                   "data.validation_images": 4})
+    record = run_experiment(cfg, run_dir=tmp_path / "r", pm=make_pm(), progress=False, learners=["joint_test"])
+    used = record["selection"]["target_images"]
+    split = record["split"]
+    allowed = {x["id"] for x in split["pool"]} | {x["id"] for x in split["validation"]}
+    read = set(used["read"]["pool"]) | set(used["read"]["validation"])
+    assert read and read <= allowed
+    assert not read & {x["id"] for x in split["heldout"]}
+    assert used["offered"]["pool"] == len(split["pool"]) and used["offered"]["validation"] == len(split["validation"])
