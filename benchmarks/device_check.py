@@ -231,6 +231,73 @@ def part_amp(device: torch.device, size: int, steps: int, learners: list[str], o
     return record
 
 
+#: relative difference of a family's first meta-step loss from fp32's that mixed precision may show
+FAMILY_LOSS_TOLERANCE = 0.05
+
+
+def part_families(device: torch.device, size: int, out: Path, cpu_only: bool) -> dict:
+    """The verified mmdet families (issue 23) under mixed precision: one meta-step each of the strongest learner the
+    family allows (second-order MAML, first-order for deformable attention) with amp off / bf16 / fp16 + scaler,
+    the loss finite and within FAMILY_LOSS_TOLERANCE of fp32's. CUDA; ``--cpu-only`` runs YOLOX and RTMDet with
+    amp off / bf16 only (the script path, not the numbers)."""
+    from bench_detector import make_batch
+    from megatron.api.detector import CAPABILITY_SECOND_ORDER
+    from megatron.api.learner import LearnerContext
+    from megatron.types import Episode
+    from megatron_plugins.detectors.mmdet import SMALL_CONFIGS, MMDet
+    from megatron_plugins.learners.maml import MAML
+
+    families = ["yolox", "rtmdet"] if cpu_only else list(SMALL_CONFIGS)
+    amps = ["off", "bf16"] + (["fp16"] if device.type == "cuda" else [])
+    skipped = [] if device.type == "cuda" else ["fp16 + GradScaler: needs CUDA", "families other than yolox, rtmdet: "
+                                                "CUDA run only"]
+    episode = Episode("t", make_batch(2, size, 3, device, seed=1), make_batch(2, size, 3, device, seed=2), ["a", "b", "c"])
+    rows, failures = [], []
+    for family in families:
+        config, cfg_options = SMALL_CONFIGS[family]
+        torch.manual_seed(0)
+        base = MMDet(3, size, MMDet.Options(config=config, cfg_options=cfg_options)).to(device).train()
+        first_order = CAPABILITY_SECOND_ORDER in MMDet.unsupported(base.options)
+        ref = None
+        for amp in amps:
+            row = {"family": family, "amp": amp, "first_order": first_order}
+            try:
+                det = copy.deepcopy(base).train()
+                scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+                ctx = LearnerContext(device=device, amp=amp, scaler=scaler, inner_steps=1, inner_lr=1e-3, outer_lr=1e-4)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                sync(device)
+                t0 = time.perf_counter()
+                torch.manual_seed(1)
+                loss = float(MAML(det, MAML.Options(first_order=first_order), ctx).meta_step([episode])["loss"])
+                sync(device)
+                row.update(loss=loss, seconds=time.perf_counter() - t0)
+                if device.type == "cuda":
+                    row["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+                problems = [] if loss == loss and abs(loss) != float("inf") else ["the loss is not finite"]
+                if amp == "off":
+                    ref = loss
+                elif ref is not None and not problems:
+                    row["loss_rel_diff"] = abs(loss - ref) / max(abs(ref), 1e-12)
+                    if row["loss_rel_diff"] > FAMILY_LOSS_TOLERANCE:
+                        problems.append(f"loss {row['loss_rel_diff']:.2%} from fp32's (allowed {FAMILY_LOSS_TOLERANCE:.0%})")
+            except Exception as exc:  # noqa: BLE001 - a failing family is a finding; the others still run
+                problems = [f"{type(exc).__name__}: {exc}"]
+                row["traceback"] = traceback.format_exc()
+            row.update(ok=not problems, problems=problems)
+            if problems:
+                failures.append(f"{family} amp={amp}: {'; '.join(problems)}")
+            print(f"  {family:16s} amp={amp:5s} {'ok' if row['ok'] else 'FAIL ' + '; '.join(problems)}"
+                  + (f"  loss {row['loss']:.4f}" if "loss" in row else ""), flush=True)
+            rows.append(row)
+    record = {"part": "families", "environment": environment(device), "cpu_only": cpu_only, "input_size": size,
+              "amps": amps, "skipped": skipped, "tolerance": FAMILY_LOSS_TOLERANCE, "rows": rows,
+              "failures": failures, "ok": not failures}
+    write(out, "families.json", record)
+    return record
+
+
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
 
@@ -414,6 +481,11 @@ def part_summary(out: Path) -> int:
     else:
         lines += ["", "bench_learners: **not run** (timed out or failed)"]
         ok = False
+    if (out / "families.json").exists():
+        fam = json.loads((out / "families.json").read_text())
+        lines += ["", f"mmdet families under mixed precision: {'ok' if fam['ok'] else 'FAILED'}"
+                  + "".join(f"\n- {f}" for f in fam["failures"])]
+        ok = ok and fam["ok"]
     if (out / "data.json").exists():
         import device_data  # benchmarks/ (on the path above)
 
@@ -428,7 +500,7 @@ def part_summary(out: Path) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("part", choices=["amp", "distributed", "data", "summary", "device-slug"])
+    ap.add_argument("part", choices=["amp", "families", "distributed", "data", "summary", "device-slug"])
     ap.add_argument("--out", type=Path, help="folder for the JSON (device_check.sh chooses it)")
     ap.add_argument("--cpu-only", action="store_true", help="CPU, small input: test the script without a GPU")
     ap.add_argument("--input-size", type=int, default=None, help="default 256 on CUDA, 64 with --cpu-only")
@@ -450,6 +522,9 @@ def main(argv=None) -> int:
     if args.part == "amp":
         rec = part_amp(device, args.input_size or (64 if args.cpu_only else 256), args.meta_steps,
                        [n.strip() for n in args.learners.split(",") if n.strip()], args.out, args.cpu_only)
+        return 0 if rec["ok"] else 1
+    if args.part == "families":
+        rec = part_families(device, args.input_size or (64 if args.cpu_only else 128), args.out, args.cpu_only)
         return 0 if rec["ok"] else 1
     if args.part == "distributed":
         return 0 if part_distributed(device, args.out, args.cpu_only, args.timeout_s)["ok"] else 1

@@ -37,7 +37,7 @@ if [ "$CPU_ONLY" = 1 ]; then
   export OMP_NUM_THREADS=1
   [ -n "$OUT" ] || OUT=benchmarks/out/device_check_cpu
   # time limits (s) for the CPU test: small inputs, one thread
-  T_AMP=420; T_DIST=300; T_BENCH=300; T_DATA=300
+  T_AMP=420; T_DIST=300; T_BENCH=300; T_DATA=300; T_FAM=300
 else
   if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "device_check.sh: no CUDA device visible to $PY; use --cpu-only to test the script on the CPU" >&2
@@ -47,10 +47,10 @@ else
     OUT="benchmarks/results/gpu/$("$PY" benchmarks/device_check.py device-slug)"
   fi
   # budget on one GPU: 10 minutes in all, start-up included
-  T_AMP=180; T_DIST=150; T_BENCH=120; T_DATA=120
+  T_AMP=180; T_DIST=150; T_BENCH=120; T_DATA=120; T_FAM=150
 fi
 mkdir -p "$OUT"
-rm -f "$OUT"/amp.json "$OUT"/distributed.json "$OUT"/bench_learners.json "$OUT"/bench_learners.skipped "$OUT"/data.json
+rm -f "$OUT"/amp.json "$OUT"/families.json "$OUT"/distributed.json "$OUT"/bench_learners.json "$OUT"/bench_learners.skipped "$OUT"/data.json
 echo "device check -> $OUT"
 START=$(date +%s)
 status=0
@@ -58,6 +58,10 @@ status=0
 echo "== 1/3 mixed precision: every learner with amp off / bf16 / fp16"
 timeout --kill-after=10 "$T_AMP" "$PY" benchmarks/device_check.py amp --out "$OUT" "${FLAG[@]}" 2>&1 | tee "$OUT/amp.log" \
   || { echo "amp: FAILED (see above) or timed out (${T_AMP} s)"; status=1; }
+
+echo "== mmdet families (issue 23): one meta-step each with amp off / bf16 / fp16"
+timeout --kill-after=10 "$T_FAM" "$PY" benchmarks/device_check.py families --out "$OUT" "${FLAG[@]}" 2>&1 | tee "$OUT/families.log" \
+  || { echo "families: FAILED (see above) or timed out (${T_FAM} s)"; status=1; }
 
 echo "== 2/3 two processes on one device (nccl, else gloo) vs one process"
 timeout --kill-after=10 "$T_DIST" "$PY" benchmarks/device_check.py distributed --out "$OUT" "${FLAG[@]}" 2>&1 | tee "$OUT/distributed.log" \

@@ -120,14 +120,20 @@ def storage_errors(path: str | Path, what: str = "write") -> Iterator[None]:
     except (OSError, RuntimeError) as exc:
         if not is_out_of_room(exc):
             raise
-        path = Path(path)
-        cause = getattr(exc, "strerror", None) or "the write failed"
-        raise StorageFullError(
-            f"could not {what} {path}: no room ({cause}; {free_space_note(path.parent)}; the shell's file-size limit, "
-            "`ulimit -f`, counts too). Nothing half-written was kept. Fix: free space there or write elsewhere "
-            "(--out / --run-dir; data.cache_dir for the stage-1 cache), then run again (--resume continues a run "
-            "from its last checkpoint)"
-        ) from exc
+        raise StorageFullError(out_of_room_message(exc, path, what)) from exc
+
+
+def out_of_room_message(exc: BaseException, path: str | Path | None, what: str = "write") -> str:
+    """What a write refused for lack of room says: what, where, the free space there, and the fix."""
+    cause = getattr(exc, "strerror", None) or "the write failed"
+    if path is None:
+        where, free = "a file", "free space unknown"
+    else:
+        where, free = str(path), free_space_note(Path(path).parent)
+    return (f"could not {what} {where}: no room ({cause}; {free}; the shell's file-size limit, `ulimit -f`, counts "
+            "too). Nothing half-written was kept. Fix: free space there or write elsewhere (--out / --run-dir; "
+            "data.cache_dir for the stage-1 cache), then run again (--resume continues a run from its last "
+            "checkpoint)")
 
 
 def remove_stale_tmp_files(folder: str | Path, recursive: bool = True) -> list[Path]:

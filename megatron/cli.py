@@ -9,6 +9,7 @@ import sys
 from rich.console import Console
 from rich.markup import escape
 
+from megatron.atomic_io import is_out_of_room, out_of_room_message
 from megatron.errors import MegatronError
 
 #: exit status of a command stopped by a MegatronError (bad config, bad data, a run directory in use, ...);
@@ -17,7 +18,7 @@ EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 COMMANDS = ("run", "plugins", "config", "data", "pretrain", "predict", "evaluate", "similarity", "benchmark",
-            "report", "docs")
+            "report", "docs", "detectors")
 
 console = Console(stderr=True)
 
@@ -52,6 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: checkpoints written so far are kept; `--resume` continues.")
         return EXIT_INTERRUPTED
+    except (OSError, RuntimeError) as exc:
+        if not is_out_of_room(exc):
+            raise
+        # a full disk outside megatron's own atomic writes (a drawing, a plot, a logger's file)
+        where = getattr(exc, "filename", None)
+        console.print(f"[bold red]error:[/] {escape(out_of_room_message(exc, where))}", highlight=False, markup=True)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

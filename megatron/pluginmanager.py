@@ -34,7 +34,7 @@ from megatron.api.detector import Detector
 from megatron.errors import DuplicateNameError, PluginError, UnknownNameError
 from megatron.api.learner import MetaLearner
 from megatron.api.logger import Logger
-from megatron.registry import Register
+from megatron.registry import MissingMethodError, Register
 from megatron.api.similarity import SimilarityMetric
 from megatron import __version__
 
@@ -92,7 +92,7 @@ KIND_FOLDERS: dict[str, str] = {"dataset": "datasets", "detector": "detectors", 
 
 #: what a failure happened in, as the messages say it
 _STAGES = {"import": "failed to import", "hooks": "has an invalid hook implementation",
-           "registration": "failed in its registration hook"}
+           "registration": "failed in its registration hook", "contract": "registers a class that breaks its contract"}
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,7 @@ class PluginFailure:
                 f"its signature is on registry_docs/hooks/{self.hook}.md" if self.hook and hasattr(hookspecs, self.hook)
                 else "registry_docs/README.md lists every hook") + ")",
             "registration": "fix the plugin's registration hook",
+            "contract": "define the missing method(s) in that class (spelt as the contract page says)",
         }.get(self.stage, "fix the plugin")
         uninstall = f", or `pip uninstall {self.package}`" if self.package not in ("?", "megatron") else ""
         return (f"{how}, or run without the plugin: MEGATRON_BLOCK_PLUGINS={self.plugin} "
@@ -292,6 +293,9 @@ class PluginManager(pluggy.PluginManager):
                         reg.add(cls, owner=impl.plugin_name)
                 except DuplicateNameError:
                     raise
+                except MissingMethodError as exc:
+                    package = self.info.get(impl.plugin_name, PluginInfo(impl.plugin_name, "?", "?", False)).package
+                    self._fail(impl.plugin_name, package, exc, "contract", hook_name)
                 except Exception as exc:
                     package = self.info.get(impl.plugin_name, PluginInfo(impl.plugin_name, "?", "?", False)).package
                     self._fail(impl.plugin_name, package, exc, "registration", hook_name)

@@ -13,6 +13,10 @@ def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+class MissingMethodError(PluginError):
+    """A plugin class that does not define a method its kind requires."""
+
+
 def missing_methods(cls: type, base: type, required: tuple[str, ...]) -> list[str]:
     """The ``required`` methods ``cls`` does not define itself (only ``base``'s placeholder, which raises
     NotImplementedError, would run)."""
@@ -58,7 +62,7 @@ class Register(Generic[T]):
         missing = missing_methods(cls, self.base, self.required)
         if missing:
             near = _near_misses(cls, self.base, missing)
-            raise PluginError(
+            raise MissingMethodError(
                 f"{self.kind} {name!r} ({_qualname(cls)}, from plugin {owner!r}) does not define the required "
                 f"method(s) {', '.join(m + '()' for m in missing)}{near}: every {self.kind} plugin implements "
                 f"{', '.join(m + '()' for m in self.required)} (registry_docs/contracts/{self.kind}.md)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import statistics
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,156 @@ def test_the_check_catches_edited_verdicts_missing_records_and_checkpoints(made,
     (made / "cells" / "reptile__nall__k20__all__s0" / "checkpoints").mkdir()
     (made / "cells" / "reptile__nall__k20__all__s0" / "checkpoints" / "last.pt").write_bytes(b"w")
     assert any("more than their records" in p for p in rebuild_problems(made, tmp_path / "w3"))
+
+
+# --- words from records (issue 25): every interval a README states comes from a rebuilt report ------------------
+ROOT = RESULTS.parents[1]
+INTERVAL = re.compile(r"(?:([+−-]?\d+\.\d) )?\[([+−-]?\d+\.\d), ([+−-]?\d+\.\d)\]")
+VERDICT_WORDS = ("better", "worse", "inconclusive", "equivalent within ±")
+#: phrasings the Evidence rules of the design forbid for a result: "no significant difference" is not "as good as"
+BANNED = ("no significant difference", "as good as the", "as good as plain", "would have been seen",
+          "detects differences of")
+
+
+def _name(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
+
+
+def _plain(text: str) -> str:
+    return text.replace("−", "-")
+
+
+def _final_model_intervals(folder: Path) -> set[str]:
+    """The mAP50 comparisons of ``folder`` measured on the last meta-epoch's model (`megatron report --model
+    final`), as the report formats them."""
+    from megatron.benchmark.report import _fmt, summarise
+    from megatron.benchmark.rows import load_rows
+
+    _, comparisons = summarise(load_rows([folder], model="final").rows)
+    return {_fmt(c.diff.interval, signed=True) for c in comparisons if c.metric == "mAP50" and c.diff is not None}
+
+
+def _report_verdicts(report: str) -> dict[str, str]:
+    """interval -> verdict, from a report's answer lines and source-choice table."""
+    out = {}
+    for line in report.splitlines():
+        m = re.match(r"- \*\*.+?\*\* vs finetune, .*?: (\S+ \[[^\]]+\]) mAP50 .*→ \*\*(.+?)\*\*", line)
+        if m:
+            out[m.group(1)] = m.group(2)
+        cells = [c.strip() for c in line.split("|")]
+        if len(cells) > 8 and " − " in line and INTERVAL.fullmatch(cells[5] or "x"):
+            out[cells[5]] = cells[8].replace("closest ", "")
+    return out
+
+
+def readme_problems(readme: Path, reports: list[Path], final_from: list[Path] = ()) -> list[str]:
+    """What ``readme`` states that its folders' reports do not: intervals found nowhere, verdicts that differ,
+    banned phrasings."""
+    known = "\n".join(_plain(p.read_text()) for p in reports)
+    finals = set().union(*(_final_model_intervals(f) for f in final_from)) if final_from else set()
+    verdicts = {k: v for p in reports for k, v in _report_verdicts(_plain(p.read_text())).items()}
+    text = _plain(readme.read_text())
+    problems = [f"{readme.name}: says {phrase!r}" for phrase in BANNED if phrase in text.lower()]
+    for m in INTERVAL.finditer(text):
+        stated = _plain(m.group(0))
+        if stated not in known and stated not in finals:
+            problems.append(f"{_name(readme)}: {stated} is in no report it rests on")
+    for interval, word in table_verdicts(text):
+        if verdicts.get(interval) != word:
+            problems.append(f"{_name(readme)}: {interval} is called {word!r}, the report says "
+                            f"{verdicts.get(interval)!r}")
+    return problems
+
+
+def table_verdicts(text: str) -> list[tuple[str, str]]:
+    """``(interval, verdict)`` of every README table cell that states one: the verdict in the next cell, or
+    inline (``**-38.6 [-50.2, -27.0], worse**``)."""
+    out = []
+    for line in _plain(text).splitlines():
+        cells = [c.strip().strip("*") for c in line.split("|")]
+        for cell, nxt in zip(cells, cells[1:] + [""]):
+            interval, _, inline = cell.partition("], ")
+            interval += "]" if inline else ""
+            word = (inline or nxt).split(" (")[0].strip("*").strip()
+            if INTERVAL.fullmatch(interval) and word.startswith(VERDICT_WORDS):
+                out.append((interval, word))
+    return out
+
+
+@pytest.mark.parametrize("folder", result_folders(), ids=lambda p: p.name)
+def test_a_result_readme_states_only_what_its_records_give(folder):
+    readme = folder / "README.md"
+    finals = [folder] if "--model final" in readme.read_text() else []
+    assert readme_problems(readme, [folder / "report.md"], finals) == []
+    if " | inconclusive |" in readme.read_text():  # its verdict table is read, so the comparison above bites
+        assert table_verdicts(readme.read_text())
+
+
+def test_the_top_level_readmes_state_only_what_the_records_give():
+    reports = [f / "report.md" for f in result_folders()]
+    few_shot = [RESULTS / "few_shot"] if (RESULTS / "few_shot" / "cells").is_dir() else []
+    assert readme_problems(ROOT / "README.md", reports, few_shot) == []
+    assert readme_problems(RESULTS / "README.md", reports) == []
+
+
+def test_the_readme_check_catches_a_number_and_a_verdict_that_no_report_gives(tmp_path):
+    report = tmp_path / "report.md"
+    report.write_text("- **reptile** vs finetune, N=all (6), K=20: -1.6 [-6.4, +3.3] mAP50 points over 5 paired "
+                      "seed(s); Holm-adjusted p = 1.000 (difference), = 0.773 (equivalence within ±5) "
+                      "→ **inconclusive**.\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("| reptile | −1.6 [−6.4, +3.3] | inconclusive |\n")
+    assert readme_problems(readme, [report]) == []
+    for text, expected in (("| reptile | −1.6 [−6.4, +3.3] | better |\n", "called 'better'"),
+                           ("| reptile | **−1.6 [−6.4, +3.3], worse** |\n", "called 'worse'"),
+                           ("Reptile − finetune = −1.6 [−6.4, +3.4].\n", "in no report"),
+                           ("They show no significant difference.\n", "says 'no significant difference'")):
+        readme.write_text(text)
+        assert any(expected in p for p in readme_problems(readme, [report])), text
+
+
+# --- the default run's numbers in the README come from committed records -----------------------------------
+def test_the_readme_s_default_run_paragraph_is_the_one_its_records_give():
+    from megatron.benchmark import default_run
+
+    block = default_run.readme_block(RESULTS / "default_run", RESULTS / "seed_spread", root=ROOT)
+    readme = (ROOT / "README.md").read_text()
+    assert block in readme, ("README.md's default-run paragraph differs from its records: run "
+                             "`python -m megatron.benchmark.default_run --readme README.md`")
+    folder = RESULTS / "default_run"
+    if (folder / default_run.RUNS_DIR).is_dir():
+        assert (folder / "README.md").read_text() == default_run.folder_readme(folder)
+        extra = [p for p in (folder / default_run.RUNS_DIR).rglob("*") if p.is_file() and p.name != "run.json"]
+        assert extra == []  # records only, never checkpoints or models
+
+
+def test_the_default_run_texts_are_made_from_hand_made_records(tmp_path):
+    from megatron.benchmark import default_run
+
+    finals = {"reptile": [0.30, 0.40, 0.35, 0.45, 0.50], "finetune": [0.40, 0.42, 0.44, 0.46, 0.48]}
+    for seed in range(5):
+        rec = {"status": "complete", "seed": seed, "wall_s": 100.0 + seed, "megatron_version": "0.1.0",
+               "versions": {"cpu": "Test CPU", "threads": 2, "torch": "x", "mmdet": "y", "platform": "p",
+                            "device": "cpu"},
+               "learners": {name: {"final": {"mAP50": v[seed]}, "best": {"mAP50": v[seed] + 0.01}}
+                            for name, v in finals.items()}}
+        path = tmp_path / "made" / f"seed{seed}" / "run.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(rec))
+        (path.parent / "checkpoints").mkdir()  # not copied
+    out = tmp_path / "results" / "default_run"
+    readme = tmp_path / "README.md"
+    readme.write_text(f"before\n{default_run.BLOCK_START}\nold numbers 25.5\n{default_run.BLOCK_END}\nafter\n")
+    assert default_run.main([str(tmp_path / "made"), "--out", str(out), "--readme", str(readme),
+                             "--seed-spread", str(tmp_path / "none")]) == 0
+    assert sorted(p.name for p in (out / "runs" / "seed0").iterdir()) == ["run.json"]
+    text = readme.read_text()
+    assert text.startswith("before\n") and text.endswith("\nafter\n") and "25.5" not in text
+    # reptile: 30, 40, 35, 45, 50 points: mean 40.0, sd by hand
+    sd = statistics.stdev([30, 40, 35, 45, 50])
+    assert f"`reptile` 40.0 (sd {sd:.1f}; 30.0–50.0)" in " ".join(text.split())
+    assert "chosen on validation 41.0" in " ".join(text.split())
+    assert "A single run lands anywhere in that spread" in " ".join(text.split())
+    table = (out / "README.md").read_text()
+    assert "| reptile | 30.0, 40.0, 35.0, 45.0, 50.0 | 40.0 (sd" in table and "Test CPU" in table
+    assert default_run.folder_readme(out) == table

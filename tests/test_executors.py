@@ -128,7 +128,7 @@ def test_slurm_without_sbatch_says_so_and_suggests_the_alternatives(tmp_path, mo
     with pytest.raises(ConfigError, match="no `sbatch` on this machine") as err:
         bm.run_benchmark(bcfg, base, tmp_path / "out", runner=fakes.fake_runner, executor="slurm")
     assert "submitit-local" in str(err.value) and "--shard" in str(err.value)
-    assert not (tmp_path / "out").exists()  # nothing written before the error
+    assert not list((tmp_path / "out").glob("*.json")) and not (tmp_path / "out" / "cells").exists()  # nothing run
     grid = tmp_path / "grid.yaml"
     grid.write_text("base:\n  data:\n    sources: [a, b]\ngrid:\n  learners: [reptile]\n  budget: 100\n")
     # a --slurm-* option alone means SLURM
@@ -188,3 +188,16 @@ def test_the_local_executor_refuses_no_wait(tmp_path):
     bcfg, base = make()
     with pytest.raises(ConfigError, match="--no-wait"):
         bm.run_benchmark(bcfg, base, tmp_path, runner=fakes.fake_runner, wait=False)
+
+
+def test_a_cell_whose_earlier_job_still_runs_is_not_submitted_twice(tmp_path):
+    bcfg, base = make()
+    folder = tmp_path / "submitit"
+    folder.mkdir(parents=True)
+    # an earlier --no-wait submission whose job (a live process: this one) still runs the cell
+    (folder / "jobs.json").write_text(json.dumps({"executor": "submitit-local", "resubmits": {},
+                                                  "jobs": {"reptile__nall__k20__all__s0": str(os.getpid())}}))
+    with pytest.raises(ConfigError, match=r"still queued or running.*reptile__nall__k20__all__s0 \(job \d+\)"):
+        bm.run_benchmark(bcfg, base, tmp_path, runner=fakes.fake_runner, progress=False,
+                         executor="submitit-local", slurm=FAST)
+    assert not (tmp_path / "cells" / "reptile__nall__k20__all__s0" / "run.json").exists()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_run import KillAt, make_pm, tiny_config
 
 from megatron.data.coco import read_coco_task
 from megatron.data.check import check_dataset, k_availability
@@ -21,8 +22,10 @@ from megatron.data.io import write_image
 from megatron.data.preprocess import Preprocessor
 from megatron.data.split import split_differences, split_overlaps, split_target
 from megatron.data.yolo import read_yolo_task
+from test_dicom import make_dicom
 from megatron.errors import DataError
 from megatron.training.prepare import PreparedData, split_from_record, split_target_three
+from megatron.training.runner import run_experiment
 from megatron.types import ImageRecord, Task
 
 
@@ -194,8 +197,6 @@ def test_group_pattern_and_groups_csv_name_the_patients_and_uncovered_files_are_
 
 
 def test_dicom_patient_id_groups_a_folder_and_study_or_none_can_be_chosen(tmp_path):
-    pytest.importorskip("pydicom")
-    from tests.test_dicom import make_dicom
 
     for i in range(4):
         make_dicom(tmp_path / "d" / f"{i}.dcm", np.full((16, 16), i, np.uint16), PatientID=f"PAT{i // 2}",
@@ -283,3 +284,59 @@ def test_the_fingerprint_measures_boxes_at_the_input_size_and_warns_below_the_st
     availability = k_availability(patient_task([2] * 20, empty_share=0.0), 10, None, seed=0)
     assert availability["patients"] == 20 and availability["available_images"] >= 10
     assert availability["evaluation_patients"] + availability["available_patients"] <= 20
+
+
+def test_resume_refuses_a_recorded_split_whose_parts_overlap_naming_the_ids(tmp_path):
+    cfg = tiny_config(tmp_path, **{"training.meta_epochs": 2})
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, run_dir=tmp_path / "r", pm=make_pm(KillAt(2, 1)), progress=False)
+    record = json.loads((tmp_path / "r" / "run.json").read_text())
+    leaked = record["split"]["pool"][0]
+    record["split"]["heldout"].append(leaked)  # a pool image tested on: what a hand-edited record could say
+    (tmp_path / "r" / "run.json").write_text(json.dumps(record))
+    with pytest.raises(DataError, match=rf"--resume: run.json: the split's parts overlap.*{leaked['id']} \(pool and "
+                                        r"heldout\)"):
+        run_experiment(cfg, run_dir=tmp_path / "r", pm=make_pm(), resume=True, progress=False)
+
+
+def test_config_validate_data_prints_the_targets_patients_box_sizes_and_what_k_is_drawn_from(tmp_path, capsys):
+    import yaml
+
+    from megatron.cli import main
+
+    target = [{"id": i, "file_name": f"{i}.png", "patient_id": f"P{i // 2}"} for i in range(40)]
+    coco_folder(tmp_path / "target", target, size=256)  # 10 px boxes of 256 px images: 5 px at 128
+    coco_folder(tmp_path / "source", [{"id": i, "file_name": f"{i}.png"} for i in range(10)])
+    config = {"data": {"datasets": [
+        {"plugin": "coco", "options": {"annotation_file": str(tmp_path / "target" / "annotations.json"), "name": "tgt"}},
+        {"plugin": "coco", "options": {"annotation_file": str(tmp_path / "source" / "annotations.json"), "name": "src"}}],
+        "target": "tgt", "shots": 10, "eval_images": 20, "validation_images": 4}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert main(["config", "validate", str(tmp_path / "c.yaml"), "--data"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "patients: 20 for 40 images (images per patient: min 2, median 2, max 2)" in out
+    assert "40 of 40 (100%) below the detector's smallest stride (8 px)" in out
+    assert "recommended data.input_size: at least 224" in out and "data.input_size: 224" in out
+    assert "the evaluation split takes 20 images (10 patients), leaving 20 images of 10 patients" in out
+    # a validation split that leaves no held-out patient is refused here, as `run` refuses it (issue 22, item 8)
+    config["data"]["validation_images"] = 20
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert main(["config", "validate", str(tmp_path / "c.yaml"), "--data"]) != 0
+    assert "data.validation_images" in capsys.readouterr().err
+
+
+def test_the_dicom_plugin_with_coco_annotations_groups_by_the_files_patient_id(tmp_path):
+    from megatron_plugins.datasets.dicom import DicomDataset
+
+    images = []
+    for i in range(4):
+        make_dicom(tmp_path / "study" / f"{i}.dcm", np.zeros((32, 32), np.uint16), PatientID=f"PAT{i // 2}")
+        images.append({"id": i + 1, "file_name": f"{i}.dcm", "width": 32, "height": 32})
+    doc = {"images": images, "categories": [{"id": 1, "name": "lesion"}],
+           "annotations": [{"id": i, "image_id": i, "category_id": 1, "bbox": [2, 2, 8, 8]} for i in range(1, 5)]}
+    (tmp_path / "ann.json").write_text(json.dumps(doc))
+    options = {"root": tmp_path / "study", "annotation_file": tmp_path / "ann.json"}
+    [task] = DicomDataset(DicomDataset.Options(**options)).load()
+    assert [r.group for r in task.records] == ["PAT0", "PAT0", "PAT1", "PAT1"] and "PatientID" in task.grouping
+    [task] = DicomDataset(DicomDataset.Options(**options, group_by="none")).load()
+    assert task.grouping == GROUPING_NONE

@@ -150,3 +150,50 @@ def test_family_weights_save_reload_and_resume_to_the_same_loss(family, tmp_path
 def test_the_family_table_names_every_family_once():
     names = [f.name for f in FAMILIES]
     assert len(names) == len(set(names))
+
+
+def test_modules_shared_between_levels_get_their_parameters_back_after_a_functional_loss():
+    det = build("rtmdet").train()  # RTMDet's head shares its convs across the FPN levels
+    shared = det.model.bbox_head.cls_convs[1][0].conv
+    assert shared is det.model.bbox_head.cls_convs[0][0].conv
+    adapted = {n: p - 0.01 for n, p in det.named_parameters()}
+    det.loss(make_batch(2, SIZE), params=adapted)
+    assert all(p.is_leaf for p in det.parameters())
+    assert isinstance(shared.weight, torch.nn.Parameter)
+
+
+def test_second_order_learners_are_refused_for_deformable_attention_with_the_learners_that_work(make_plugin_manager):
+    from megatron.config import ExperimentConfig
+    from megatron.experiment import check_learners_fit_detector
+
+    config, cfg_options = FAMILY_CONFIGS["deformable_detr"]
+    cfg = ExperimentConfig.model_validate({"detector": {"name": "mmdet", "options": {"config": config,
+                                                                                     "cfg_options": cfg_options}},
+                                           "learner": {"name": "maml"}})
+    pm = make_plugin_manager()
+    with pytest.raises(ConfigError, match=r"(?s)learner 'maml' cannot train.*once-differentiable.*reptile.*"
+                                          r"maml \(first_order: true\)"):
+        check_learners_fit_detector(cfg, pm, ["maml"])
+    check_learners_fit_detector(cfg, pm, ["reptile", "finetune"])
+    first_order = cfg.model_copy(update={"learner": cfg.learner.model_copy(update={"options": {"first_order": True}})})
+    check_learners_fit_detector(first_order, pm, ["maml"])
+
+
+def test_embedding_similarity_takes_a_detector_backbone_and_says_which_weights_it_used(tmp_path, caplog):
+    import torchvision
+
+    from megatron_plugins.similarity.embedding import EmbeddingSimilarity
+
+    torch.manual_seed(1)
+    trunk = torchvision.models.resnet34(weights=None).state_dict()
+    path = tmp_path / "zoo.pth"  # an mmdet model-zoo layout: state_dict with backbone.*, neck.*, bbox_head.*
+    torch.save({"state_dict": {**{f"backbone.{k}": v for k, v in trunk.items() if not k.startswith("fc.")},
+                               "neck.conv.weight": torch.zeros(1)}, "meta": {"epoch": 12}}, path)
+    metric = EmbeddingSimilarity(EmbeddingSimilarity.Options(extractor="resnet18", weights=path, input_size=32))
+    described = metric.describe()
+    assert "ResNet-34" in described and str(path) in described and "detector backbone" in described
+    loaded = metric._get_extractor().net.state_dict()
+    assert torch.equal(loaded["layer4.2.conv2.weight"], trunk["layer4.2.conv2.weight"])
+    with caplog.at_level("WARNING"):
+        random = EmbeddingSimilarity(EmbeddingSimilarity.Options(extractor="resnet18", input_size=32)).describe()
+    assert "RANDOM" in random and "RANDOM" in caplog.text

@@ -178,6 +178,9 @@ class Bold(MetaLearner):
     PLUGIN_NAME = "bold"
     Options = Opts
 
+    def meta_step(self, episodes):
+        return {{"loss": 0.0}}
+
 
 @hookimpl
 def megatron_register_learners():

@@ -88,7 +88,8 @@ def test_split_is_on_record_disjoint_and_reusable(tmp_path):
     assert len(ids["pool"]) == 8 and len(ids["validation"]) == 4 and len(ids["heldout"]) == 8
     assert not (set(ids["pool"]) & set(ids["validation"])) and not (set(ids["pool"]) & set(ids["heldout"]))
     assert not (set(ids["validation"]) & set(ids["heldout"]))
-    assert all("file_name" in e for k in split for e in split[k])
+    assert all("file_name" in e and "group" in e for k in ("pool", "validation", "heldout") for e in split[k])
+    assert split["grouping"] == "none: every image its own group" and split["patients"]["pool"] == 8
     on_disk = json.loads((tmp_path / "a" / "run.json").read_text())["split"]
     assert on_disk == split
     # another seed would draw another split; --split-from keeps this one exactly

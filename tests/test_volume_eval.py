@@ -82,3 +82,60 @@ def test_records_that_are_not_volume_slices_are_an_error():
     record = ImageRecord(1, None, 8, 8, np.zeros((0, 4)), np.zeros(0), "x.png")
     with pytest.raises(DataError, match="not a slice of a volume.*`volume` plugin"):
         volume_froc([record], [Detections(np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64))])
+
+
+# ------------------------------------------------------------------------------------ the CLI on volumes
+@pytest.fixture
+def untrained_model(tmp_path, monkeypatch):
+    """An untrained tiny detector saved as a model file (it finds boxes anywhere: fine for checking the outputs)."""
+    import torch
+    import tiny_detector
+    from megatron.data.preprocess import Preprocessor
+    from megatron.training.model_file import preprocessing_settings, save_model
+
+    torch.manual_seed(0)
+    det = tiny_detector.TinyDetector(1, 64, tiny_detector.TinyDetectorOptions(score_threshold=0.0))
+    path = tmp_path / "models" / "finetune-best.pth"
+    save_model(det, path, detector_name="tiny", detector_options=det.options.model_dump(), class_names=["lesion"],
+               input_size=64, preprocessing=preprocessing_settings(Preprocessor(64)), provenance={},
+               evaluation={"score_threshold": 0.3})
+    monkeypatch.setenv("MEGATRON_PLUGINS", "tiny_detector")
+    return path
+
+
+def test_evaluate_on_volumes_reports_froc_per_scan_beside_the_slice_metrics(untrained_model, tmp_path, capsys):
+    import json
+
+    from megatron.cli import main
+
+    sphere_scan(tmp_path, "a", [(10, 10, 5)], shape=(32, 32, 8))
+    sphere_scan(tmp_path, "b", [(20, 12, 3)], shape=(32, 32, 8))
+    code = main(["evaluate", "--checkpoint", str(untrained_model), str(tmp_path / "images"), "--format", "volume",
+                 "--set", f"labels={tmp_path / 'labels'}", "--set", "channels=2.5d", "--device", "cpu", "--json"])
+    assert code == 0
+    metrics = json.loads(capsys.readouterr().out)["metrics"]
+    froc = metrics["volume_froc"]
+    assert metrics["n_images"] == 16 and froc["n_volumes"] == 2 and froc["n_lesions"] == 2
+    assert froc["slices_evaluated"] == froc["slices_total"] == 16 and len(froc["sensitivity"]) == 7
+
+
+def test_predict_on_volumes_writes_world_candidates_and_a_strip_per_scan(untrained_model, tmp_path, capsys):
+    import json
+
+    from megatron.cli import main
+
+    sphere_scan(tmp_path, "a", [(10, 10, 5)], shape=(32, 32, 8))
+    out = tmp_path / "pred"
+    code = main(["predict", "--checkpoint", str(untrained_model), "--volumes", str(tmp_path / "images" / "a.nii.gz"),
+                 "--score-threshold", "0", "--out", str(out), "--device", "cpu"])
+    assert code == 0, capsys.readouterr()
+    candidates = json.loads((out / "candidates.json").read_text())
+    assert list(candidates) == ["a"] and candidates["a"]
+    lo = voxel_to_world(AFFINE, np.array([-0.5, -0.5, -0.5]))[0]
+    hi = voxel_to_world(AFFINE, np.array([31.5, 31.5, 7.5]))[0]
+    for c in candidates["a"]:
+        assert np.all(np.asarray(c["centre_ras"]) >= lo - 1e-6) and np.all(np.asarray(c["centre_ras"]) <= hi + 1e-6)
+        assert c["category_name"] == "lesion" and c["slices"][0] <= c["slices"][1]
+    assert (out / "a_strip.png").is_file()
+    detections = json.loads((out / "detections.json").read_text())
+    assert detections and all(d["volume_id"] == "a" and 0 <= d["slice_index"] < 8 for d in detections)

@@ -18,6 +18,7 @@ submitit is an optional dependency (``pip install 'megatron[slurm]'``), imported
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import logging
 import multiprocessing
 import os
@@ -45,6 +46,9 @@ SUBMITIT_DIR = "submitit"
 JOBS_FILE = "jobs.json"
 SLURM_EXTRA = "pip install 'megatron[slurm]'"
 LOCAL_RESULT_WAIT_S = 1
+#: SLURM job states in which a job may still write its cell
+ACTIVE_SLURM_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING",
+                       "REQUEUE_HOLD", "REQUEUE_FED", "STAGE_OUT", "SIGNALING"}
 
 #: (cell id, error or None when the cell completed)
 CellDone = Callable[[str, "str | None"], None]
@@ -262,6 +266,38 @@ class SubmititCells:
                  submitted[0].job_id.split("_")[0] if submitted else "-", self.folder)
         return list(zip(jobs, submitted))
 
+    def _refuse_cells_still_running(self, jobs: list[CellJob]) -> None:
+        """Cells whose job of an earlier submission (``--no-wait``) is still queued or running are not submitted
+        twice: two jobs would write one cell folder at once."""
+        try:
+            earlier = json.loads((self.folder / JOBS_FILE).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return
+        wanted = {job.cell_id for job in jobs}
+        busy = {cid: jid for cid, jid in (earlier.get("jobs") or {}).items()
+                if cid in wanted and self._job_active(str(jid))}
+        if busy:
+            listed = ", ".join(f"{cid} (job {jid})" for cid, jid in sorted(busy.items())[:5])
+            more = f" and {len(busy) - 5} more" if len(busy) > 5 else ""
+            cancel = "scancel them" if self.kind == "slurm" else "stop them"
+            raise ConfigError(f"--executor {self.name}: {len(busy)} cell(s) of this grid are still queued or running "
+                              f"from an earlier submission: {listed}{more}. Wait for them (then run this again, or "
+                              f"`megatron report`), or {cancel} first")
+        self.job_ids.update(earlier.get("jobs") or {})
+        self.resubmits.update(earlier.get("resubmits") or {})
+
+    def _job_active(self, job_id: str) -> bool:
+        if self.kind == "local":  # a local job's id is its controller's process id
+            try:
+                os.kill(int(job_id), 0)
+            except (ProcessLookupError, ValueError):
+                return False
+            except PermissionError:
+                return True
+            return True
+        state = self.submitit.SlurmJob(self.folder / "%j", job_id).state
+        return state.split()[0] in ACTIVE_SLURM_STATES if state else False
+
     def _write_jobs_file(self) -> None:
         atomic_write_json(self.folder / JOBS_FILE, {"executor": self.name, "jobs": self.job_ids,
                                                     "resubmits": self.resubmits})
@@ -269,6 +305,7 @@ class SubmititCells:
     def run(self, jobs: list[CellJob], done: CellDone) -> None:
         if not jobs:
             return
+        self._refuse_cells_still_running(jobs)
         pending = self.submit(jobs)
         if not self.wait:
             return

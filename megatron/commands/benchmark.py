@@ -59,8 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "detector.name and training.compute_budget: giving one together with --set for that key is an "
                    "error (exit 2), whatever the order")
     p.add_argument("--logger", action="append", metavar="NAME",
-                   help="switch on a logger plugin (e.g. tensorboard, csv) in every cell; it writes under each cell's "
-                        "run directory; repeatable (options: the base config's `loggers:` list)")
+                   help="switch on a logger plugin (e.g. tensorboard, csv, mlflow) in every cell; it writes under each "
+                        "cell's run directory (mlflow: one parent run per grid, a nested run per cell); repeatable (options: the base config's `loggers:` list)")
     p.add_argument("--no-controls", action="store_true",
                    help="skip the power check's controls (finetune from random weights; an A/A replicate of finetune), "
                    "which otherwise run in the grid's first setting; the report then cannot vouch for its verdicts")

@@ -88,7 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         f"or {LOG_EVERY_S:g} s, whichever comes first (default {DEFAULT_LOG_EVERY}); stage and "
                         "evaluation lines always")
     p.add_argument("--logger", action="append", metavar="NAME",
-                   help="switch on a logger plugin for this run, e.g. tensorboard or csv (default options; options "
+                   help="switch on a logger plugin for this run, e.g. tensorboard, csv or mlflow (default options; options "
                         "go in the config's `loggers:` list); repeatable")
     p.add_argument("--nproc", type=int, metavar="N",
                    help="train across N processes on this machine (torchrun underneath; backend nccl on CUDA, gloo "

@@ -16,8 +16,13 @@ Two kinds of worker (``data.worker_kind``):
   :meth:`DecodedImageCache.limit_to`) that ends with the stream, so every stream starts from the training
   process's cache and images decoded in a worker are decoded again in the next stream.
 
-``benchmarks/bench_data.py`` measures both (images/s per worker, scaling with 1, 2, 4 workers, cold and warm);
-its numbers, and why ``thread`` is the default, are in the README of ``benchmarks/``.
+``benchmarks/bench_data.py`` measures both (images/s per worker, scaling with 1, 2, 4 workers, cold and warm,
+peak memory). Threads are the default because, measured on the 2-core development machine, they were faster
+warm on every input (4 workers: 1.4-2.0x the 1-worker rate, against 0.4-1.4x for processes, whose every
+stream pays for starting its workers, copying batches between processes and decoding into a fresh cache) and
+used a quarter of the memory (4 workers: +91 MiB against +395 MiB). What threads cannot escape is the GIL:
+about a fifth of a warm image's time is Python (cProfile), so their scaling flattens past ~4-5 workers;
+``benchmarks/device_check.sh`` measures both on the device machine's cores (``data.worker_kind`` switches).
 
 Usage::
 

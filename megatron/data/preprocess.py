@@ -490,10 +490,11 @@ class Preprocessor:
         else:
             keep = (cw > 0) & (ch > 0)
 
-        if out.ndim == 2:
-            image_t = torch.from_numpy(out).to(torch.float32).unsqueeze(0).expand(3, S, S).contiguous()
-        else:
-            image_t = torch.from_numpy(out).to(torch.float32).permute(2, 0, 1).contiguous()
+        # converted in NumPy, not torch: worker threads calling torch ops on whole images would each start
+        # torch's intra-op thread pool and oversubscribe the cores
+        planes = out.astype(np.float32)
+        planes = np.broadcast_to(planes, (3, S, S)) if planes.ndim == 2 else planes.transpose(2, 0, 1)
+        image_t = torch.from_numpy(np.ascontiguousarray(planes))
         meta = {
             "image_id": int(image_id), "orig_size": (h, w), "scale": float(scale), "pad": (left, top),
             "task": task, "augmented": augmenting, "affine": full[:2].tolist(),

@@ -7,8 +7,10 @@ one :class:`~megatron.errors.DataError` and log the warnings.
 from __future__ import annotations
 
 import logging
+import shlex
 from collections import Counter
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -40,6 +42,14 @@ class Problem:
         return asdict(self)
 
 
+def check_command_hint(source: str) -> str:
+    """``run `megatron data check -c CONFIG` ...``: the command that lists every problem of ``source``."""
+    path = Path(source).expanduser()
+    by_path = path.is_dir() or (path.is_file() and path.suffix.lower() == ".json")
+    direct = f"`megatron data check {shlex.quote(source)}`, or " if by_path else ""
+    return f"run {direct}`megatron data check -c CONFIG` (CONFIG: your config file; every dataset through its plugin)"
+
+
 def errors(problems: list[Problem]) -> list[Problem]:
     return [p for p in problems if p.severity == "error"]
 
@@ -49,13 +59,18 @@ def warning_counts(problems: list[Problem]) -> Counter:
 
 
 def raise_for_errors(problems: list[Problem], source: str, show: int = 8) -> None:
-    """Raise one DataError listing the first ``show`` errors; log a count of each kind of warning."""
+    """Raise one DataError listing the first ``show`` errors; log a count of each kind of warning.
+
+    ``source`` names the dataset in the message (its annotation file or folder, as the user gave it). The
+    message ends with a ``megatron data check`` command that works for it: ``-c CONFIG`` (every dataset of a
+    config, through its own plugin) always; ``data check SOURCE`` too when ``source`` is something data check
+    reads by path (a COCO ``.json`` file or a folder)."""
     errs = errors(problems)
     if errs:
         lines = "\n  ".join(str(p) for p in errs[:show])
         more = f"\n  ... and {len(errs) - show} more" if len(errs) > show else ""
         raise DataError(f"{source}: {len(errs)} error(s) in the dataset:\n  {lines}{more}\n"
-                        f"run `megatron data check {source}` for the full list and a summary")
+                        f"{check_command_hint(source)} for the full list and a summary")
     for code, n in sorted(warning_counts(problems).items()):
         example = next(p for p in problems if p.code == code)
         log.warning("%s: %d x %s, e.g. %s", source, n, code, example)

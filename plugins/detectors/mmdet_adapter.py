@@ -284,23 +284,10 @@ class MMDetDetector(Detector):
             return self(*args, **kwargs)
         # cloned buffers: BN running stats of the meta-parameters are not updated during fast adaptation
         buffers = {n: b.clone() for n, b in self.named_buffers()}
-        return torch.func.functional_call(self, {**buffers, **self._with_tied_names(params)}, args, kwargs,
-                                          strict=False, tie_weights=False)
-
-    def _with_tied_names(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``params`` under every name of each tensor (modules shared between places, as RTMDet's head convs
-        across levels): ``functional_call``'s own weight tying leaves the tied copies swapped after the call."""
-        aliases: dict[int, list[str]] = {}
-        for name, p in self.named_parameters(remove_duplicate=False):
-            aliases.setdefault(id(p), []).append(name)
-        if all(len(names) == 1 for names in aliases.values()):
-            return params
-        own = dict(self.named_parameters())
-        out = dict(params)
-        for name, value in params.items():
-            for alias in aliases.get(id(own[name]), ()) if name in own else ():
-                out[alias] = value
-        return out
+        # tie_weights=False: a module shared between places (RTMDet's head convs across levels) is one object,
+        # swapped once under its first name; torch's tying would swap it again under each alias and restore the
+        # adapted tensor instead of the parameter after the call
+        return torch.func.functional_call(self, {**buffers, **params}, args, kwargs, strict=False, tie_weights=False)
 
     # --- Detector interface -----------------------------------------------------------------------
     def loss(self, batch: Batch, params: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

@@ -99,9 +99,17 @@ def metric_key(*parts: str) -> str:
     return re.sub(r"[^\w\-./: ]", "_", "/".join(parts))
 
 
+def benchmark_of(run_dir: Path) -> Path | None:
+    """The ``megatron benchmark`` folder whose cell ``run_dir`` is, if it is one."""
+    run_dir = Path(run_dir).resolve()
+    bench = run_dir.parent.parent
+    return bench if run_dir.parent.name == CELLS_DIR and (bench / BENCHMARK_FILE).exists() else None
+
+
 def default_tracking_uri(run_dir: Path) -> str:
-    """``sqlite:///<runs>/mlruns/mlflow.db``: a store in a folder beside the run directories."""
-    folder = Path(run_dir).resolve().parent / DEFAULT_STORE_DIR
+    """``sqlite:///<runs>/mlruns/mlflow.db``: a store in a folder beside the run directories (a benchmark's:
+    ``OUT/mlruns/``, beside its ``cells/``)."""
+    folder = (benchmark_of(run_dir) or Path(run_dir).resolve().parent) / DEFAULT_STORE_DIR
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder / DEFAULT_DB_FILE}"
 
@@ -199,8 +207,8 @@ class MLflowLogger(Logger):
 
     def _benchmark_parent(self, experiment_id: str, run_dir: Path) -> str | None:
         """In a benchmark cell, the grid's parent run (created by the first cell to get here)."""
-        bench = run_dir.resolve().parent.parent
-        if run_dir.resolve().parent.name != CELLS_DIR or not (bench / BENCHMARK_FILE).exists():
+        bench = benchmark_of(run_dir)
+        if bench is None:
             return None
         store = hashlib.sha1(f"{self.tracking_uri}\n{self.options.experiment}".encode()).hexdigest()[:12]
         lock = bench / f".mlflow-parent-{store}.lock"

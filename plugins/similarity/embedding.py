@@ -41,7 +41,8 @@ import torch
 from pydantic import Field
 
 from megatron import hookimpl
-from megatron.errors import ConfigError, DataError
+from megatron.errors import ConfigError, DataError, MegatronError
+from megatron.training.weights import read_checkpoint_file
 from megatron.api.similarity import SimilarityMetric, SimilarityOptions, load_image_checked, sample_indices
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,10 @@ class EmbeddingOptions(SimilarityOptions):
                                                "cost) between the embedding clouds; frechet: Fréchet distance between Gaussian fits")
     extractor: Literal["auto", "detector", "resnet18"] = Field(
         "auto", description="auto: the configured detector's features when available, else ResNet-18")
-    weights: Path | None = Field(None, description="local ResNet-18 state_dict file; without it a fixed-seed random "
-                                 "initialisation is used (and reported)")
+    weights: Path | None = Field(None, description="local weights for the ResNet extractor: a torchvision ImageNet "
+                                 "ResNet state dict (18/34/50/101) or a detector checkpoint with a ResNet backbone "
+                                 "(megatron or mmdet model zoo: its backbone is used); without it a fixed-seed random "
+                                 "ResNet-18 is used, with a warning (distances from an untrained network say little)")
     input_size: int | None = Field(None, ge=32, description="letterbox size in pixels (default: data.input_size)")
     batch_size: int = Field(16, ge=1, description="images per forward pass")
     eps: float = Field(1e-6, gt=0, description="frechet: ridge added to each covariance before the matrix square root")
@@ -103,33 +106,59 @@ def _make_preprocess(size: int) -> Callable[[np.ndarray], np.ndarray]:
     return lambda img: pre(img, empty_boxes, empty_labels).image.numpy()
 
 
-class ResNet18Trunk(torch.nn.Module):
-    """torchvision ResNet-18 without its classifier: (B, 3, S, S) [0, 255] -> (B, 512)."""
+#: torchvision ResNet depth from (blocks in layer3, bottleneck blocks)
+RESNET_DEPTHS = {(2, False): 18, (6, False): 34, (6, True): 50, (23, True): 101, (36, True): 152}
+
+
+def resnet_weights(path: Path) -> tuple[dict[str, torch.Tensor], int, str]:
+    """A ResNet trunk's weights from ``path``: a torchvision ImageNet ResNet state dict, or a detector checkpoint
+    (megatron, mmdet/model zoo) whose backbone is a ResNet (its ``backbone.*`` weights; mmdet's ResNet names its
+    layers as torchvision does). Returns (state dict in torchvision names, depth, what the weights are)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"similarity.options.embedding.weights: {path} does not exist; give a local ResNet state_dict "
+                          "or a detector checkpoint with a ResNet backbone (nothing is downloaded)")
+    try:
+        obj = read_checkpoint_file(path)
+    except MegatronError as exc:
+        raise ConfigError(f"similarity.options.embedding.weights: {exc}") from exc
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"similarity.options.embedding.weights: {path} holds no state dict of tensors")
+    state = {k.removeprefix("module.").removeprefix("model."): v for k, v in state.items()}
+    kind = "ImageNet ResNet state dict"
+    if any(k.startswith("backbone.") for k in state):
+        state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+        kind = "detector backbone"
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    blocks = {int(k.split(".")[1]) for k in state if k.startswith("layer3.")}
+    key = (max(blocks) + 1 if blocks else 0, "layer1.0.conv3.weight" in state)
+    if "conv1.weight" not in state or key not in RESNET_DEPTHS:
+        raise ConfigError(f"similarity.options.embedding.weights: {path} is not a ResNet-18/34/50/101 ({kind}: no torchvision "
+                          f"ResNet layout, e.g. keys {sorted(state)[:3]}); give a torchvision ResNet state dict or a "
+                          "detector checkpoint with a ResNet backbone, or use extractor: detector")
+    return state, RESNET_DEPTHS[key], kind
+
+
+class ResNetTrunk(torch.nn.Module):
+    """A torchvision ResNet without its classifier: (B, 3, S, S) [0, 255] -> (B, 512 or 2048). ResNet-18 with a
+    fixed-seed random initialisation without ``weights``; else the depth the weights file has."""
 
     def __init__(self, weights: Path | None, seed: int):
         super().__init__()
-        import torchvision
+        import torchvision  # optional dependency: only this extractor needs it
 
+        state, depth, self.weights_kind = (None, 18, "random") if weights is None else resnet_weights(weights)
+        self.depth = depth
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            net = torchvision.models.resnet18(weights=None)
+            net = getattr(torchvision.models, f"resnet{depth}")(weights=None)
         net.fc = torch.nn.Identity()
-        if weights is not None:
-            path = Path(weights)
-            if not path.is_file():
-                raise ConfigError(f"similarity.options.embedding.weights: {path} does not exist; give a local "
-                                  "ResNet-18 state_dict file (nothing is downloaded)")
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as exc:
-                raise ConfigError(f"similarity.options.embedding.weights: cannot read {path}: {exc}") from exc
-            state = state.get("state_dict", state) if isinstance(state, dict) else state
-            state = {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("fc.")}
+        if state is not None:
             missing, unexpected = net.load_state_dict(state, strict=False)
-            missing = [m for m in missing if not m.startswith("fc.")]
             if missing or unexpected:
-                raise ConfigError(f"similarity.options.embedding.weights: {path} is not a ResNet-18 state_dict "
-                                  f"(missing {missing[:3]}, unexpected {list(unexpected)[:3]})")
+                raise ConfigError(f"similarity.options.embedding.weights: {weights} does not fit a ResNet-{depth} "
+                                  f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
         self.net = net.eval()
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0)
@@ -208,9 +237,10 @@ class EmbeddingSimilarity(SimilarityMetric):
             self._extractor = ctx.make_feature_extractor()
             self._extractor_desc = ctx.feature_extractor_desc or "features of the configured detector"
         else:
-            module = ResNet18Trunk(o.weights, ctx.seed).to(ctx.device)
+            module = ResNetTrunk(o.weights, ctx.seed).to(ctx.device)
             self._extractor = module
-            self._extractor_desc = (f"ResNet-18 trunk with weights from {o.weights}" if o.weights is not None else
+            self._extractor_desc = (f"ResNet-{module.depth} trunk with weights from {o.weights} ({module.weights_kind})"
+                                    if o.weights is not None else
                                     f"ResNet-18 trunk with RANDOM weights (seed {ctx.seed}; no `weights` given): "
                                     "captures texture/contrast statistics only, not semantics")
             if o.weights is None:
