@@ -58,12 +58,18 @@ def check_learners_fit_detector(cfg: ExperimentConfig, pm: PluginManager, names:
         opts = validate_plugin_options(cls, options, f"learner {name!r} options")
         return sorted(cls.required_capabilities(opts) & set(lacking))
 
+    def works(name: str, options: dict[str, Any]) -> bool:
+        try:
+            return not missing(name, options)
+        except ConfigError:  # a learner whose options have no defaults: not offered as an alternative
+            return False
+
     for name in names:
         gaps = missing(name, cfg.learner.options if name == cfg.learner.name else {})
         if gaps:
-            working = [n for n in learners.names() if not missing(n, {})]
+            working = [n for n in learners.names() if works(n, {})]
             first_order = [n for n in learners.names() if "first_order" in learners.get(n).Options.model_fields
-                           and not missing(n, {"first_order": True})]
+                           and works(n, {"first_order": True})]
             reasons = "; ".join(lacking[g] for g in gaps)
             raise ConfigError(
                 f"learner {name!r} cannot train detector {cfg.detector.name!r}: {reasons}. Learners that work with "

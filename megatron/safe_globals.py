@@ -18,14 +18,11 @@ from __future__ import annotations
 import builtins
 import contextlib
 import functools
-import logging
 import pickle
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-
-log = logging.getLogger(__name__)
 
 #: the statistics methods a pickled ``HistoryBuffer`` names (mmengine registers these four by default)
 HISTORY_BUFFER_METHODS = ("min", "max", "mean", "current")

@@ -24,8 +24,7 @@ from tiny_run import make_pm, tiny_config
 
 import megatron
 from megatron import hookimpl
-from megatron.atomic_io import (StorageFullError, TMP_PATTERN, atomic_torch_save, atomic_write_json, sha256_of,
-                                tmp_name)
+from megatron.atomic_io import StorageFullError, TMP_PATTERN, atomic_torch_save, sha256_of, tmp_name
 from megatron.cli import main
 from megatron.errors import ConfigError, DataError, MegatronError, PluginError
 from megatron.experiment import build_taskset, load_tasks
@@ -245,6 +244,7 @@ def no_unsafe(monkeypatch):
 
 
 def test_a_checkpoint_written_by_mmengine_with_its_message_hub_loads_with_no_opt_in(tmp_path, no_unsafe):
+    from mmengine.config import ConfigDict
     from mmengine.logging import MessageHub
     from mmengine.runner.checkpoint import get_state_dict, save_checkpoint, weights_to_cpu
 
@@ -254,7 +254,8 @@ def test_a_checkpoint_written_by_mmengine_with_its_message_hub_loads_with_no_opt
     hub.update_scalar("train/loss", np.float32(0.25))
     hub.update_info("iter", np.int64(3))
     meta = {"epoch": np.int64(2), "iter": 10, "seed": np.int32(7), "hub": hub, "mmengine_version": "0.10.7",
-            "dataset_meta": {"classes": ("lesion",)}, "mean": np.zeros((2, 2), np.float32)}
+            "dataset_meta": {"classes": ("lesion",)}, "mean": np.zeros((2, 2), np.float32),
+            "cfg": ConfigDict(model=dict(type="YOLOX", widen_factor=0.375))}
     path = tmp_path / "epoch_2.pth"
     save_checkpoint({"meta": meta, "state_dict": weights_to_cpu(get_state_dict(model)),
                      "message_hub": hub.state_dict()}, str(path))
@@ -263,6 +264,7 @@ def test_a_checkpoint_written_by_mmengine_with_its_message_hub_loads_with_no_opt
     obj = read_checkpoint_file(path)  # ... megatron's allows exactly these types
     assert torch.equal(obj["state_dict"]["weight"], model.weight.detach())
     assert obj["meta"]["epoch"] == 2 and obj["meta"]["hub"].get_scalar("train/loss").current() == 0.25
+    assert obj["meta"]["cfg"].model.widen_factor == 0.375
     with pytest.raises(pickle.UnpicklingError):  # and only while megatron loads
         torch.load(path, weights_only=True)
 

@@ -77,7 +77,7 @@ def test_logger_options_are_validated_with_key_paths_and_unknown_names_list_the_
     assert "valid: subdir, flush_secs, per_class, log_config" in msg
     cfg = load_config(None, {"loggers": ["tensorbored"]})
     msg = str(pytest.raises(ConfigError, validate_loggers, cfg, pm).value)
-    assert "loggers.0.name" in msg and "tensorbored" in msg and "csv, tensorboard" in msg
+    assert "loggers.0.name" in msg and "tensorbored" in msg and "csv, mlflow, tensorboard" in msg
 
 
 def test_cli_logger_names_are_appended_once_and_keep_configured_options():
@@ -100,7 +100,7 @@ def test_benchmark_with_an_unknown_logger_stops_before_any_cell(tmp_path, capsys
                  "--logger", "tensorbored"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "tensorbored" in err and "csv, tensorboard" in err
+    assert "tensorbored" in err and "csv, mlflow, tensorboard" in " ".join(err.split())
     assert not (tmp_path / "b").exists()
 
 

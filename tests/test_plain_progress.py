@@ -111,3 +111,15 @@ def test_a_wide_table_printed_to_a_file_is_not_cut_to_80_columns():
     text = stream.getvalue()
     assert "compute (image passes)" in text and "epochs (baseline-equivalent)" in text and "…" not in text
     assert max(len(line) for line in text.splitlines()) > 80
+
+
+def test_a_benchmark_off_a_terminal_prints_a_line_per_finished_cell(tmp_path, capsys):
+    import _benchmark_fakes as fakes
+    from megatron.benchmark import grid as bm
+
+    bcfg = bm.load_benchmark_config(None, {"learners": ["reptile"], "seeds": [0], "budget": 600, "controls": False})[0]
+    res = bm.run_benchmark(bcfg, {"data": {"sources": fakes.SOURCES}}, tmp_path, runner=fakes.failing_runner,
+                           progress=True, report=False)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "[benchmark]" in line]
+    assert len(lines) == len(res.ran) == 2
+    assert lines[-1].endswith(f"[benchmark] 2/2 cells done: {res.ran[-1]}") and not CONTROL.search("".join(lines))

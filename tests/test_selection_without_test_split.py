@@ -3,6 +3,9 @@
 run record lists which target images it read."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 from tiny_run import make_pm, tiny_config
@@ -65,3 +68,18 @@ def test_the_run_record_lists_the_target_images_selection_read_and_none_is_held_
     assert read and read <= allowed
     assert not read & {x["id"] for x in split["heldout"]}
     assert used["offered"]["pool"] == len(split["pool"]) and used["offered"]["validation"] == len(split["validation"])
+
+
+def test_the_committed_recheck_of_experiment_5_says_what_its_readme_says():
+    """benchmarks/results/source_choice_without_test_split: every figure of its README, from selection.json."""
+    folder = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "source_choice_without_test_split"
+    rows = json.loads((folder / "selection.json").read_text())
+    readme = (folder / "README.md").read_text()
+    assert len(rows) == 10 and all(r["chosen"] == r["committed_chosen"] for r in rows)
+    assert {r["target_images_read"] for r in rows} == {30} and {r["held_out_images_read"] for r in rows} == {0}
+    shift = max(abs(r["distances"][k] - r["committed_distances"][k]) for r in rows for k in r["distances"])
+    assert f"at most {shift:.2f} grey levels" in readme
+    for n in (2, 3):
+        gap = min(sorted(r["distances"].values())[n] - sorted(r["distances"].values())[n - 1]
+                  for r in rows if r["n"] == n)
+        assert f"{gap:.1f} grey levels at N = {n}" in readme or f"and {gap:.1f} at N = {n}" in readme

@@ -292,3 +292,23 @@ def test_the_volume_plugin_reads_a_decathlon_layout_with_its_options(tmp_path):
     assert task.load_image(task.records[1]).shape == (20, 24, 3)
     with pytest.raises(ValueError, match="either labels"):
         VolumeDataset.Options(root=images, labels=labels, lesions_csv=tmp_path / "a.csv")
+
+
+def test_the_example_generator_writes_scans_whose_boxes_sit_on_the_nodules(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "volumes" / "make_volumes.py"
+    spec = importlib.util.spec_from_file_location("make_volumes", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main([str(tmp_path), "--scans", "2", "--size", "32", "--slices", "12"]) == 0
+    for options in (dict(root=tmp_path / "site_a" / "imagesTr", labels=tmp_path / "site_a" / "labelsTr"),
+                    dict(root=tmp_path / "site_b" / "scans", lesions_csv=tmp_path / "site_b" / "annotations.csv")):
+        [task] = VolumeDataset(VolumeDataset.Options(**options, intensity="lung", empty_fraction=0.0)).load()
+        assert task.records and {r.group for r in task.records} == {r.meta["volume_id"] for r in task.records}
+        for record in task.records:
+            image = task.load_image(record)
+            for x1, y1, x2, y2 in record.boxes:
+                nodule = Intensity.from_option("lung").apply(np.array([30.0]))[0]  # 30 HU in the lung window
+                assert abs(int(image[int((y1 + y2) / 2), int((x1 + x2) / 2)]) - int(nodule)) < 40

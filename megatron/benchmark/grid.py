@@ -38,9 +38,13 @@ contain the default recipe with every source task at K = 20, and its controls) t
 deterministic given its config only up to floating-point non-associativity across thread counts, so a reused
 cell is the same experiment, not a bit-identical rerun.
 
-Parallel: ``workers > 1`` runs cells in a spawn-context process pool, each process using ``cores // workers``
-torch threads. Across machines: ``shard=(i, n)`` keeps the cells whose index in the full grid is ``i`` mod ``n``
-(see examples/benchmarks/README.md); ``megatron report DIR1 DIR2 ...`` merges the results.
+Where cells run (:mod:`megatron.benchmark.executors`, ``executor=`` / the file's ``executor:`` section): ``local``
+(default) runs them here, ``workers > 1`` in a spawn-context process pool, each process using ``cores // workers``
+torch threads; ``slurm`` submits them as one SLURM job array through submitit (resubmitting a cell whose job died
+without a result), ``submitit-local`` the same jobs as local processes. Every executor reports each cell's outcome
+to one place (:class:`_CellLog`). Across machines by hand: ``shard=(i, n)`` keeps the cells whose index in the
+full grid is ``i`` mod ``n`` (see examples/benchmarks/README.md); ``megatron report DIR1 DIR2 ...`` merges the
+results.
 """
 from __future__ import annotations
 
@@ -50,6 +54,8 @@ import json
 import logging
 import re
 import shutil
+import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
@@ -67,6 +73,7 @@ from megatron.experiment import build_taskset, load_tasks
 from megatron import get_plugin_manager
 from megatron.training import runner
 from megatron import __version__, get_plugin_manager
+from megatron.training.progress import stream_is_terminal
 from megatron.training.record import collect_plugin_versions, package_version
 from megatron.training.run_files import CELL_FILE, ERROR_FILE, RECORD_FILE
 from megatron.benchmark.executors import CellJob, ExecutorSpec, SlurmOptions, make_executor
@@ -726,16 +733,19 @@ class _CellLog:
             self.failed[cell_id] = error
             log.error("cell %s failed: %s", cell_id, error)
             atomic_write_text(self.out / CELLS_DIR / cell_id / ERROR_FILE, error + "\n")
-        self.bar.describe(cell_id)
+        self.bar.describe(cell_id if error is None else f"{cell_id} (failed: {error.splitlines()[0][:200]})")
         self.bar.advance()
 
 
 class _progress:
-    """A rich progress bar over cells (or nothing, for tests and workers)."""
+    """A rich progress bar over cells on a terminal, a plain line per finished cell when stdout is a file or pipe
+    (a batch job's log), or nothing (tests, workers)."""
 
     def __init__(self, enabled: bool, total: int):
         self._p = None
-        if enabled and total:
+        self._plain = enabled and total and not stream_is_terminal(sys.stdout)
+        self._done, self._total, self._text = 0, total, ""
+        if enabled and total and not self._plain:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self._p = Progress(TextColumn("benchmark"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -744,12 +754,17 @@ class _progress:
             self._task = self._p.add_task("", total=total)
 
     def describe(self, text: str) -> None:
+        self._text = text
         if self._p:
             self._p.update(self._task, description=text)
 
     def advance(self) -> None:
+        self._done += 1
         if self._p:
             self._p.advance(self._task)
+        elif self._plain:
+            print(f"{time.strftime('%H:%M:%S')} [benchmark] {self._done}/{self._total} cells done: {self._text}",
+                  flush=True)
 
     def close(self) -> None:
         if self._p:

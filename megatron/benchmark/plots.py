@@ -142,8 +142,8 @@ def plot_paired(comparisons: list, path: Path, n_all: int | None, withheld: bool
     ax.set(xlabel="learner − finetune, mAP50 points (paired over seeds; bar = 95% CI)",
            title="Paired difference against the fine-tuning baseline\n" + (
                "(verdicts withheld: the positive control failed; see the power check)" if withheld else
-               f"(green: better, red: worse, blue: equivalent within ±{margin:g} (dashed), after Holm's correction; "
-               "grey: inconclusive)"))
+               f"green: better, red: worse, blue: equivalent within ±{margin:g} (dashed lines),\n"
+               "grey: inconclusive (Holm-corrected verdicts)"))
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)

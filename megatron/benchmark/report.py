@@ -6,8 +6,9 @@ cell id with the same final metrics) are counted once, so separate runs of one g
 
 Statistics (:mod:`megatron.benchmark.stats`): per learner and setting, the mean over seeds with a 95% Student-t interval;
 per learner, the paired difference against the ``finetune`` baseline of the same setting, with its interval and
-a verdict in words, Holm-corrected over all the report's comparisons of a metric. Metrics are stored as fractions
-(0..1) and shown in mAP points (x100).
+one of four verdicts — *better*, *worse*, *equivalent within ±m* (two one-sided tests at the margin
+``report.equivalence_margin``, default 5 points) or *inconclusive* — both tests Holm-corrected over all the
+report's comparisons of a metric. Metrics are stored as fractions (0..1) and shown in mAP points (x100).
 
 The report reads answer first, then the power check, then the tables:
 
@@ -16,8 +17,11 @@ The report reads answer first, then the power check, then the tables:
 - **Power check** (:func:`control_checks`, :func:`power_rows`): the positive control (``finetune`` −
   ``finetune_scratch`` must be *better*), the negative control (``finetune_aa`` − ``finetune`` must show no
   significant difference, and must not be identical), and per comparison the minimum detectable paired
-  difference at 80% power and the seeds a 5-point difference needs.
-- **Setup**, **Results per setting**, **Source-task choice**, plots.
+  difference at 80% power — with its range over the sd's 95% chi-square interval, next to the A/A pair's — and
+  the seeds a 5-point difference needs.
+- **Setup**, **Results per setting** (with P/R/F1 at the operating point chosen on validation, and every cell
+  more than 2% off its baseline's image passes flagged with the cause its record gives), **Source-task choice**,
+  plots.
 
 A report written into a folder other than its inputs copies the cell records there (:func:`copy_records`), so
 that folder rebuilds on its own (``megatron report OUT``).

@@ -78,7 +78,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.table import Table
 
     from megatron.benchmark.grid import expand_grid, load_benchmark_config, parse_shard, run_benchmark
 
@@ -96,25 +95,37 @@ def run(args: argparse.Namespace) -> int:
     base = _with_loggers(base, args.logger)
     shard = parse_shard(args.shard)
     if args.dry_run:
-        plan = expand_grid(bcfg, base)
-        table = Table(title=f"{len(plan.cells)} cells; budget: {plan.budget_note}")
-        for col in ("#", "cell", "sources"):
-            table.add_column(col)
-        for c in plan.cells:
-            if c.index % shard[1] == shard[0]:
-                table.add_row(str(c.index), c.id, ", ".join(c.sources) if c.sources else f"closest {c.n_sources}")
-        console.print(table)
-        for kind in ("positive", "negative"):
-            cs = [c for c in plan.cells if c.control == kind]
-            if cs:
-                console.print(f"{kind} control: {cs[0].learner} ({len(cs)} cells)", highlight=False)
-        for note in plan.notes:
-            console.print(f"note: {note}")
+        _print_dry_run(console, expand_grid(bcfg, base), shard)
         return 0
     executor, slurm = _executor_from_args(args, bcfg)
     result = run_benchmark(bcfg, base, args.out, workers=args.workers, shard=shard, resume=not args.no_resume,
                            progress=not args.no_progress, prune_checkpoints=args.prune_checkpoints,
                            reuse=args.reuse, executor=executor, slurm=slurm, wait=not args.no_wait)
+    return _print_result(console, result, shard)
+
+
+def _print_dry_run(console, plan, shard: tuple[int, int]) -> None:
+    from rich.table import Table  # with the console: CLI start-up time
+
+    from megatron.training.progress import print_full_width
+
+    table = Table(title=f"{len(plan.cells)} cells; budget: {plan.budget_note}")
+    for col in ("#", "cell", "sources"):
+        table.add_column(col)
+    for c in plan.cells:
+        if c.index % shard[1] == shard[0]:
+            table.add_row(str(c.index), c.id, ", ".join(c.sources) if c.sources else f"closest {c.n_sources}")
+    print_full_width(console, table)
+    for kind in ("positive", "negative"):
+        cs = [c for c in plan.cells if c.control == kind]
+        if cs:
+            console.print(f"{kind} control: {cs[0].learner} ({len(cs)} cells)", highlight=False)
+    for note in plan.notes:
+        console.print(f"note: {note}")
+
+
+def _print_result(console, result, shard: tuple[int, int]) -> int:
+    """What ran, what failed, the power check and where the report is; the exit status (1: a cell failed)."""
     if result.submitted:
         console.print(f"submitted {len(result.submitted)} cell(s) ({result.executor}; jobs, logs and pickles in "
                       f"{result.out_dir / 'submitit'}); {len(result.skipped)} already complete, "

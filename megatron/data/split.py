@@ -10,8 +10,10 @@ How the parts are filled from patients (:func:`split_target`, :func:`carve_valid
 - **Held-out (and validation): whole patients, to the nearest patient.** Patients are taken in a seeded order
   (stratified: patients with findings / without, in the task's image proportions) while taking the next one
   brings the image count closer to the wanted size, so a part holds its requested number of images give or
-  take half a patient (exactly, without groups). Stopping at the first patient that would overshoot, rather
-  than skipping to a smaller one, keeps the choice unbiased by patient size.
+  take half a patient (exactly, without groups). Without ``data.eval_images`` the held-out split is "every
+  patient outside the reserved pool" and stops *before* the patient that would reach into the reserve, so every
+  K that fits the images fits the patients. Stopping at the first patient that does not fit, rather than
+  skipping to a smaller one, keeps the choice unbiased by patient size.
 - **Pool: exactly K images.** The remaining patients are put in one seeded order (findings first,
   no-finding patients interleaved in proportion) and their images fill the pool in that order until it holds
   K; the last patient may be taken **in part** (its images with findings first, then in file order), and its
@@ -69,12 +71,14 @@ class _Patients:
         return int(self.sizes[list(groups)].sum()) if len(groups) else 0
 
 
-def _take_nearest(order, sizes: np.ndarray, quota: int) -> list[int]:
-    """Patients from ``order`` while the next one brings the image count closer to ``quota`` (module docstring)."""
+def _take_nearest(order, sizes: np.ndarray, quota: int, overshoot: bool = True) -> list[int]:
+    """Patients from ``order`` while the next one brings the image count closer to ``quota`` (module docstring);
+    ``overshoot=False``: while the count stays within ``quota``."""
     taken, count = [], 0
     for g in order:
         size = int(sizes[g])
-        if count + size - quota >= quota - count:  # overshoot no smaller than the shortfall: stop
+        over = count + size - quota
+        if over > 0 and (not overshoot or over >= quota - count):  # stop: past the quota, or not nearer to it
             break
         taken.append(int(g))
         count += size
@@ -82,7 +86,7 @@ def _take_nearest(order, sizes: np.ndarray, quota: int) -> list[int]:
 
 
 def _stratified_patients(rng: np.random.Generator, patients: _Patients, strata: list[np.ndarray],
-                         count: int) -> list[int]:
+                         count: int, overshoot: bool) -> list[int]:
     """Patients spread over ``strata`` so each holds about its share (by images, largest remainder) of ``count``
     images; random within a stratum."""
     images = [patients.images(s) for s in strata]
@@ -93,7 +97,7 @@ def _stratified_patients(rng: np.random.Generator, patients: _Patients, strata: 
         take[j] += 1
     picked: list[int] = []
     for s, k in zip(strata, take):
-        picked.extend(_take_nearest(rng.permutation(s), patients.sizes, k))
+        picked.extend(_take_nearest(rng.permutation(s), patients.sizes, k, overshoot))
     return picked
 
 
@@ -178,7 +182,10 @@ def split_target(task: Task, shots: int, eval_images: int | None, seed: int, *,
     n_eval = eval_size(task, shots, eval_images, reserve=reserve, min_eval_images=min_eval_images)
     patients = _Patients(task)
     rng = np.random.default_rng(seed)
-    held_groups = _stratified_patients(rng, patients, [patients.with_findings, patients.without], n_eval)
+    # data.eval_images given: its size to the nearest patient; not given: every patient outside the reserved pool,
+    # never reaching into it (so any K that fits the images fits the patients)
+    held_groups = _stratified_patients(rng, patients, [patients.with_findings, patients.without], n_eval,
+                                       overshoot=eval_images is not None)
     if not held_groups:
         raise DataError(f"target task {task.name!r}: a held-out split of about {n_eval} images cannot be made of "
                         f"whole patients (the patients drawn first hold {int(patients.sizes.max())} images or more); "
@@ -278,13 +285,13 @@ def split_overlaps(manifest: dict[str, Any]) -> list[str]:
     return problems
 
 
-def refuse_overlaps(manifest: dict[str, Any], where: str) -> None:
+def refuse_overlaps(manifest: dict[str, Any], where: str,
+                    fix: str = "drop --split-from to draw a new split, or repair the run record") -> None:
     """A DataError naming the ids (and patients) a recorded split holds in two parts; nothing when disjoint."""
     overlaps = split_overlaps(manifest)
     if overlaps:
         raise DataError(f"{where}: the split's parts overlap, so the model would be tested on what it was trained or "
-                        f"selected on: {'; '.join(overlaps)}; fix: drop --split-from to draw a new split, or "
-                        "repair the run record")
+                        f"selected on: {'; '.join(overlaps)}; fix: {fix}")
 
 
 def split_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -37,7 +37,6 @@ lesion-free slices drawn with ``seed`` (0: none, 1: all).
 from __future__ import annotations
 
 import csv
-import logging
 import threading
 import zlib
 from collections import OrderedDict
@@ -53,8 +52,6 @@ from megatron.data.dicom import codec_message, is_dicom_file, read_dataset
 from megatron.data.masks import categories_of, volume_label_map_boxes
 from megatron.data.problems import Problem
 from megatron.errors import DataError
-
-log = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 AXES: dict[str, int] = {"sagittal": 0, "coronal": 1, "axial": 2}
@@ -377,6 +374,9 @@ class VolumeSliceLoader:
         self.cache_size = max(1, int(cache_size))
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
+        # what makes two loaders give the same pixels (hashed per decoded image by the preprocessing cache)
+        self._identity = (tuple(sorted((k, str(s.path), s.files) for k, s in self.sources.items())), intensity,
+                          self.slice_axis, offset)
 
     def volume(self, volume_id: str) -> np.ndarray:
         with self._lock:
@@ -395,15 +395,11 @@ class VolumeSliceLoader:
         meta = record.meta
         return slice_image(self.volume(meta["volume_id"]), self.slice_axis, int(meta["slice_index"]), self.offset)
 
-    def _key(self) -> tuple:
-        return (tuple(sorted((k, str(s.path), s.files) for k, s in self.sources.items())), self.intensity,
-                self.slice_axis, self.offset)
-
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, VolumeSliceLoader) and other._key() == self._key()
+        return isinstance(other, VolumeSliceLoader) and other._identity == self._identity
 
     def __hash__(self) -> int:
-        return hash((VolumeSliceLoader, self._key()))
+        return hash((VolumeSliceLoader, self._identity))
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

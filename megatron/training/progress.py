@@ -29,9 +29,13 @@ LOG_EVERY_S = 30.0
 
 @contextlib.contextmanager
 def progress_bars(enabled: bool) -> Iterator[Any]:
-    """Rich progress bars (one row per loop) on stderr when it is a terminal and ``enabled``; else ``None``."""
+    """Rich progress bars (one row per loop) on stderr when it is a terminal and ``enabled``; plain step lines
+    (:class:`PlainBar`) on stdout when that is not a terminal (``megatron pretrain > log``); else ``None``."""
     if not enabled:
         yield None
+        return
+    if not stream_is_terminal(sys.stdout):
+        yield PlainProgress(sys.stdout).bar
         return
     from rich.console import Console  # rich's live display: imported only when bars are wanted (start-up time)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn

@@ -166,7 +166,8 @@ def _stage_prepare(cfg, pm, env, events: Events, record: dict, resume: bool) -> 
     data = prepare_data(cfg, pm, env)
     split = data.split_manifest()
     if resume and record.get("split"):
-        refuse_overlaps(record["split"], "--resume: run.json")
+        refuse_overlaps(record["split"], "--resume: run.json",
+                        fix="start a new run (another --run-dir) instead of resuming this one")
         changed = split_differences(record["split"], split)
         if changed:
             raise ConfigError(f"--resume: the target split ({', '.join(changed)}: image ids, files or patients) "

@@ -48,6 +48,11 @@ DEFORMABLE_ATTENTION_NO_SECOND_ORDER = (
     "its multi-scale deformable attention runs on a GPU through mmcv's CUDA kernel, a once-differentiable autograd "
     "function, so a second-order meta-gradient fails there mid-run (mmcv's CPU fallback can be differentiated twice, "
     "but a configuration must not work on CPU and break on a GPU)")
+#: why the two-stage (RoI) detectors cannot be differentiated twice
+ROI_ALIGN_NO_SECOND_ORDER = (
+    "its RoIAlign (mmcv.ops, CPU and CUDA) is a once-differentiable autograd function, so a second-order "
+    "meta-gradient through the features it pools fails (\"trying to differentiate twice a function that was "
+    "marked with @once_differentiable\")")
 DETR_NEEDS_NO_BOX_FEATURES = "a DETR-style head classifies decoder queries, not boxes, so there are no box features"
 
 
@@ -74,9 +79,9 @@ FAMILIES: tuple[Family, ...] = (
     Family("atss", ("ATSS",), ("bbox_head.atss_cls",), box_features="dense", verified=True),
     Family("retinanet", ("RetinaNet",), ("bbox_head.retina_cls",), box_features="dense", verified=True),
     Family("faster_rcnn", ("FasterRCNN",), ("roi_head.bbox_head.fc_cls",), ("roi_head.bbox_head.fc_reg",),
-           softmax=True, box_features="roi", verified=True),
+           softmax=True, box_features="roi", no_second_order=ROI_ALIGN_NO_SECOND_ORDER, verified=True),
     Family("cascade_rcnn", ("CascadeRCNN",), ("roi_head.bbox_head.*.fc_cls",), ("roi_head.bbox_head.*.fc_reg",),
-           softmax=True, verified=True),
+           softmax=True, no_second_order=ROI_ALIGN_NO_SECOND_ORDER, verified=True),
     Family("deformable_detr", ("DeformableDETR",), ("bbox_head.cls_branches",), neck=_DETR_NECK,
            no_second_order=DEFORMABLE_ATTENTION_NO_SECOND_ORDER, verified=True),
     Family("dino", ("DINO",), ("bbox_head.cls_branches",), ("dn_query_generator.label_embedding",), neck=_DETR_NECK,
@@ -270,9 +275,11 @@ class MMDet(MMDetDetector):
         for name in changed:
             module = fresh.get_submodule(name).to(device=device_param.device, dtype=device_param.dtype)
             _set_submodule(self.model, name, module)
-        for (name, mine), (_, theirs) in zip(self.model.named_modules(), fresh.named_modules()):
+        fresh_modules = dict(fresh.named_modules())
+        for name, mine in self.model.named_modules():
+            theirs = fresh_modules.get(name)
             for attr in ("num_classes", "cls_out_channels"):
-                if hasattr(theirs, attr) and isinstance(getattr(theirs, attr), int):
+                if theirs is not None and isinstance(getattr(theirs, attr, None), int):
                     setattr(mine, attr, getattr(theirs, attr))
 
     def _build_for(self, num_classes: int) -> nn.Module:

@@ -21,7 +21,8 @@ identical clouds by construction.
 
 **Feature extractor.** ``extractor: auto`` uses the configured detector's ``features(batch)`` when the core
 provides one (``SimilarityContext.make_feature_extractor``), otherwise a torchvision ResNet-18 trunk.
-ResNet-18 weights come from ``weights: PATH`` (a local ``state_dict`` file; nothing is downloaded). Without
+ResNet weights come from ``weights: PATH`` (nothing is downloaded): a torchvision ImageNet ResNet state dict or
+a detector checkpoint with a ResNet backbone (megatron or mmdet model zoo; :func:`resnet_weights`). Without
 weights the trunk is a fixed-seed random initialisation, and :meth:`describe` says so: random convolutional
 features still respond to texture, contrast and edge statistics, so the distance still separates modalities
 that look different, but it knows nothing about semantic content — give trained weights for that.
