@@ -48,7 +48,8 @@ def check_learners_fit_detector(cfg: ExperimentConfig, pm: PluginManager, names:
     learners work with this detector."""
     det_cls = _get(pm.registers["detector"], cfg.detector.name, "detector.name")
     det_options = validate_plugin_options(det_cls, cfg.detector.options, "detector.options")
-    lacking = det_cls.unsupported(det_options)
+    unsupported = getattr(det_cls, "unsupported", None)  # a detector not derived from Detector: nothing declared
+    lacking = unsupported(det_options) if unsupported is not None else {}
     if not lacking:
         return
     learners = pm.registers["learner"]
@@ -56,7 +57,8 @@ def check_learners_fit_detector(cfg: ExperimentConfig, pm: PluginManager, names:
     def missing(name: str, options: dict[str, Any]) -> list[str]:
         cls = learners.get(name)
         opts = validate_plugin_options(cls, options, f"learner {name!r} options")
-        return sorted(cls.required_capabilities(opts) & set(lacking))
+        required = getattr(cls, "required_capabilities", None)
+        return sorted((required(opts) if required is not None else set()) & set(lacking))
 
     def works(name: str, options: dict[str, Any]) -> bool:
         try:
@@ -71,11 +73,9 @@ def check_learners_fit_detector(cfg: ExperimentConfig, pm: PluginManager, names:
             first_order = [n for n in learners.names() if "first_order" in learners.get(n).Options.model_fields
                            and works(n, {"first_order": True})]
             reasons = "; ".join(lacking[g] for g in gaps)
-            raise ConfigError(
-                f"learner {name!r} cannot train detector {cfg.detector.name!r}: {reasons}. Learners that work with "
-                f"it: {', '.join(working)}" + (f"; first-order variants: {', '.join(f'{n} (first_order: true)' for n in first_order)}"
-                                               if first_order else "") + "."
-            )
+            variants = "".join(f", {n} (first_order: true)" for n in first_order)
+            raise ConfigError(f"learner {name!r} cannot train detector {cfg.detector.name!r}: {reasons}. Learners "
+                              f"that work with it: {', '.join(working)}{variants}.")
 
 
 def _get(register, name: str, where: str):

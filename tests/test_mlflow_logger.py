@@ -189,3 +189,30 @@ def test_a_megatron_run_with_logger_mlflow_lands_in_the_default_store(tiny_plugi
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"run.json", "summary.md", "config.yaml", "models"} <= artifacts
     assert [a.path for a in client.list_artifacts(run.info.run_id, "models")] == ["models/reptile-best.pth"]
+
+
+def test_one_process_at_a_time_creates_a_new_store_or_a_grid_s_parent_run(tmp_path):
+    import threading
+    import time
+
+    from megatron_plugins.loggers.mlflow import exclusive
+
+    inside, overlaps = [], []
+
+    def work():
+        with exclusive(tmp_path / "x.lock"):
+            if inside:
+                overlaps.append(1)
+            inside.append(1)
+            time.sleep(0.05)
+            inside.pop()
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not overlaps and not (tmp_path / "x.lock").exists()
+    (tmp_path / "stale.lock").write_text("")  # its holder died
+    with exclusive(tmp_path / "stale.lock", wait_s=0.3):
+        pass

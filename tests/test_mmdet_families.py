@@ -19,6 +19,7 @@ from megatron_plugins.detectors.mmdet import SMALL_CONFIGS as FAMILY_CONFIGS
 from megatron_plugins.detectors.mmdet_configs import configs_by_family, resolve_config
 from megatron_plugins.learners.anil import ANIL
 from megatron_plugins.learners.maml import MAML
+from megatron_plugins.learners.proto import Proto
 from megatron_plugins.learners.reptile import Reptile
 from test_detectors import make_batch
 
@@ -26,7 +27,7 @@ SIZE = 64
 #: the families whose loss autograd can differentiate twice (the others: RoIAlign, deformable attention)
 SECOND_ORDER_FAMILIES = {"yolox", "rtmdet", "fcos", "atss", "retinanet"}
 #: families whose whole check takes well over 20 s on a shared CPU
-SLOW = {"cascade_rcnn", "deformable_detr", "retinanet", "faster_rcnn", "fcos", "atss"}
+SLOW = {"cascade_rcnn", "retinanet", "faster_rcnn", "fcos", "atss"}
 
 
 @pytest.fixture(autouse=True)
@@ -210,3 +211,32 @@ def test_megatron_detectors_lists_packaged_configs_by_family_marking_verified_on
     listed = json.loads(capsys.readouterr().out)
     assert listed["rtmdet"]["verified"] and not listed["gfl"]["verified"]
     assert "rtmdet/rtmdet_tiny_8xb32-300e_coco.py" in listed["rtmdet"]["configs"]
+
+
+def test_rtmdet_box_features_feed_prototypes_through_its_per_level_classifiers():
+    det = build("rtmdet").eval()
+    batch = make_batch(2, SIZE)
+    with torch.no_grad():
+        feats, labels = det.box_features(batch)
+    assert feats.shape == (4, det.model.bbox_head.feat_channels) and labels.tolist() == [0, 1, 2, 1]
+    det.set_prototypes(torch.stack([feats[labels == c].mean(0) for c in range(3)]))
+    assert all(type(m).__name__ == "CosineClassifier" for m in det.model.bbox_head.rtm_cls)
+    det.train()
+    assert torch.isfinite(det.loss(batch)["loss"])
+    det.set_prototypes(None)
+    assert all(isinstance(m, torch.nn.Conv2d) for m in det.model.bbox_head.rtm_cls)
+    stats = Proto(det, Proto.Options(), ctx()).meta_step([episode()])  # the prototype learner end to end
+    assert torch.isfinite(torch.tensor(stats["loss"]))
+
+
+def test_a_family_megatron_does_not_know_finds_its_classifier_by_comparing_builds(caplog):
+    options = MMDet.Options(config="foveabox/fovea_r50_fpn_4xb4-1x_coco.py",
+                            cfg_options={"model.backbone.depth": 18, "model.neck.in_channels": [64, 128, 256, 512]})
+    with caplog.at_level("WARNING"):
+        det = MMDet(3, SIZE, options)
+    assert det.family is None and "not a family megatron has verified" in caplog.text
+    assert det.parameter_groups()["head_cls"] == ["model.bbox_head.conv_cls.weight", "model.bbox_head.conv_cls.bias"]
+    assert set(MMDet.unsupported(options)) == {"prototypes"}
+    det.set_num_classes(5)
+    assert det.model.bbox_head.conv_cls.out_channels == 5
+    assert torch.isfinite(det.train().loss(make_batch(2, SIZE))["loss"])

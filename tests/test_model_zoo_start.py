@@ -85,7 +85,7 @@ def test_the_checkpoint_replaces_stage1_or_starts_it(role, stage1_runs, tmp_path
     ckpt = tmp_path / "zoo.pth"
     torch.save({"w": torch.zeros(1)}, ckpt)
     calls = []
-    monkeypatch.setattr(runner, "stage1_cache_key", lambda cfg, sources, pm: ("k" * 64, {}))
+    monkeypatch.setattr(runner, "stage1_cache_key", lambda cfg, sources, pm: ("k" * 64, {"start_checkpoint": "s"}))
 
     def fake_stage1(cfg, pm, sources, progress=True, cache_key=None):
         calls.append(cfg.detector.checkpoint)
@@ -105,3 +105,6 @@ def test_the_checkpoint_replaces_stage1_or_starts_it(role, stage1_runs, tmp_path
     assert start == (tmp_path / "stage1.pth" if stage1_runs else ckpt)
     if stage1_runs:
         assert calls == [ckpt]  # stage 1 itself starts from the model-zoo weights (pretrain's build_detector)
+        assert record["pretrain"]["started_from"]["checkpoint"] == str(ckpt)
+    else:
+        assert record["pretrain"]["source"] == "detector.checkpoint"

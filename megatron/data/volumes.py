@@ -574,8 +574,9 @@ def find_sources(root: Path, kind: str = "auto", series_uid: list[str] | None = 
     else:
         sources = []
     if not sources:
-        raise DataError(f"{root} holds no volume (searched for {', '.join(NIFTI_SUFFIXES)} files and DICOM series); "
-                        "fix: point the option at the scans' folder")
+        chosen = f" with SeriesInstanceUID in {series_uid}" if series_uid else ""
+        raise DataError(f"{root} holds no volume{chosen} (searched for {', '.join(NIFTI_SUFFIXES)} files and DICOM "
+                        "series); fix: point the option at the scans' folder" + (", check series_uid" if chosen else ""))
     seen: dict[str, Path] = {}
     for s in sources:
         if s.volume_id in seen:

@@ -220,6 +220,9 @@ def _stage_pretrain(cfg, pm, sources, env, events: Events, record: dict) -> Path
     shown = bars.bar if bars is not None else False  # a row in the run's own bars (one live display at a time)
     entry = mdist.on_main(lambda: stage1_checkpoint(cfg, pm, sources, progress=shown, cache_key=key), env)
     record["pretrain"] = {**entry, "source": "stage 1 (cached)" if entry["reused"] else "stage 1 (trained now)"}
+    if cfg.detector.checkpoint is not None:  # checkpoint_role start_of_stage1: stage 1 started from these weights
+        record["pretrain"]["started_from"] = {"checkpoint": str(cfg.detector.checkpoint),
+                                              "sha256": key[1].get("start_checkpoint")}
     events.stage_end("pretrain", checkpoint=entry["checkpoint"], reused=entry["reused"], wall_s=entry["wall_s"])
     return Path(entry["checkpoint"])
 

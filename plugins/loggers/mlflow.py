@@ -19,6 +19,7 @@ Browse: ``mlflow ui --backend-store-uri sqlite:///runs/mlruns/mlflow.db`` (the d
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -27,7 +28,7 @@ import re
 import time
 from numbers import Real
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Iterator, Mapping
 
 from pydantic import Field
 
@@ -129,14 +130,46 @@ def open_store(uri: str) -> Any:
     from mlflow.tracking import MlflowClient  # optional dependency (megatron[mlflow]), imported above
 
     try:
-        client = MlflowClient(tracking_uri=uri)
-        client.search_experiments(max_results=1)
+        with _creating(uri):
+            client = MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - MLflow raises many kinds (MlflowException, sqlalchemy, OSError)
         reason = " ".join(str(exc).split())[:600] or type(exc).__name__
         raise PluginError(f"mlflow: cannot open the tracking URI {uri!r}: {reason}. Give a writable "
-                          "loggers[].options.tracking_uri (file:///path/mlruns, sqlite:///path/mlflow.db or a "
-                          "tracking server's http(s):// address)") from None
+                          "loggers[].options.tracking_uri: sqlite:///path/mlflow.db, a tracking server's http(s):// "
+                          "address, or file:///path/mlruns with MLFLOW_ALLOW_FILE_STORE=true") from None
     return client
+
+
+@contextlib.contextmanager
+def exclusive(lock: Path, wait_s: float = 120.0) -> Iterator[None]:
+    """Hold ``lock`` (a file created exclusively) for the body; waits while another process holds it, and takes
+    over a lock older than ``wait_s`` (its holder died). Works on the shared filesystems of clusters."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            if time.monotonic() > deadline:
+                lock.unlink(missing_ok=True)
+            time.sleep(0.2)
+    try:
+        yield
+    finally:
+        os.close(fd)
+        lock.unlink(missing_ok=True)
+
+
+def _creating(uri: str) -> Any:
+    """A local SQLite store that does not exist yet is created (MLflow's schema migrations) by one process at a
+    time: benchmark cells starting together would otherwise migrate one database twice."""
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    db = Path(uri[len("sqlite:///"):])
+    if db.exists() or not db.parent.is_dir():
+        return contextlib.nullcontext()  # migrated already (or MLflow's own error for a missing folder)
+    return exclusive(db.with_name(db.name + ".creating.lock"))
 
 
 class MLflowLogger(Logger):
@@ -211,25 +244,10 @@ class MLflowLogger(Logger):
         if bench is None:
             return None
         store = hashlib.sha1(f"{self.tracking_uri}\n{self.options.experiment}".encode()).hexdigest()[:12]
-        lock = bench / f".mlflow-parent-{store}.lock"
-        # cells in parallel (workers, job arrays): one creates the parent, the others wait for it
-        deadline = time.monotonic() + 120
-        while True:
+        # cells in parallel (workers, job arrays): the first creates the parent, the others find it
+        with exclusive(bench / f".mlflow-parent-{store}.lock"):
             found = self._find_run(experiment_id, BENCHMARK_TAG, str(bench))
-            if found is not None:
-                return found.info.run_id
-            try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                if time.monotonic() > deadline:
-                    lock.unlink(missing_ok=True)  # its creator died before making the parent
-                time.sleep(0.5)
-                continue
-            try:
-                return self._create_parent(experiment_id, bench)
-            finally:
-                os.close(fd)
-                lock.unlink(missing_ok=True)
+            return found.info.run_id if found is not None else self._create_parent(experiment_id, bench)
 
     def _create_parent(self, experiment_id: str, bench: Path) -> str:
         info = json.loads((bench / BENCHMARK_FILE).read_text())
