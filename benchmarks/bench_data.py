@@ -13,8 +13,8 @@ Measures, for three kinds of input:
 
 1. **loader**: images per second of meta-training episodes (support 4 + query 4 images, augmented,
    letterboxed to 256 px, collated; meta-batches of 2 through ``EpisodeSampler.meta_batches``) with the
-   decoding in the training process (0 workers) and with 1, 2, 4 workers, both kinds (threads sharing the
-   decoded-image cache; DataLoader worker processes, each with its share), cold (decoded-image cache off: every
+   decoding in the training process (0 workers) and with 1, 2, 4 workers, both kinds (megatron's: threads sharing
+   the decoded-image cache; the alternative: DataLoader worker processes, :class:`ProcessLoader`), cold (decoded-image cache off: every
    image read and decoded) and warm (every image decoded into the cache beforehand, as from the second epoch
    on). Per worker: the rate divided by the workers; scaling: the rate over the 1-worker rate.
 2. **memory**: peak memory (resident set of the process plus the proportional set of its worker processes,
@@ -177,7 +177,48 @@ def fresh(tasks: list[Task]) -> list[Task]:
 
 
 # --- measuring ------------------------------------------------------------------------------------------
-def loader_rate(tasks: list[Task], loader: Loader, warm: bool, meta_batches: int, augment: bool) -> float:
+def _identity(item):
+    return item
+
+
+class _JobDataset(torch.utils.data.Dataset):
+    """``dataset[job] = fn(context, job)``: a stream of jobs as a DataLoader sees it."""
+
+    def __init__(self, fn, context):
+        self.fn, self.context = fn, context
+
+    def __getitem__(self, job):
+        return self.fn(self.context, job)
+
+
+def _start_worker_process(worker_id: int) -> None:
+    cv2.setNumThreads(1)  # the DataLoader sets torch's threads to 1 in its workers
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessLoader:
+    """The alternative megatron did not keep (measured here, see megatron/data/loader.py): ``Loader.map`` with
+    ``torch.utils.data.DataLoader`` worker processes, forked for each stream (they inherit the tasks and the
+    training process's cache; what they decode stays in their own copy). Not safe once pyarrow's jemalloc
+    thread runs (a forked worker can hang): this script never imports pandas."""
+
+    workers: int
+    prefetch: int = 2
+
+    def map(self, fn, context, jobs):
+        loader = torch.utils.data.DataLoader(
+            _JobDataset(fn, context), batch_size=None, sampler=jobs, num_workers=self.workers,
+            prefetch_factor=self.prefetch, collate_fn=_identity, worker_init_fn=_start_worker_process,
+            multiprocessing_context="fork", generator=torch.Generator())
+        yield from loader
+
+
+def make_loader(kind: str, workers: int, prefetch: int):
+    """Threads (megatron's loader) or worker processes; ``in-process``: 0 workers."""
+    return ProcessLoader(workers, prefetch) if kind == "process" else Loader(workers, prefetch)
+
+
+def loader_rate(tasks: list[Task], loader, warm: bool, meta_batches: int, augment: bool) -> float:
     """Images per second of ``meta_batches`` meta-batches of episodes through ``loader``."""
     tasks = fresh(tasks)
     pre = Preprocessor(INPUT_SIZE, augment=augment, cache_bytes=(1 << 30) if warm else 0)
@@ -200,7 +241,7 @@ def loader_table(name: str, tasks: list[Task], args, meta_batches: int) -> list[
     for kind, workers in setups:
         row = {"input": name, "kind": kind, "workers": workers}
         for state in ("cold", "warm"):
-            loader = Loader(workers, args.prefetch, "thread" if kind == "in-process" else kind)
+            loader = make_loader(kind, workers, args.prefetch)
             row[f"{state}_images_per_s"] = loader_rate(tasks, loader, state == "warm", meta_batches, args.augment)
         rows.append(row)
     for row in rows:
@@ -270,7 +311,7 @@ def memory_probe(folder: Path, kind: str, workers: int, prefetch: int, augment: 
     pre = Preprocessor(INPUT_SIZE, augment=augment)
     sampler = EpisodeSampler(SUPPORT, QUERY, pre, seed=0)
     meta_batches = max(1, 2 * len(records) // (META_BATCH * (SUPPORT + QUERY)))
-    loader = Loader(workers, prefetch, "thread" if kind == "in-process" else kind)
+    loader = make_loader(kind, workers, prefetch)
     with PeakMemory() as mem:
         for _ in sampler.meta_batches([task], META_BATCH, meta_batches, loader=loader):
             pass

@@ -6,8 +6,7 @@ Measured on the device machine itself, with its own cores:
   Reptile meta-steps per second (YOLOX-tiny, meta-batch 2, support 4 + query 4) — the rates the loader must feed;
 - **loader**: images per second of augmented episodes from 512-px 16-bit DICOM files (``bench_data.py``'s),
   with the decoding in the training process and with ``data.workers: null``'s workers for this machine
-  (:func:`megatron.data.loader.auto_workers`), threads and processes, cold (every image decoded) and warm
-  (cached);
+  (:func:`megatron.data.loader.auto_workers`), cold (every image decoded) and warm (cached);
 - **waiting share**: Reptile meta-training and a fine-tuning loop (YOLOX-tiny, batch 8) fed by the loader as the
   runner feeds them (``EpisodeSampler.meta_batches``, ``TargetPoolBatches``), the cache cold at the start: the
   share of the loop's wall time spent waiting for the next meta-batch or batch, with 0 workers and with the
@@ -147,11 +146,10 @@ def part_data(device: torch.device, cpu_only: bool) -> dict:
     rec["meta_steps_per_s"] = meta_step_rate(size, steps, device)
     with tempfile.TemporaryDirectory() as tmp:
         task = bench_data.dicom_task(Path(tmp), n_images)
-        setups = [(0, "thread")] + [(workers, kind) for kind in ("thread", "process") if workers]
         rec["loader_images_per_s"] = {
-            f"{state}, {f'{w} {kind} workers' if w else 'in-process'}": bench_data.loader_rate([task], Loader(w, kind=kind),
-                                                                              state == "warm", meta_steps, True)
-            for w, kind in setups for state in ("cold", "warm")}
+            f"{state}, {f'{w} workers' if w else 'in-process'}": bench_data.loader_rate([task], Loader(w),
+                                                                                state == "warm", meta_steps, True)
+            for w in sorted({0, workers}) for state in ("cold", "warm")}
         rec["loops"] = {f"{w} workers": loop_shares(task, size, Loader(w), meta_steps, device)
                         for w in sorted({0, workers})}
     auto = rec["loops"][f"{workers} workers"]

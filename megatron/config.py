@@ -42,10 +42,9 @@ class DataConfig(_Model):
     clahe: bool = Field(False, description="apply CLAHE to grayscale images before resizing")
     augment: bool = Field(True, description="training augmentations (flips, small rotations, scale/translate, brightness/contrast)")
     cache_dir: Path | None = Field(None, description="where generated/decoded data is cached (default ~/.cache/megatron)")
-    workers: int | None = Field(None, ge=0, description="background workers decoding and augmenting episodes and batches ahead of the model (pre-training, meta-training, fine-tuning, evaluation); 0: in the training process; null: none on the CPU, on an accelerator the process's share of the cores less one, at most 8. Results are identical for any number")
+    workers: int | None = Field(None, ge=0, description="background worker threads decoding and augmenting episodes and batches ahead of the model (pre-training, meta-training, fine-tuning, evaluation); 0: in the training process; null: none on the CPU, on an accelerator the process's share of the cores less one, at most 8. Results are identical for any number")
     prefetch: int = Field(2, ge=1, description="episodes or batches each worker loads ahead")
-    worker_kind: Literal["thread", "process"] = Field("thread", description="workers as threads sharing the decoded-image cache (default: measured faster with the cache, benchmarks/bench_data.py) or DataLoader worker processes (no GIL; each with data.cache_bytes / workers of cache, for one stream)")
-    cache_bytes: int = Field(1 << 30, ge=0, description="size limit of the decoded-image cache in bytes (images held decoded and downsampled to the input size); 0: off. Worker processes share it (each gets cache_bytes / workers)")
+    cache_bytes: int = Field(1 << 30, ge=0, description="size limit of the decoded-image cache in bytes (images held decoded and downsampled to the input size); 0: off. The data workers (threads) share the one cache")
 
 
 class DetectorConfig(_Model):

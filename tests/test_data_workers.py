@@ -1,6 +1,6 @@
 """Background data workers (megatron/data/loader.py): a run gives bit-identical records and weights with any
-number of workers (threads or processes), resume stays exact, a sampler stopped early forgets what its workers
-drew ahead, worker errors arrive unchanged, and the decoded-image cache keeps to its byte limit."""
+number of workers, resume stays exact, a sampler stopped early forgets what its workers drew ahead, worker
+errors arrive unchanged, and the decoded-image cache keeps to its byte limit."""
 from __future__ import annotations
 
 import json
@@ -40,11 +40,10 @@ def blob_task(n: int = 12, name: str = "blobs", fail_at: int | None = None) -> T
     return Task(name, ["a", "b"], records, image_loader=load)
 
 
-def run_config(tmp_path: Path, workers: int, kind: str = "thread", **overrides):
+def run_config(tmp_path: Path, workers: int, **overrides):
     # stage 1 included (pre-training batches), its cache per run so each run trains it with its own workers
     base = {"training.pretrain_epochs": 1, "training.meta_epochs": 2, "training.steps_per_epoch": 3,
-            "data.workers": workers, "data.worker_kind": kind, "data.prefetch": 2,
-            "data.cache_dir": str(tmp_path / f"cache-{workers}-{kind}")}
+            "data.workers": workers, "data.prefetch": 2, "data.cache_dir": str(tmp_path / f"cache-{workers}")}
     base.update(overrides)
     return tiny_config(tmp_path, **base)
 
@@ -69,11 +68,10 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         assert torch.equal(a[name], b[name]), name
 
 
-@pytest.mark.parametrize("kind", ["thread", pytest.param("process", marks=pytest.mark.slow)])
-def test_a_run_gives_identical_records_and_weights_with_0_and_2_workers(tmp_path, kind):
+def test_a_run_gives_identical_records_and_weights_with_0_and_2_workers(tmp_path):
     records = {}
     for workers in (0, 2):
-        cfg = run_config(tmp_path, workers, kind)
+        cfg = run_config(tmp_path, workers)
         run_experiment(cfg, run_dir=tmp_path / f"w{workers}", pm=make_pm(), progress=False)
         records[workers] = json.loads((tmp_path / f"w{workers}" / "run.json").read_text())
     assert records[0]["pretrain"]["reused"] is False and records[2]["pretrain"]["reused"] is False
@@ -81,7 +79,7 @@ def test_a_run_gives_identical_records_and_weights_with_0_and_2_workers(tmp_path
     assert records[0]["learners"]["joint_test"]["final"]["mAP50"] is not None
     assert_same_weights(weights(tmp_path / "w0", "joint_test"), weights(tmp_path / "w2", "joint_test"))
     # the stage-1 checkpoints (pre-trained with and without workers) hold the same weights too
-    ckpts = [next((tmp_path / f"cache-{w}-{kind}" / "pretrain").glob("*.pth")) for w in (0, 2)]
+    ckpts = [next((tmp_path / f"cache-{w}" / "pretrain").glob("*.pth")) for w in (0, 2)]
     assert_same_weights(*(safe_torch_load(p)["state_dict"] for p in ckpts))
 
 
@@ -95,7 +93,7 @@ def test_a_run_killed_with_workers_resumes_to_the_numbers_of_an_uninterrupted_ru
     assert_same_weights(weights(tmp_path / "full", "joint_test"), weights(tmp_path / "killed", "joint_test"))
 
 
-@pytest.mark.parametrize("loader", [Loader(2, 1, "thread"), Loader(2, 2, "process")], ids=["threads", "processes"])
+@pytest.mark.parametrize("loader", [Loader(1, 1), Loader(3, 2)], ids=["1 worker", "3 workers"])
 def test_episodes_and_batches_from_workers_equal_those_loaded_in_process(loader):
     tasks = [blob_task(name="a"), blob_task(name="b")]
 
@@ -118,7 +116,7 @@ def test_episodes_and_batches_from_workers_equal_those_loaded_in_process(loader)
 def test_a_stream_stopped_early_puts_the_sampler_back_after_the_last_meta_batch_used():
     tasks = [blob_task(name="a"), blob_task(name="b")]
     streamed = EpisodeSampler(2, 2, Preprocessor(SIZE, augment=True), seed=9)
-    stream = streamed.meta_batches(tasks, 2, None, loader=Loader(2, 3, "thread"))
+    stream = streamed.meta_batches(tasks, 2, None, loader=Loader(2, 3))
     used = [next(stream) for _ in range(2)]  # the workers have drawn several more by now
     stream.close()
     plain = EpisodeSampler(2, 2, Preprocessor(SIZE, augment=True), seed=9)
@@ -133,22 +131,19 @@ def test_a_stream_stopped_early_puts_the_sampler_back_after_the_last_meta_batch_
            [e.support.images.sum() for e in plain.meta_batch(tasks, 2)]
 
 
-@pytest.mark.parametrize("kind", ["thread", "process"])
-def test_a_data_error_in_a_worker_reaches_the_training_process_unchanged(kind):
+def test_a_data_error_in_a_worker_reaches_the_training_process_unchanged():
     task = blob_task(fail_at=7)
     with pytest.raises(DataError, match=r"image 7 of task 'blobs' is unreadable; replace the file$"):
-        list(iterate_batches(task, 4, Preprocessor(SIZE), loader=Loader(2, 1, kind)))
+        list(iterate_batches(task, 4, Preprocessor(SIZE), loader=Loader(2, 1)))
 
 
-def test_the_decoded_image_cache_keeps_to_its_byte_limit_and_a_worker_process_to_its_share():
+def test_the_decoded_image_cache_keeps_to_its_byte_limit():
     cache = DecodedImageCache(max_bytes=3000)
     for i in range(5):
         cache.put(i, np.zeros(1000, np.uint8))
     assert len(cache) == 3 and cache.nbytes == 3000 and cache.get(0) is None and cache.get(4) is not None
     cache.put("huge", np.zeros(4000, np.uint8))  # larger than the whole cache: not kept, nothing evicted
     assert cache.get("huge") is None and len(cache) == 3
-    loader_module._start_worker_process(cache, 3, worker_id=0)  # what each of 3 worker processes does
-    assert cache.max_bytes == 1000 and len(cache) == 1 and cache.get(4) is not None
     with pytest.raises(ConfigError, match="data.cache_bytes"):
         DecodedImageCache(max_bytes=-1)
 

@@ -167,21 +167,6 @@ def test_palette_colour_through_its_lookup_table():
     assert image[100, 400, 0] == round(int(red[index - first]) * 255 / 65535)
 
 
-def test_compressed_file_without_codec_names_file_syntax_and_package():
-    from pydicom.data import get_testdata_file
-    from pydicom.pixels import get_decoder
-    from pydicom.uid import JPEGLSNearLossless
-
-    path = get_testdata_file("JPEGLSNearLossless_16.dcm", download=False)
-    if path is None or get_decoder(JPEGLSNearLossless).is_available:
-        pytest.skip("needs pydicom's JPEG-LS test file and no JPEG-LS codec installed")
-    with pytest.raises(DataError) as err:
-        read_image(path)
-    text = str(err.value)
-    assert "JPEGLSNearLossless_16.dcm" in text and "1.2.840.10008.1.2.4.81" in text and "JPEG-LS" in text
-    assert "pip install pylibjpeg pylibjpeg-libjpeg" in text
-
-
 def test_bad_files_are_clear_errors(tmp_path):
     (tmp_path / "empty.dcm").write_bytes(b"")
     with pytest.raises(DataError, match=r"empty\.dcm"):

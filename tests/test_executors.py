@@ -44,7 +44,7 @@ def rows(out: Path) -> list[dict]:
                   key=lambda r: r["cell_id"])
 
 
-@SLOW
+# in the default suite: the contract (real submitit jobs, a killed one resubmitted), ~25 s each
 def test_submitit_local_runs_every_cell_as_a_job_and_reports_as_the_local_executor_does(tmp_path, job_env):
     bcfg, base = make()
     local = bm.run_benchmark(bcfg, base, tmp_path / "local", runner=fakes.fake_runner, progress=False)
@@ -64,7 +64,7 @@ def test_submitit_local_runs_every_cell_as_a_job_and_reports_as_the_local_execut
     assert (tmp_path / "jobs" / "report.md").exists()
 
 
-@SLOW
+# in the default suite: the contract (real submitit jobs, a killed one resubmitted), ~25 s each
 def test_a_killed_job_is_resubmitted_and_its_cell_resumes(tmp_path, job_env, monkeypatch):
     bcfg, base = make()
     victim = "reptile__nall__k20__all__s1"

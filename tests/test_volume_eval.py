@@ -139,3 +139,35 @@ def test_predict_on_volumes_writes_world_candidates_and_a_strip_per_scan(untrain
     assert (out / "a_strip.png").is_file()
     detections = json.loads((out / "detections.json").read_text())
     assert detections and all(d["volume_id"] == "a" and 0 <= d["slice_index"] < 8 for d in detections)
+
+
+def test_a_model_file_keeps_the_volume_targets_reading_options_and_evaluate_and_predict_use_them(
+        untrained_model, tmp_path, monkeypatch, capsys):
+    import megatron.commands.evaluate as evaluate_command
+    from megatron.cli import main
+    from megatron.config import DataConfig, DatasetSpec
+    from megatron.data.preprocess import Preprocessor
+    from megatron.training.model_file import load_model, model_preprocessing, save_model
+
+    sphere_scan(tmp_path, "a", [(10, 10, 5)], shape=(32, 32, 8))
+    volume = DatasetSpec(plugin="volume", options={"root": str(tmp_path / "images"), "labels": str(tmp_path / "labels"),
+                                                   "channels": "2.5d", "intensity": (50, 400), "empty_fraction": 0.2})
+    other = DatasetSpec(plugin="medsynth", options={})
+    recorded = model_preprocessing(Preprocessor(64), DataConfig(datasets=[other, volume], target="images"))
+    assert recorded["volume"] == {"channels": "2.5d", "intensity": [50, 400]}  # reading options only, no paths
+    assert "volume" not in model_preprocessing(Preprocessor(64), DataConfig(datasets=[other, volume], target="eit"))
+    detector, info = load_model(untrained_model)
+    save_model(detector, untrained_model, detector_name="tiny", detector_options=info.detector_options,
+               class_names=["lesion"], input_size=64, preprocessing=recorded)
+
+    tasks = []
+    real_volume_task = evaluate_command.volume_task
+    monkeypatch.setattr(evaluate_command, "volume_task", lambda *a: tasks.append(real_volume_task(*a)) or tasks[-1])
+    assert main(["evaluate", "--checkpoint", str(untrained_model), str(tmp_path / "images"), "--format", "volume",
+                 "--set", f"labels={tmp_path / 'labels'}", "--device", "cpu", "--json"]) == 0
+    assert main(["predict", "--checkpoint", str(untrained_model), "--volumes", str(tmp_path / "images"),
+                 "--set", "intensity=lung", "--out", str(tmp_path / "pred"), "--device", "cpu"]) == 0, capsys.readouterr()
+    evaluated, predicted = (t.image_loader for t in tasks)
+    assert evaluated.offset == predicted.offset == 1  # 2.5D, as recorded
+    assert evaluated.intensity.window == (50.0, 400.0)  # the recorded window
+    assert predicted.intensity.window == (-600.0, 1500.0)  # --set overrides the record

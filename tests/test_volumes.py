@@ -313,3 +313,11 @@ def test_the_example_generator_writes_scans_whose_boxes_sit_on_the_nodules(tmp_p
             for x1, y1, x2, y2 in record.boxes:
                 nodule = Intensity.from_option("lung").apply(np.array([30.0]))[0]  # 30 HU in the lung window
                 assert abs(int(image[int((y1 + y2) / 2), int((x1 + x2) / 2)]) - int(nodule)) < 40
+    # the MR-like site (arbitrary units, percentile window): nodules as bright as the body, lungs dark
+    [task] = VolumeDataset(VolumeDataset.Options(root=tmp_path / "site_c" / "imagesTr", labels=tmp_path / "site_c" /
+                                                 "labelsTr", classes={1: "nodule"}, empty_fraction=0.0)).load()
+    assert task.records
+    for record in task.records:
+        image = task.load_image(record)
+        for x1, y1, x2, y2 in record.boxes:
+            assert image[int((y1 + y2) / 2), int((x1 + x2) / 2)] > 200

@@ -10,8 +10,8 @@ real datasets use:
 - ``DIR/site_c/imagesTr`` + ``labelsTr``: an MR-like contrast (arbitrary units, no Hounsfield scale: use
   ``intensity: percentile``).
 
-Each scan is 64 x 64 x 24 voxels (``--size``, ``--slices``) with 1-2 nodules of 5-10 mm; ``--scans`` per site
-(default 6), ``--seed``. ``examples/configs/volumes.yaml`` runs megatron on them.
+Each scan is 64 x 64 x 24 voxels (``--size``, ``--slices``) with 1-2 nodules of 8-16 mm; ``--scans`` per site
+(default 16), ``--seed``. ``examples/configs/volumes.yaml`` runs megatron on them.
 """
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ import nibabel as nib
 import numpy as np
 
 AIR_HU, TISSUE_HU, LUNG_HU, NODULE_HU = -1000.0, 40.0, -800.0, 30.0
+#: nodule diameters drawn uniformly: 8-16 mm spans 11-23 px of a 64 px scan at 0.7 mm, 23-46 px at input 128,
+#: large enough for a tiny detector trained from scratch for a few CPU minutes (real nodules start at 3 mm)
+NODULE_DIAMETER_MM = (8.0, 16.0)
 SITES = {
     # name: (voxel spacing mm, x flipped on disk, noise sd, annotation kind, MR-like contrast)
     "site_a": ((0.8, 0.8, 2.5), True, 15.0, "labels", False),
@@ -45,7 +48,7 @@ def phantom(shape: tuple[int, int, int], spacing, rng: np.random.Generator, n_no
     i, j, k = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij")
     cx, cy = (shape[0] - 1) / 2, (shape[1] - 1) / 2
     body = ((i - cx) / (0.45 * shape[0])) ** 2 + ((j - cy) / (0.36 * shape[1])) ** 2 <= 1
-    lungs = [((i - cx - s * 0.2 * shape[0]) / (0.14 * shape[0])) ** 2 + ((j - cy) / (0.25 * shape[1])) ** 2 <= 1
+    lungs = [((i - cx - s * 0.2 * shape[0]) / (0.17 * shape[0])) ** 2 + ((j - cy) / (0.3 * shape[1])) ** 2 <= 1
              for s in (-1, 1)]
     hu = np.where(body, TISSUE_HU, AIR_HU)
     lung = lungs[0] | lungs[1]
@@ -55,7 +58,7 @@ def phantom(shape: tuple[int, int, int], spacing, rng: np.random.Generator, n_no
     lung_voxels = np.argwhere(lung & (k >= 3) & (k <= shape[2] - 4))
     for _ in range(n_nodules):
         centre = lung_voxels[rng.integers(len(lung_voxels))] + rng.uniform(-0.4, 0.4, 3)
-        diameter = float(rng.uniform(5.0, 10.0))
+        diameter = float(rng.uniform(*NODULE_DIAMETER_MM))
         dist = np.sqrt(((i - centre[0]) * spacing[0]) ** 2 + ((j - centre[1]) * spacing[1]) ** 2
                        + ((k - centre[2]) * spacing[2]) ** 2)
         inside = dist <= diameter / 2
@@ -98,7 +101,7 @@ def write_site(out: Path, name: str, scans: int, size: int, slices: int, rng: np
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path, help="output folder")
-    parser.add_argument("--scans", type=int, default=6, help="scans per site (default 6)")
+    parser.add_argument("--scans", type=int, default=16, help="scans per site (default 16)")
     parser.add_argument("--size", type=int, default=64, help="in-plane voxels (default 64)")
     parser.add_argument("--slices", type=int, default=24, help="slices per scan (default 24)")
     parser.add_argument("--seed", type=int, default=0)

@@ -534,7 +534,10 @@ def _check_cell_file(cell: Cell, cell_dir: Path) -> None:
 
 
 #: config keys that say where a cell writes or caches, or how many threads it uses: not what it computes
-_PLACE_KEYS = (("output", "dir"), ("output", "name"), ("data", "cache_dir"), ("training", "num_threads"))
+# where and how fast a cell runs, not what it computes: the data workers give bit-identical results for any count
+# (tests/test_data_workers.py), like the thread count
+_PLACE_KEYS = (("output", "dir"), ("output", "name"), ("data", "cache_dir"), ("training", "num_threads"),
+               ("data", "workers"), ("data", "prefetch"), ("data", "cache_bytes"))
 _VERSION_KEYS = ("megatron", "torch", "mmdet", "mmcv", "mmengine")
 _PLUGIN_KINDS = ("dataset", "detector", "learner", "similarity", "logger")
 

@@ -38,8 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=["coco", "yolo", "volume"], help="dataset layout (default: detected; a .nii / "
                    ".nii.gz path is a volume)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="volume: an option of the `volume` "
-                   "dataset plugin (e.g. labels=DIR, lesions_csv=FILE, intensity=lung, channels=2.5d); give the ones "
-                   "the model was trained with. Every slice is evaluated (empty_fraction=1) unless set")
+                   "dataset plugin (e.g. labels=DIR, lesions_csv=FILE, lesion_class=nodule). The slicing axis, 2.5D "
+                   "channels and intensity default to those the model file recorded for its target (files from "
+                   "before that: give them). Every slice is evaluated (empty_fraction=1) unless set")
     p.add_argument("--image-dir", help="COCO: folder the file_name paths are relative to (default: images/ beside "
                    "the annotation file, else its folder)")
     p.add_argument("--split", help="YOLO: sub-folder of images/ and labels/ to read (e.g. val)")
@@ -84,14 +85,15 @@ def is_volume_input(path: Path, format: str | None) -> bool:
     return format == "volume" or (format is None and is_nifti(Path(path)))
 
 
-def volume_task(path: Path, options: dict):
+def volume_task(path: Path, options: dict, model_reading: dict | None = None):
     """The volumes at ``path`` as one slice task through the ``volume`` plugin; every slice unless the options
-    say otherwise (per-scan FROC counts false positives on all of them)."""
+    say otherwise (per-scan FROC counts false positives on all of them). ``model_reading``: the reading options
+    (axis, 2.5D channels, intensity) the model file recorded for its target, the defaults ``options`` override."""
     from megatron.config import validate_plugin_options
     from megatron.data.problems import raise_for_errors
     from megatron_plugins.datasets.volume import VolumeDataset
 
-    merged = {"empty_fraction": 1.0, **options, "root": str(Path(path).expanduser())}
+    merged = {"empty_fraction": 1.0, **(model_reading or {}), **options, "root": str(Path(path).expanduser())}
     plugin = VolumeDataset(validate_plugin_options(VolumeDataset, merged, "volume --set"))
     [(task, problems)] = plugin.load_with_problems()
     raise_for_errors(problems, str(path))
@@ -157,21 +159,22 @@ def evaluate_model(detector, info, task, device, batch_size: int = 8, score_thre
 def _run(args: argparse.Namespace) -> int:
     from megatron.commands.common import parse_set_options
     from megatron.errors import ConfigError
-    from megatron.training.model_file import load_model, resolve_device
+    from megatron.training.model_file import VOLUME_READING_KEY, load_model, resolve_device
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.score_threshold is not None and not 0.0 <= args.score_threshold <= 1.0:
         raise ConfigError(f"--score-threshold must be in [0, 1], got {args.score_threshold}")
     per_scan = is_volume_input(Path(args.dataset), args.format)
-    if per_scan:
-        task = volume_task(Path(args.dataset), parse_set_options(args.set))
-    elif args.set:
+    if args.set and not per_scan:
         raise ConfigError("--set gives options of the `volume` plugin: use it with --format volume")
-    else:
-        task = read_dataset(Path(args.dataset), args.format, args.image_dir, args.split)
     device = resolve_device(args.device)
     detector, info = load_model(args.checkpoint, device=device)
+    if per_scan:
+        task = volume_task(Path(args.dataset), parse_set_options(args.set),
+                           info.preprocessing.get(VOLUME_READING_KEY))
+    else:
+        task = read_dataset(Path(args.dataset), args.format, args.image_dir, args.split)
     task = match_classes(task, info.class_names, args.dataset, str(info.path))
     console = Console()
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -62,7 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "series folders): every slice is predicted, detections on neighbouring slices are linked into 3D "
                    "candidates -> DIR/candidates.json (world mm), and one PNG strip per volume")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="with --volumes: an option of the "
-                   "`volume` dataset plugin (e.g. intensity=lung, channels=2.5d: the ones the model was trained with)")
+                   "`volume` dataset plugin (axis, channels, intensity default to those the model file recorded for its "
+                   "target; older files: give the ones the model was trained with)")
     p.set_defaults(func=_run)
 
 
@@ -377,13 +378,13 @@ def _run_volumes(args: argparse.Namespace, console: Console) -> int:
     from megatron.atomic_io import atomic_write_json
     from megatron.commands.common import parse_set_options
     from megatron.commands.evaluate import predict_detections, volume_task
-    from megatron.training.model_file import load_model, resolve_device
+    from megatron.training.model_file import VOLUME_READING_KEY, load_model, resolve_device
 
     options = parse_set_options(args.set)
-    tasks = [volume_task(Path(p), options) for p in args.paths]
-    out = Path(args.out)
     device = resolve_device(args.device)
     detector, info = load_model(args.checkpoint, device=device)
+    tasks = [volume_task(Path(p), options, info.preprocessing.get(VOLUME_READING_KEY)) for p in args.paths]
+    out = Path(args.out)
     threshold, threshold_source = _threshold(args, info)
     out.mkdir(parents=True, exist_ok=True)
     done = Predicted(per_class={n: 0 for n in info.class_names})

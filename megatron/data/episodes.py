@@ -96,7 +96,7 @@ def iterate_batches(task: Task, batch_size: int, pre: Preprocessor, rng: np.rand
     """
     check_not_empty(task, "training or evaluation")
     jobs = plan_batches(len(task), batch_size, rng, shuffle, pre.augment)
-    yield from (loader or Loader()).map(load_planned_batch, ([task], pre), jobs, cache=pre.cache)
+    yield from (loader or Loader()).map(load_planned_batch, ([task], pre), jobs)
 
 
 # -- episodes ---------------------------------------------------------------------------------------------
@@ -225,7 +225,7 @@ class EpisodeSampler:
                 ahead.append((before, self.last_drawn_ids))
                 yield from ((picks[j], draws[j]) for j in keep)
 
-        items = (loader or Loader()).map(_load_drawn_episode, (self, tasks), plan(), cache=self.pre.cache)
+        items = (loader or Loader()).map(_load_drawn_episode, (self, tasks), plan())
         try:
             for _ in (range(steps) if steps is not None else itertools.count()):
                 episodes = [next(items) for _ in range(per_rank)]

@@ -187,9 +187,8 @@ class DecodedImageCache:
     read-only arrays. Bounded by ``max_bytes`` (the arrays' ``nbytes``) and, when given, ``max_images``; either
     limit at 0 disables caching.
 
-    Worker threads share one cache (the lock guards it). A worker *process* inherits a copy of the cache
-    when it starts and gets ``max_bytes / workers`` of its own (:meth:`limit_to`), so all the copies
-    together stay within the configured limit.
+    The data workers (threads, :mod:`megatron.data.loader`) share the one cache, so the limit is the whole
+    cost and an image decoded by one worker is warm for all; the lock guards it.
     """
 
     def __init__(self, max_images: int | None = None, max_bytes: int = DEFAULT_CACHE_BYTES):
@@ -238,12 +237,6 @@ class DecodedImageCache:
                                or (self.max_images is not None and len(self._items) > self.max_images)):
             _, dropped = self._items.popitem(last=False)
             self.nbytes -= int(getattr(dropped, "nbytes", 0))
-
-    def limit_to(self, max_bytes: int) -> None:
-        """Lower the byte limit (a worker process's share), evicting what no longer fits."""
-        with self._lock:
-            self.max_bytes = max(0, int(max_bytes))
-            self._evict()
 
     def clear(self) -> None:
         with self._lock:

@@ -70,6 +70,11 @@ SPACING_TOLERANCE = 0.01
 #: DICOM patient coordinates (LPS) -> RAS: x and y change sign
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 LUNA_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
+#: the ``volume`` plugin options that decide the pixels a model sees (slicing, 2.5D, intensity): a model file keeps
+#: the target's (``preprocessing["volume"]``) so `megatron evaluate` / `predict` re-read new volumes the same way
+READING_OPTIONS = ("axis", "channels", "neighbour_offset", "intensity", "percentiles")
+#: the dataset plugin these options belong to
+VOLUME_PLUGIN = "volume"
 
 
 # ------------------------------------------------------------------------------------------ geometry
@@ -669,6 +674,25 @@ def read_volume_task(root: Path, name: str, annotations: VolumeAnnotations, sett
     task = Task(name=name, categories=categories, records=records, modality=modality or sources[0].modality.lower(),
                 source=source or f"volume:{root}", image_loader=loader)
     return task, problems
+
+
+def volume_task_name(root: str | Path, name: str | None) -> str:
+    """The ``volume`` plugin's task name: ``name``, else the root folder's name (a file's name without suffix)."""
+    if name:
+        return str(name)
+    root = Path(root).expanduser()
+    return root.resolve().name if root.is_dir() else root.name.split(".")[0]
+
+
+def target_reading_options(datasets, target: str) -> dict | None:
+    """The :data:`READING_OPTIONS` given to the ``volume`` dataset entry (``DatasetSpec``s) that yields the task
+    ``target``, as plain values; None when the target is not read by the ``volume`` plugin."""
+    for spec in datasets:
+        options = dict(spec.options)
+        if spec.plugin == VOLUME_PLUGIN and "root" in options and \
+                volume_task_name(options["root"], options.get("name")) == target:
+            return {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items() if k in READING_OPTIONS}
+    return None
 
 
 def _unmatched_lesions(lesions: list[Lesion], sources: list[VolumeSource], csv_path: Path | None) -> list[Problem]:

@@ -157,6 +157,16 @@ def _precision_recall(grouped: dict, records: list[ImageRecord], score_threshold
     return tp, fp, fn
 
 
+def _operating_point(per_image: list, iou_threshold: float, operating_point: str | dict[str, Any],
+                     score_threshold: float, target_sensitivity: float | None) -> dict[str, Any]:
+    """A threshold chosen on these images by the rule ``operating_point``, or a point chosen elsewhere (its dict)
+    applied to them (:mod:`megatron.evaluation.operating_point`)."""
+    hits = scored_hits(per_image, iou_threshold)
+    if isinstance(operating_point, str):
+        return choose_operating_point(hits, operating_point, score_threshold, target_sensitivity).to_dict()
+    return apply_operating_point(hits, operating_point)
+
+
 def evaluate(detections: list[Detections], records: list[ImageRecord], categories: list[str],
              score_threshold: float = 0.3, iou_threshold: float = 0.5, max_detections: int = 100,
              operating_point: str | dict[str, Any] | None = None,
@@ -199,12 +209,8 @@ def evaluate(detections: list[Detections], records: list[ImageRecord], categorie
     empty = (np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64))
     per_image = [(*grouped.get(r.image_id, empty), r.boxes, r.labels) for r in records]
     froc_result = froc(per_image, iou_threshold)
-    extra = {}
-    if operating_point is not None:
-        sh = scored_hits(per_image, iou_threshold)
-        extra["operating_point"] = (
-            choose_operating_point(sh, operating_point, score_threshold, target_sensitivity).to_dict()
-            if isinstance(operating_point, str) else apply_operating_point(sh, operating_point))
+    extra = {} if operating_point is None else {"operating_point": _operating_point(
+        per_image, iou_threshold, operating_point, score_threshold, target_sensitivity)}
     return {
         "mAP50": map50,
         "mAP50_95": map50_95,

@@ -56,7 +56,7 @@ from megatron.training.rundir import load_resume_state
 from megatron.training.rundir import save_checkpoint
 from megatron.evaluation.predictions import evaluate_detector
 from megatron.evaluation.operating_point import fixed_point, model_operating_point
-from megatron.training.model_file import preprocessing_settings, save_model
+from megatron.training.model_file import model_preprocessing, save_model
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class TargetPoolBatches:
         rng = np.random.default_rng(self.seed)
         jobs = [job for _ in range(self.epochs)
                 for job in plan_batches(len(self.pool), self.batch_size, rng, True, self.pre.augment)]
-        yield from self.loader.map(load_planned_batch, ([self.pool], self.pre), jobs, cache=self.pre.cache)
+        yield from self.loader.map(load_planned_batch, ([self.pool], self.pre), jobs)
 
 
 class DrawLog:
@@ -442,7 +442,7 @@ class LearnerRun:
                       "validation_mAP50": (metrics.get("validation") or {}).get("mAP50")}
         common = dict(detector_name=cfg.detector.name, detector_options=dict(cfg.detector.options),
                       class_names=list(state.data.pool.categories), input_size=cfg.data.input_size,
-                      preprocessing=preprocessing_settings(self.pre_eval), provenance=provenance,
+                      preprocessing=model_preprocessing(self.pre_eval, cfg.data), provenance=provenance,
                       evaluation=cfg.evaluation.model_dump(mode="json"),
                       operating_point=model_operating_point(metrics.get("validation"), metrics["heldout"]))
         final = folder / f"{self.name}-final.pth"

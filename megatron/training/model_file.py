@@ -5,7 +5,8 @@ A *model file* holds everything needed to use the detector, and nothing that nee
 - the detector plugin's name and options (validated again on load against the installed plugin),
 - the class names (the head is built for exactly these, in this label order),
 - the input size and the preprocessing settings (CLAHE and its parameters, letterbox padding, the intensity
-  window of non-8-bit input), so ``megatron predict`` pre-processes exactly as training did,
+  window of non-8-bit input; for a target read from volumes, its slicing axis, 2.5D channels and intensity
+  window), so ``megatron predict`` pre-processes exactly as training did,
 - the prototypes and temperature of a prototype (cosine) classifier when one is in place
   (:meth:`~megatron.api.detector.Detector.get_prototypes`): a ``proto``-adapted detector reloads identically,
 - the evaluation settings (score threshold for precision/recall/F1, IoU, max detections),
@@ -23,7 +24,8 @@ Layout (a dict; only tensors, str, int, float, bool, None, lists and dicts, so
      "detector": {"name": "yolox", "options": {...}},
      "class_names": [...], "input_size": 256,
      "preprocessing": {"clahe": False, "clahe_clip_limit": 2.0, "clahe_tiles": 8, "pad_value": 0,
-                       "intensity_window_percentiles": [0.5, 99.5]},
+                       "intensity_window_percentiles": [0.5, 99.5],
+                       "volume": {"channels": "2.5d", "intensity": "lung", ...}},  # "volume": volume targets only
      "evaluation": {"score_threshold": 0.3, "iou_threshold": 0.5, "max_detections": 100, ...},
      "operating_point": None | {"threshold": 0.12, "rule": "max_f1", "chosen_on": "validation", ...,
                                 "validation": {"precision": ..., "recall": ..., "F1": ..., "fp_per_image": ...},
@@ -55,6 +57,7 @@ from megatron.evaluation.operating_point import describe as describe_operating_p
 from megatron.training.weights import FORMAT_TAG as DETECTOR_CHECKPOINT_TAG
 from megatron.training.weights import CheckpointError, read_checkpoint_file
 from megatron.data import preprocess
+from megatron.data.volumes import target_reading_options
 import megatron
 from megatron.config import validate_plugin_options
 from megatron.runtime.environment import resolve_device as resolve
@@ -70,6 +73,10 @@ PREPROCESSING_DEFAULTS: dict[str, Any] = {
     "clahe_tiles": 8,
     "pad_value": 0,
 }
+#: optional preprocessing key: the target's ``volume`` plugin reading options (slicing axis, 2.5D channels,
+#: intensity window; megatron.data.volumes.READING_OPTIONS), the defaults of `evaluate --format volume` / `predict
+#: --volumes`; absent when the target was not read from volumes
+VOLUME_READING_KEY = "volume"
 EVALUATION_DEFAULTS: dict[str, Any] = {"score_threshold": 0.3, "iou_threshold": 0.5, "max_detections": 100}
 _USE_IT = ("use a model file written by `megatron run` (RUN_DIR/models/<learner>-best.pth or -final.pth) "
            "or by megatron.training.model_file.save_model")
@@ -136,8 +143,18 @@ def preprocessing_settings(pre) -> dict[str, Any]:
     }
 
 
+def model_preprocessing(pre, data_config) -> dict[str, Any]:
+    """What a run's model file keeps as ``preprocessing``: the :class:`Preprocessor`'s settings, plus the target's
+    ``volume`` reading options (:data:`VOLUME_READING_KEY`) when ``data_config``'s target is read from volumes."""
+    settings = preprocessing_settings(pre)
+    reading = target_reading_options(data_config.datasets, data_config.target)
+    if reading is not None:
+        settings[VOLUME_READING_KEY] = reading
+    return settings
+
+
 def _check_preprocessing(settings: dict[str, Any], where: str) -> dict[str, Any]:
-    known = {*PREPROCESSING_DEFAULTS, "intensity_window_percentiles"}
+    known = {*PREPROCESSING_DEFAULTS, "intensity_window_percentiles", VOLUME_READING_KEY}
     unknown = sorted(set(settings) - known)
     if unknown:
         raise ModelFileError(f"{where}: unknown preprocessing setting(s) {unknown} (this megatron knows "

@@ -109,7 +109,7 @@ def interleaved_batches(tasks: list[Task], batch_size: int, pre, rng: np.random.
     """One epoch of :func:`plan_interleaved`'s batches, loaded ahead by ``loader``'s workers (default: in this
     thread; the same batches for any number of workers)."""
     jobs = plan_interleaved(tasks, batch_size, rng, pre.augment)
-    batches = (loader or Loader()).map(load_planned_batch, (tasks, pre), jobs, cache=pre.cache)
+    batches = (loader or Loader()).map(load_planned_batch, (tasks, pre), jobs)
     for job, batch in zip(jobs, batches):
         yield tasks[job.task], batch
 

@@ -285,7 +285,7 @@ def _start_record(cfg: ExperimentConfig, run_dir: Path, resume: bool, device: to
 
 # keys a resumed run may change without changing its numbers (the data workers: tests/test_data_workers.py)
 _RESUME_FREE = ("output", "training.num_threads", "training.device", "loggers", "data.workers", "data.prefetch",
-                "data.worker_kind", "data.cache_bytes")
+                "data.cache_bytes")
 
 
 def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:

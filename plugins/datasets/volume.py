@@ -10,7 +10,7 @@ from megatron import hookimpl
 from megatron.api.dataset import DatasetOptions, DatasetPlugin
 from megatron.data.problems import Problem, raise_for_errors
 from megatron.data.volumes import (AXES, CT_WINDOWS, Intensity, SliceSettings, VolumeAnnotations,
-                                   read_volume_task)
+                                   read_volume_task, volume_task_name)
 from megatron.types import Task
 
 #: the intensity option's names: percentile, then the named CT windows (megatron.data.volumes.CT_WINDOWS)
@@ -109,7 +109,7 @@ class VolumeDataset(DatasetPlugin):
         o = self.options
         root = Path(o.root).expanduser()
         annotations, settings = self.settings()
-        name = o.name or (root.resolve().name if root.is_dir() else root.name.split(".")[0])
+        name = volume_task_name(root, o.name)
         return [read_volume_task(root, name, annotations, settings, kind=o.format, series_uid=o.series_uid,
                                  modality=o.modality, source=f"volume:{root}")]
 
