@@ -161,7 +161,6 @@ def _validation_reason(pm: pluggy.PluginManager, plugin: Any, exc: pluggy.Plugin
 
 
 def _megatron_version() -> str:
-
     return __version__
 
 

@@ -305,7 +305,6 @@ def source_task_names(base: dict[str, Any], pm=None) -> list[str]:
         return list(cfg.data.sources)
 
     if pm is None:
-
         pm = get_plugin_manager()
     return [t.name for t in build_taskset(cfg, load_tasks(cfg, pm)).sources]
 
@@ -488,7 +487,6 @@ def cell_config(cell: Cell, base: dict[str, Any], out_dir: Path, lr_keys: list[s
 # --------------------------------------------------------------------------------------------------------- running
 def _default_runner(cfg: ExperimentConfig, run_dir: Path, pm=None, resume: bool = False,
                     progress: bool = False) -> dict:
-
     return runner.run_experiment(cfg, run_dir, pm=pm, resume=resume, progress=progress)
 
 

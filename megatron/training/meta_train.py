@@ -158,7 +158,6 @@ class LearnerRun:
     """One learner through its meta-epochs (stages ``meta_train``, ``meta_epoch``, ``adapt``)."""
 
     def __init__(self, state: RunState, name: str, budget: Budget, resume: bool):
-
         self.state, self.name, self.budget = state, name, budget
         cfg = state.cfg
         self.t = cfg.training
@@ -189,7 +188,6 @@ class LearnerRun:
 
     # --- resume ------------------------------------------------------------------------------------
     def _restore(self) -> None:
-
         env = self.state.env
         # rank 0 reads the checkpoint (last.pt, else the previous good one) and sends it: the other machines need
         # not see the run directory to resume
@@ -218,7 +216,6 @@ class LearnerRun:
         log.info("resume: %s continues after meta-epoch %d", self.name, len(self.lrec["epochs"]))
 
     def _save(self, finished: bool) -> None:
-
         env = self.state.env
         # every rank must hold the weights rank 0 writes (a TrainingError here keeps the previous checkpoint)
         mdist.check_in_sync(self.learner.detector, env, self.name)
@@ -405,7 +402,6 @@ class LearnerRun:
         return adapted
 
     def evaluate(self, adapted, e: int) -> dict[str, Any]:
-
         state = self.state
         ev = state.cfg.evaluation
         out: dict[str, Any] = {}

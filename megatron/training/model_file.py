@@ -383,7 +383,6 @@ def load_model(path: str | Path, pm=None, device: str | torch.device = "cpu") ->
     info, state, prototypes = read_model_file(path)
     path = info.path
     if pm is None:
-
         pm = megatron.get_plugin_manager()
     saved_with = info.provenance.get("megatron_version", "?")
     try:

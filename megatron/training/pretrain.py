@@ -226,7 +226,6 @@ def _train_epoch(t: _Training, batches: Iterator[tuple[Task, Batch]], offsets: d
 
 
 def _meta(cfg: ExperimentConfig, result: PretrainResult, s: PretrainSettings) -> dict[str, Any]:
-
     return {
         "kind": "pretrain",
         "megatron_version": __version__,

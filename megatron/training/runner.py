@@ -34,29 +34,25 @@ from typing import Any, Iterator
 
 import torch
 
-from megatron import __version__
-from megatron.config import ExperimentConfig
-from megatron.errors import ConfigError, TrainingError
-from megatron.experiment import check_learners_fit_detector, validate_experiment_plugins
+from megatron import __version__, get_plugin_manager
 from megatron.api.learner import BASELINE_LEARNER as BASELINE
-from megatron.training.run_loggers import active_loggers, validate_loggers
+from megatron.config import ExperimentConfig
+from megatron.data.split import refuse_overlaps, split_differences
+from megatron.errors import ConfigError, TrainingError
+from megatron.experiment import check_learners_fit_detector, head_classes_for, validate_experiment_plugins
 from megatron.pluginmanager import PluginManager
 from megatron.runtime import distributed as mdist
 from megatron.runtime.environment import deterministic, resolve_amp, resolve_device, seed_everything, threads
-from megatron.training.events import Events
-from megatron.experiment import head_classes_for
-from megatron.training.meta_train import Budget, LearnerRun, RunState
-from megatron.data.split import refuse_overlaps, split_differences
-from megatron.training.prepare import PreparedData, prepare_data
-from megatron.training.progress import PROGRESS_PLUGIN_NAME
-from megatron.training.record import CONFIG_FILE, collect_versions
-from megatron.training.rundir import claim_run_dir
-from megatron import get_plugin_manager
 from megatron.similarity.selection import select_sources_for_run, selection_target
+from megatron.training.events import Events
+from megatron.training.meta_train import Budget, LearnerRun, RunState
+from megatron.training.prepare import PreparedData, prepare_data
 from megatron.training.pretrain import stage1_cache_key, stage1_checkpoint
-from megatron.training.progress import DEFAULT_LOG_EVERY, run_progress
+from megatron.training.progress import DEFAULT_LOG_EVERY, PROGRESS_PLUGIN_NAME, run_progress
+from megatron.training.record import CONFIG_FILE, collect_versions, load_record
 from megatron.training.recorder import RECORDER_PLUGIN_NAME, RunRecorder
-from megatron.training.record import load_record
+from megatron.training.run_loggers import active_loggers, validate_loggers
+from megatron.training.rundir import claim_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +183,6 @@ def _stage_select(cfg, pm, data: PreparedData, device, env, events: Events, reco
     sources = data.sources
     selection = None
     if cfg.similarity.select_sources:
-
         events.stage_start("select", metric=cfg.similarity.metric, k=cfg.similarity.select_sources)
         # similarity reads the pool and the validation split only, never the held-out test images
         target = selection_target(data.pool, data.validation, data.heldout)
@@ -258,7 +253,6 @@ def _start_record(cfg: ExperimentConfig, run_dir: Path, resume: bool, device: to
                   names: list[str]) -> dict[str, Any]:
     config_json = cfg.model_dump(mode="json")
     if resume:
-
         old = load_record(run_dir)
         diffs = _config_differences(old.get("config", {}), config_json)
         if diffs:
