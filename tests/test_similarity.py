@@ -335,9 +335,7 @@ def test_sampling_is_seeded_and_per_task():
 # ---------------------------------------------------------------------------------------------- the built-in suite
 @pytest.fixture(scope="module")
 def suite():
-    medsynth = pytest.importorskip("megatron_plugins.datasets.medsynth")
-    if not hasattr(medsynth, "MEDSYNTH_FAMILIES"):
-        pytest.skip("medsynth exposes no MEDSYNTH_FAMILIES yet")
+    from megatron_plugins.datasets import medsynth  # a built-in: its absence is a failure, not a skip
     tasks = {n: medsynth.generate_task(n, 0, 50, 256)[0] for n in medsynth.MEDSYNTH_TASKS}
     return medsynth, tasks
 

@@ -52,6 +52,7 @@ from megatron.data.dicom import codec_message, is_dicom_file, read_dataset
 from megatron.data.masks import categories_of, volume_label_map_boxes
 from megatron.data.problems import Problem
 from megatron.errors import DataError
+from megatron.types import ImageRecord, Task
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 AXES: dict[str, int] = {"sagittal": 0, "coronal": 1, "axial": 2}
@@ -627,7 +628,6 @@ def volume_boxes(source: VolumeSource, annotations: VolumeAnnotations, lesions: 
 def slice_records(source: VolumeSource, boxes: dict[int, tuple[np.ndarray, np.ndarray]], settings: SliceSettings,
                   first_id: int) -> list:
     """The records of the chosen slices of one volume (module docstring, "What each record keeps")."""
-    from megatron.types import ImageRecord  # megatron.types imports megatron.data.io: imported here, not at the top
 
     slice_axis = AXES[settings.axis]
     col_axis, row_axis = plane_axes(slice_axis)
@@ -652,7 +652,6 @@ def read_volume_task(root: Path, name: str, annotations: VolumeAnnotations, sett
                      source: str = ""):
     """Every volume under ``root`` as one slice task; returns ``(Task, problems)`` (warnings: unequal slice
     spacing, CSV rows for volumes not found). Bad input raises a DataError naming the file and the fix."""
-    from megatron.types import Task  # see slice_records
 
     if annotations.label_dir is not None and annotations.lesion_csv is not None:
         raise DataError("volume annotations: give either label maps (labels) or a lesion CSV (lesions_csv), not both")
