@@ -123,6 +123,12 @@ class SimilarityConfig(_Model):
     select_sources: int | None = Field(None, ge=1, description="meta-train on the K source tasks closest to the target")
     metric: str = Field("wasserstein", description="the metric used by select_sources")
     sample_size: int = Field(50, ge=1, description="images sampled per dataset")
+    unlabelled_target: list[Path] = Field(
+        default_factory=list,
+        description="folders of unlabelled images of the target (raster or DICOM, read like `megatron similarity "
+                    "--folders`) that source selection may read besides the K-image pool and the validation split; "
+                    "a file that is one of the target's held-out test images (the same path or the same bytes) is "
+                    "refused")
     options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-metric options, by metric name")
 
 

@@ -57,9 +57,11 @@ def test_a_split_whose_pool_overlaps_the_held_out_images_is_refused():
 
 @pytest.mark.slow  # a whole tiny run
 def test_the_run_record_lists_the_target_images_selection_read_and_none_is_held_out(tmp_path):
+    write_pngs(tmp_path / "unlabelled", [90, 120, 150])
     cfg = tiny_config(tmp_path, **{"training.meta_epochs": 1, "similarity.select_sources": 1,
                                    "similarity.metric": "wasserstein", "similarity.metrics": ["wasserstein"],
-                                   "data.validation_images": 4})
+                                   "data.validation_images": 4,
+                                   "similarity.unlabelled_target": [str(tmp_path / "unlabelled")]})
     record = run_experiment(cfg, run_dir=tmp_path / "r", pm=make_pm(), progress=False, learners=["joint_test"])
     used = record["selection"]["target_images"]
     split = record["split"]
@@ -68,6 +70,8 @@ def test_the_run_record_lists_the_target_images_selection_read_and_none_is_held_
     assert read and read <= allowed
     assert not read & {x["id"] for x in split["heldout"]}
     assert used["offered"]["pool"] == len(split["pool"]) and used["offered"]["validation"] == len(split["validation"])
+    assert used["offered"]["extra"] == 3 and set(used["read"]["extra"]) <= {
+        str(tmp_path / "unlabelled" / f"img_{i:02d}.png") for i in range(3)} and used["read"]["extra"]
 
 
 def test_the_committed_recheck_of_experiment_5_says_what_its_readme_says():
@@ -83,3 +87,75 @@ def test_the_committed_recheck_of_experiment_5_says_what_its_readme_says():
         gap = min(sorted(r["distances"].values())[n] - sorted(r["distances"].values())[n - 1]
                   for r in rows if r["n"] == n)
         assert f"{gap:.1f} grey levels at N = {n}" in readme or f"and {gap:.1f} at N = {n}" in readme
+
+
+# --- similarity.unlabelled_target: images of the target without labels, never a held-out file ---------------
+def write_pngs(folder: Path, levels: list[int]) -> list[Path]:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, level in enumerate(levels):
+        path = folder / f"img_{i:02d}.png"
+        Image.fromarray(np.full((32, 32), level, np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def file_task(name: str, paths: list[Path]) -> Task:
+    records = [ImageRecord(image_id=i + 1, path=p, width=32, height=32, boxes=np.array([[4, 4, 12, 12]], np.float32),
+                           labels=np.array([0]), file_name=p.name) for i, p in enumerate(paths)]
+    return Task(name=name, categories=["lesion"], records=records)
+
+
+def test_unlabelled_target_images_are_read_by_selection_and_listed_in_the_record(tmp_path):
+    from megatron.similarity.selection import unlabelled_target_tasks
+
+    target = file_task("target", write_pngs(tmp_path / "target", [100 + i % 3 for i in range(12)]))
+    pool, held = target.subset(range(4)), target.subset(range(4, 12))
+    # the labelled pool is grey 100-102; the unlabelled images of the same scanner say it is really around 200
+    extra = unlabelled_target_tasks([tmp_path / "unlabelled"] if write_pngs(tmp_path / "unlabelled", [200] * 40)
+                                    else [], "target")
+    view = selection_target(pool, None, held, extra)
+    sources = [grey_task("near_pool", 10, 100), grey_task("near_extra", 10, 199)]
+    cfg = tiny_config(tmp_path, **{"similarity.sample_size": 1000})
+    chosen = select_sources(build_metric(make_pm(), cfg, "wasserstein"), view.task, sources, 1)
+    assert chosen.chosen == ["near_extra"]  # the 40 extra images outweigh the 4 pool images
+    record = view.record()
+    assert record["offered"] == {"pool": 4, "validation": 0, "extra": 40}
+    assert len(record["read"]["extra"]) == 40 and all(p.endswith(".png") for p in record["read"]["extra"])
+    assert record["read"]["pool"] == [1, 2, 3, 4]
+
+
+def test_an_unlabelled_folder_holding_held_out_images_is_refused_by_path_and_by_copy(tmp_path):
+    import shutil
+
+    from megatron.similarity.selection import unlabelled_target_tasks
+
+    target = file_task("target", write_pngs(tmp_path / "target", list(range(100, 112))))
+    pool, held = target.subset(range(4)), target.subset(range(4, 12))
+    # the target's own image folder: 8 of its files are held-out images
+    same_folder = unlabelled_target_tasks([tmp_path / "target"], "target")
+    with pytest.raises(DataError, match=r"(?s)8 file\(s\) are held-out test images.*img_04\.png.*fix:"):
+        selection_target(pool, None, held, same_folder)
+    # a copy of one held-out file under another name (same bytes) beside genuinely new images
+    write_pngs(tmp_path / "copies", [50, 51])
+    shutil.copy(tmp_path / "target" / "img_07.png", tmp_path / "copies" / "renamed.png")
+    with pytest.raises(DataError, match=r"(?s)1 file\(s\).*renamed\.png \(held-out image 8, img_07\.png\)"):
+        selection_target(pool, None, held, unlabelled_target_tasks([tmp_path / "copies"], "target"))
+    # pool images are labelled training images, not test images: offered again is allowed
+    shutil.rmtree(tmp_path / "copies")
+    write_pngs(tmp_path / "copies", [50, 51])
+    shutil.copy(tmp_path / "target" / "img_00.png", tmp_path / "copies" / "pool_copy.png")
+    assert selection_target(pool, None, held, unlabelled_target_tasks([tmp_path / "copies"], "target")).record()[
+        "offered"]["extra"] == 3
+
+
+def test_an_unlabelled_target_folder_that_is_missing_or_empty_gets_an_error_naming_the_key(tmp_path):
+    from megatron.similarity.selection import unlabelled_target_tasks
+
+    with pytest.raises(DataError, match=r"similarity.unlabelled_target: image folder .*nowhere does not exist"):
+        unlabelled_target_tasks([tmp_path / "nowhere"], "target")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"(?s)similarity.unlabelled_target: .*empty.*holds no images.*fix"):
+        unlabelled_target_tasks([tmp_path / "empty"], "target")

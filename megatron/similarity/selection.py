@@ -9,14 +9,19 @@ the test images). The run record's ``selection.target_images`` lists which targe
 """
 from __future__ import annotations
 
+import filecmp
 import logging
+from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
+from megatron.data.folder import read_image_folder
+from megatron.data.problems import raise_for_errors
 from megatron.errors import DataError
-from megatron.types import Batch, Task
+from megatron.types import Batch, ImageRecord, Task
 from megatron.experiment import build_detector, head_classes_for
 from megatron.runtime.environment import derive_seed
 from megatron.similarity.ranking import build_metric, select_sources
@@ -59,8 +64,8 @@ class SelectionTarget:
     """The target as source selection may see it (:func:`selection_target`), and the ids of the images read."""
 
     task: Task
-    offered: dict[str, list]  # part ("pool", "validation", "extra") -> image ids
-    read: list = field(default_factory=list)  # (part, image id) in the order the metric loaded them
+    offered: dict[str, list]  # part ("pool", "validation", "extra") -> image ids (an extra image: its file path)
+    read: list = field(default_factory=list)  # (part, image id or path) in the order the metric loaded them
 
     def record(self) -> dict[str, Any]:
         """For the run record: which target images similarity was offered and which it read, by part."""
@@ -69,11 +74,58 @@ class SelectionTarget:
                 "offered": {k: len(v) for k, v in self.offered.items()}, "read": parts}
 
 
+def unlabelled_target_tasks(folders: Sequence[Path], target_name: str) -> list[Task]:
+    """``similarity.unlabelled_target``: each folder's images as a task without boxes (a missing or empty
+    folder, or one with unreadable files, is an error naming the key)."""
+    tasks = []
+    for folder in folders:
+        folder = Path(folder).expanduser()
+        try:
+            task, problems = read_image_folder(folder, f"{target_name} (unlabelled: {folder})",
+                                               source=f"similarity.unlabelled_target: {folder}")
+            raise_for_errors(problems, str(folder))
+        except DataError as exc:
+            raise DataError(f"similarity.unlabelled_target: {exc}") from None
+        tasks.append(task)
+    return tasks
+
+
+def refuse_heldout_files(extra: Sequence[Task], heldout: Task) -> None:
+    """Raise a DataError when an ``extra`` image is a file of the held-out split: the same path, or a copy (the
+    same bytes; compared only against held-out files of the same size). Pointing ``similarity.unlabelled_target``
+    at the target's own image folder is the mistake this catches."""
+    held_paths = {Path(r.path).resolve(): r for r in heldout.records if r.path is not None}
+    by_size: dict[int, list[tuple[Path, ImageRecord]]] = defaultdict(list)
+    for path, record in held_paths.items():
+        if path.is_file():
+            by_size[path.stat().st_size].append((path, record))
+    clashes = []
+    for task in extra:
+        for r in task.records:
+            if r.path is None:
+                continue
+            path = Path(r.path).resolve()
+            held = held_paths.get(path)
+            if held is None and path.is_file():
+                held = next((rec for p, rec in by_size.get(path.stat().st_size, ())
+                             if filecmp.cmp(p, path, shallow=False)), None)
+            if held is not None:
+                clashes.append(f"{r.path} (held-out image {held.image_id}, {held.file_name or held.path})")
+    if clashes:
+        shown = "\n  ".join(clashes[:8]) + (f"\n  ... and {len(clashes) - 8} more" if len(clashes) > 8 else "")
+        raise DataError(
+            f"similarity.unlabelled_target: {len(clashes)} file(s) are held-out test images of the target "
+            f"{heldout.name!r} (source selection never reads the test split, or the held-out numbers stop being a "
+            f"test):\n  {shown}\nfix: point similarity.unlabelled_target at target images that are not part of "
+            "the target dataset (not its image folder), or remove those files from the folder")
+
+
 def selection_target(pool: Task, validation: Task | None, heldout: Task, extra: Sequence[Task] = ()) -> SelectionTarget:
     """The target for source selection: the pool's and the validation split's records (and ``extra`` tasks'
     unlabelled images of the target), under the target's name, with a loader that logs every image read and
     refuses any held-out image (a :class:`DataError`: a split that overlaps is a bug, not a choice)."""
     heldout_ids = {r.image_id for r in heldout.records}
+    refuse_heldout_files(extra, heldout)
     parts = {"pool": [pool], "validation": [validation] if validation is not None else [], "extra": list(extra)}
     owner: dict[int, tuple[str, Task]] = {}
     records = []
@@ -85,11 +137,14 @@ def selection_target(pool: Task, validation: Task | None, heldout: Task, extra: 
                                     "held-out split at once; the split is broken (re-run `megatron run` afresh)")
                 owner[id(r)] = (part, task)
                 records.append(r)
-    view = SelectionTarget(task=pool, offered={p: [r.image_id for t in ts for r in t.records] for p, ts in parts.items()})
+    def key(part: str, r: ImageRecord):  # an unlabelled image is named by its file: ids restart in each folder
+        return str(r.path) if part == "extra" else r.image_id
+
+    view = SelectionTarget(task=pool, offered={p: [key(p, r) for t in ts for r in t.records] for p, ts in parts.items()})
 
     def load(record):
         part, task = owner[id(record)]
-        view.read.append((part, record.image_id))
+        view.read.append((part, key(part, record)))
         return task.load_image(record)
 
     view.task = Task(name=pool.name, categories=list(pool.categories), records=records, modality=pool.modality,

@@ -43,7 +43,7 @@ from megatron.experiment import check_learners_fit_detector, head_classes_for, v
 from megatron.pluginmanager import PluginManager
 from megatron.runtime import distributed as mdist
 from megatron.runtime.environment import deterministic, resolve_amp, resolve_device, seed_everything, threads
-from megatron.similarity.selection import select_sources_for_run, selection_target
+from megatron.similarity.selection import select_sources_for_run, selection_target, unlabelled_target_tasks
 from megatron.training.events import Events
 from megatron.training.meta_train import Budget, LearnerRun, RunState
 from megatron.training.prepare import PreparedData, prepare_data
@@ -185,7 +185,8 @@ def _stage_select(cfg, pm, data: PreparedData, device, env, events: Events, reco
     if cfg.similarity.select_sources:
         events.stage_start("select", metric=cfg.similarity.metric, k=cfg.similarity.select_sources)
         # similarity reads the pool and the validation split only, never the held-out test images
-        target = selection_target(data.pool, data.validation, data.heldout)
+        extra = unlabelled_target_tasks(cfg.similarity.unlabelled_target, data.target.name)
+        target = selection_target(data.pool, data.validation, data.heldout, extra)
         selection = mdist.on_main(lambda: select_sources_for_run(cfg, pm, target, sources, device), env)
         sources = [t for t in sources if t.name in selection["chosen"]]
         events.stage_end("select", chosen=list(selection["chosen"]), reason=selection["reason"])
