@@ -6,11 +6,11 @@ import importlib
 import logging
 import sys
 
-from rich.console import Console
 from rich.markup import escape
 
 from megatron.atomic_io import is_out_of_room, out_of_room_message
 from megatron.errors import MegatronError
+from megatron.runtime.console import output_console
 
 #: exit status of a command stopped by a MegatronError (bad config, bad data, a run directory in use, ...);
 #: argparse uses the same status for a bad command line. 130: interrupted (Ctrl-C).
@@ -20,7 +20,7 @@ EXIT_INTERRUPTED = 130
 COMMANDS = ("run", "plugins", "config", "data", "pretrain", "predict", "evaluate", "similarity", "benchmark",
             "report", "docs", "detectors")
 
-console = Console(stderr=True)
+console = output_console(stderr=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

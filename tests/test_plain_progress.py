@@ -13,7 +13,8 @@ import pytest
 from rich.console import Console
 from rich.table import Table
 
-from megatron.training.progress import PlainProgress, print_full_width, run_progress
+from megatron.runtime.console import output_console, print_full_width
+from megatron.training.progress import PlainProgress, run_progress
 
 TESTS = Path(__file__).resolve().parent
 # CSI / OSC escape sequences and bare carriage returns: what a live display writes
@@ -123,3 +124,19 @@ def test_a_benchmark_off_a_terminal_prints_a_line_per_finished_cell(tmp_path, ca
     lines = [line for line in capsys.readouterr().out.splitlines() if "[benchmark]" in line]
     assert len(lines) == len(res.ran) == 2
     assert lines[-1].endswith(f"[benchmark] 2/2 cells done: {res.ran[-1]}") and not CONTROL.search("".join(lines))
+
+
+def test_a_long_text_line_printed_off_a_terminal_is_written_whole(capsys):
+    # a batch job's log: a path or a fix wrapped at rich's default 80 columns cannot be copied back out
+    line = "fix: point similarity.unlabelled_target at " + "/a/very/long/folder" * 8 + " (not the target's folder)"
+    output_console().print(line, highlight=False)
+    assert capsys.readouterr().out == line + "\n"
+
+
+def test_every_command_s_table_printed_to_a_pipe_keeps_its_headers_whole(capsys):
+    from megatron.cli import main
+
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "…" not in out and max(len(line) for line in out.splitlines()) > 80
+    assert not CONTROL.search(out)

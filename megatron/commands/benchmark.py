@@ -77,11 +77,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    from megatron.runtime.console import output_console, print_full_width
 
     from megatron.benchmark.grid import expand_grid, load_benchmark_config, parse_shard, run_benchmark
 
-    console = Console()
+    console = output_console()
     base_overrides = parse_set_options(args.set)
     for flag, value, key in (("--detector", args.detector, "detector.name"),
                              ("--budget", args.budget, "training.compute_budget")):
@@ -107,7 +107,6 @@ def run(args: argparse.Namespace) -> int:
 def _print_dry_run(console, plan, shard: tuple[int, int]) -> None:
     from rich.table import Table  # with the console: CLI start-up time
 
-    from megatron.training.progress import print_full_width
 
     table = Table(title=f"{len(plan.cells)} cells; budget: {plan.budget_note}")
     for col in ("#", "cell", "sources"):

@@ -7,12 +7,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.markup import escape
 from rich.syntax import Syntax
 
 from megatron.commands.common import COMBINE_HELP, add_config_arguments, add_set_option, config_from_args
 from megatron.config import dump_config
+from megatron.runtime.console import output_console
 
 VALIDATE_DESCRIPTION = """\
 Validate FILE and report every error found in one pass, each with its key path: unknown or misspelt keys,
@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _show(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    Console().print(Syntax(dump_config(cfg), "yaml", background_color="default"))
+    output_console().print(Syntax(dump_config(cfg), "yaml", background_color="default"))
     return 0
 
 
@@ -63,7 +63,7 @@ def _validate(args: argparse.Namespace) -> int:
         n = len(errors)
         raise ConfigError(f"{args.file}: {n} problem{'s' if n > 1 else ''} found\n" + "\n".join(
             f"{i}. {e}" for i, e in enumerate(errors, 1)))
-    console = Console()
+    console = output_console()
     if args.data:
         console.print(f"[green]{escape(args.file)}: valid[/] (plugins, options and data checked)", highlight=False)
         for note in notes:

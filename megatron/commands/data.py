@@ -14,6 +14,7 @@ from rich.table import Table
 
 from megatron.errors import ConfigError, MegatronError, PluginError
 from megatron.commands.common import parse_set_options
+from megatron.runtime.console import output_console, print_full_width
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -64,7 +65,7 @@ def _check(args: argparse.Namespace) -> int:
                           "data/eit` or `megatron data check -c experiment.yaml`")
     if args.config is not None:
         return _check_config(args)
-    console = Console()
+    console = output_console()
     measure = {k: v for k, v in (("input_size", args.input_size), ("stride", args.stride)) if v is not None}
     measure["allow_outside_paths"] = args.allow_outside_paths
     if args.json:
@@ -93,7 +94,7 @@ def _check_config(args: argparse.Namespace) -> int:
         print(json.dumps({"config": args.config, "ok": all(r.ok for r in reports),
                           "datasets": [r.to_dict() for r in reports]}, indent=2))
         return 0 if all(r.ok for r in reports) else 1
-    console = Console()
+    console = output_console()
     with _progress(console) as progress:
         bar = progress.add_task("reading", total=None)
         reports = check_config(cfg, pm, progress=lambda done, total: progress.update(bar, completed=done, total=total),
@@ -183,7 +184,7 @@ def _export(args: argparse.Namespace) -> int:
     except Exception as exc:  # a plugin bug or unconverted bad input: named, not a raw traceback
         raise PluginError(f"dataset plugin {args.name!r} failed to load: {type(exc).__name__}: {exc}") from exc
     out = Path(args.out)
-    console = Console()
+    console = output_console()
     table = Table(title=f"exported {args.name} -> {out}")
     for col in ("task", "modality", "images", "boxes", "classes"):
         table.add_column(col)
@@ -195,7 +196,7 @@ def _export(args: argparse.Namespace) -> int:
             progress.advance(bar)
             table.add_row(task.name, task.modality, str(len(task)), str(sum(len(r.boxes) for r in task.records)),
                           ", ".join(task.categories))
-    console.print(table)
+    print_full_width(console, table)
     console.print(f"check one with: megatron data check {out / tasks[0].name}" if tasks else "no tasks")
     return 0
 

@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    from megatron.runtime.console import output_console
 
     from megatron import get_plugin_manager
     from megatron.docs import find_plugin, page_problem, write_page
@@ -34,7 +34,7 @@ def _run(args: argparse.Namespace) -> int:
     pm = get_plugin_manager()
     kind, cls = find_plugin(pm, args.name, args.kind)
     page = Path(args.out) / kind / f"{args.name}.md"
-    console = Console()
+    console = output_console()
     if args.check:
         problem = page_problem(cls, page, kind, args.name)
         console.print(problem or f"{page} is up to date", highlight=False)

@@ -18,12 +18,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from megatron.errors import DataError
+from megatron.runtime.console import output_console, print_full_width
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -176,9 +176,9 @@ def _run(args: argparse.Namespace) -> int:
     else:
         task = read_dataset(Path(args.dataset), args.format, args.image_dir, args.split)
     task = match_classes(task, info.class_names, args.dataset, str(info.path))
-    console = Console()
+    console = output_console()
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=Console(stderr=True), transient=True,
+                        console=output_console(stderr=True), transient=True,
                         disable=args.json or not console.is_terminal)
     with progress:
         bar = progress.add_task("evaluating", total=len(task))
@@ -197,7 +197,7 @@ def _run(args: argparse.Namespace) -> int:
         table.add_row(label, f"{100 * metrics[key]:.1f}%")
     table.caption = (f"P/R/F1 at score >= {metrics['score_threshold']:g}, IoU >= {metrics['iou_threshold']:g}; "
                      f"TP {metrics['tp']}, FP {metrics['fp']}, FN {metrics['fn']}")
-    console.print(table)
+    print_full_width(console, table)
     per_class = Table(title="AP50 per class")
     per_class.add_column("class")
     per_class.add_column("AP50", justify="right")

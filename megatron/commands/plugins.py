@@ -6,9 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from megatron.runtime.console import output_console, print_full_width
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,8 +35,8 @@ def _run(args: argparse.Namespace) -> int:
         table.add_column(col)
     for r in rows:
         table.add_row(r["kind"], r["name"], r["plugin"], r["package"], r["version"], ", ".join(r["hooks"]))
-    console = Console()
-    console.print(table)
+    console = output_console()
+    print_full_width(console, table)
     for f in pm.failures:
         console.print(f"[yellow]warning:[/] {escape(str(f))}\n  [dim]fix:[/] {escape(f.fix)}", highlight=False)
     if pm.failures:

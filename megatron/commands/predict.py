@@ -34,6 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from megatron.errors import DataError
+from megatron.runtime.console import output_console, print_full_width
 
 #: box colours (RGB) by label, cycled: saturated, so no colour can be mistaken for a grey pixel
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -213,7 +214,7 @@ def entries_as_arrays(entries: list[dict]) -> tuple[np.ndarray, np.ndarray, np.n
 def _run(args: argparse.Namespace) -> int:
     from megatron.training.model_file import load_model, resolve_device
 
-    console = Console()
+    console = output_console()
     _check_args(args)
     if args.volumes:
         return _run_volumes(args, console)
@@ -359,7 +360,7 @@ def _print_summary(console: Console, info, threshold: float, threshold_source: s
     table.add_column("detections", justify="right")
     for name, n in done.per_class.items():
         table.add_row(escape(name), str(n))
-    console.print(table)
+    print_full_width(console, table)
     console.print(f"threshold: {escape(threshold_source)}", highlight=False)
     console.print(f"{len(done.image_entries)} {what} -> {escape(str(out / 'detections.json'))}"
                   + ("" if no_draw else f" and {len(done.image_entries)} drawing(s) in {escape(str(out))}"),

@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    from megatron.runtime.console import output_console, print_full_width
     from rich.table import Table
 
     from megatron import get_plugin_manager
@@ -65,13 +65,13 @@ def _run(args: argparse.Namespace) -> int:
         if loggers:
             call_logger_hook(pm, loggers, "megatron_stage_end", stage="pretrain",
                              info={"checkpoint": str(result.path), "reused": False, "wall_s": round(result.seconds, 3)})
-    console = Console()
+    console = output_console()
     table = Table(title=f"pretrained {cfg.detector.name} on {len(result.tasks)} source task(s)")
     table.add_column("epoch", justify="right")
     table.add_column("mean loss", justify="right")
     for i, loss in enumerate(result.losses, 1):
         table.add_row(str(i), f"{loss:.4f}")
-    console.print(table)
+    print_full_width(console, table)
     console.print(f"{len(result.categories)} classes ({', '.join(result.categories[:6])}"
                   f"{', ...' if len(result.categories) > 6 else ''}); {result.steps} steps in {result.seconds:.0f} s")
     console.print(f"checkpoint: [bold]{result.path}[/]  — start a run from it with "

@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    from megatron.runtime.console import output_console
 
     from megatron.benchmark.report import build_report
 
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("megatron report: with several directories give --out (where the merged report goes)")
     out = args.out or args.dirs[0]
     res = build_report(args.dirs, out, epoch=args.epoch, model=args.model, margin=args.equivalence_margin)
-    console = Console()
+    console = output_console()
     n_done = sum(r["status"] == "complete" for r in res.rows)
     console.print(f"{n_done} complete cell(s) of {len(res.rows)}; {len(res.plots)} plot(s)")
     for w in res.warnings:

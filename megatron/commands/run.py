@@ -11,7 +11,8 @@ from rich.table import Table
 
 from megatron import hookimpl
 from megatron.commands.common import add_config_arguments, config_from_args, config_option
-from megatron.training.progress import DEFAULT_LOG_EVERY, LOG_EVERY_S, print_full_width
+from megatron.runtime.console import output_console, print_full_width
+from megatron.training.progress import DEFAULT_LOG_EVERY, LOG_EVERY_S
 from megatron.training.record import (CONFIG_FILE, CURVE_FILE, RECORD_FILE, SUMMARY_FILE, TABLE_METRICS,
                                      operating_point_lines)
 
@@ -147,7 +148,7 @@ def launch_processes(args: argparse.Namespace) -> int:
         if device == "auto" and 0 < gpus < args.nproc:
             raise ConfigError(f"--nproc {args.nproc}: this machine has {gpus} GPU(s); start at most one process per GPU, "
                               "or pass --device cpu for CPU processes")
-    Console(stderr=True).print(f"[dim]starting {args.nproc} processes (torch.distributed.run)...[/]")
+    output_console(stderr=True).print(f"[dim]starting {args.nproc} processes (torch.distributed.run)...[/]")
     mdist.launch_local(args.nproc, relaunch_argv(args))
     return 0
 
@@ -174,8 +175,8 @@ def run_command(args: argparse.Namespace, pm=None) -> int:
 
         raise ConfigError("--similarity names the metric for --select-sources K; give --select-sources too "
                           "(or similarity.select_sources)")
-    console = Console()
-    reporter = StageReporter(Console(stderr=True))
+    console = output_console()
+    reporter = StageReporter(output_console(stderr=True))
     if pm is None:
         from megatron import get_plugin_manager
 

@@ -219,7 +219,7 @@ def write_plots(result: dict[str, Any], metrics: dict, out: Path, seed: int) -> 
 
 
 def _run(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    from megatron.runtime.console import output_console, print_full_width
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
@@ -231,7 +231,7 @@ def _run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     metric_names = list(cfg.similarity.metrics)
     pm = get_plugin_manager()
-    console = Console(stderr=args.json)
+    console = output_console(stderr=args.json)
     if args.folders and args.target is None:
         raise ConfigError("similarity --folders needs --target DIR, the folder of the new images to rank the others "
                           "against")
@@ -265,7 +265,7 @@ def _run(args: argparse.Namespace) -> int:
         table.add_column("images", justify="right")
         for row in entry["ranking"]:
             table.add_row(str(row["rank"]), row["name"], f"{row['distance']:.4g}", str(entry["images"][row["name"]]))
-        console.print(table)
+        print_full_width(console, table)
         t = entry["timings"]
         console.print(f"  time: summarising (decoding, features) {t['summarize_s']:.2f}s, "
                       f"distances {t['distance_s']:.3f}s over {t['n_pairs']} pairs", highlight=False)

@@ -251,20 +251,3 @@ class PlainBar:
 
     def remove_task(self, task_id: int) -> None:
         self.tasks.pop(task_id, None)
-
-
-def print_full_width(console: Any, renderable: Any) -> None:
-    """Print ``renderable`` (a table); on a file or pipe at the full width of its content, so no header is cut
-    to 80 columns (a terminal keeps its own width)."""
-    if console.is_terminal:
-        console.print(renderable)
-        return
-    from rich.measure import Measurement  # rich's layout: imported with the table it measures (start-up time)
-
-    natural = Measurement.get(console, console.options.update_width(100_000), renderable).maximum
-    width = console.width
-    console.width = max(width, natural)
-    try:
-        console.print(renderable)
-    finally:
-        console.width = width
