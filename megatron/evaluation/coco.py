@@ -167,6 +167,18 @@ def _operating_point(per_image: list, iou_threshold: float, operating_point: str
     return apply_operating_point(hits, operating_point)
 
 
+def _check_labels(grouped: dict, records: list[ImageRecord], categories: list[str]) -> None:
+    """A DataError naming the image when a ground-truth or detected label is not a class of ``categories``."""
+    n_cls = len(categories)
+    for r in records:
+        if len(r.labels) and (r.labels.min() < 0 or r.labels.max() >= n_cls):
+            raise DataError(f"evaluate: image {r.image_id} ({r.file_name or r.path}) has label(s) outside "
+                            f"0..{n_cls - 1} for categories {categories}")
+    for image_id, (_, _, labels) in grouped.items():
+        if len(labels) and (labels.min() < 0 or labels.max() >= n_cls):
+            raise DataError(f"evaluate: detections for image {image_id} have label(s) outside 0..{n_cls - 1}")
+
+
 def evaluate(detections: list[Detections], records: list[ImageRecord], categories: list[str],
              score_threshold: float = 0.3, iou_threshold: float = 0.5, max_detections: int = 100,
              operating_point: str | dict[str, Any] | None = None,
@@ -188,14 +200,8 @@ def evaluate(detections: list[Detections], records: list[ImageRecord], categorie
     if not records:
         raise DataError("evaluate: no records to evaluate on; the evaluation split is empty")
     n_cls = len(categories)
-    for r in records:
-        if len(r.labels) and (r.labels.min() < 0 or r.labels.max() >= n_cls):
-            raise DataError(f"evaluate: image {r.image_id} ({r.file_name or r.path}) has label(s) outside "
-                            f"0..{n_cls - 1} for categories {categories}")
     grouped = _group_detections(detections, records, max_detections)
-    for image_id, (_, _, labels) in grouped.items():
-        if len(labels) and (labels.min() < 0 or labels.max() >= n_cls):
-            raise DataError(f"evaluate: detections for image {image_id} have label(s) outside 0..{n_cls - 1}")
+    _check_labels(grouped, records, categories)
     ap, with_gt = _coco_ap(grouped, records, categories, max_detections)
     if with_gt:
         map50 = float(ap[0, with_gt].mean())
