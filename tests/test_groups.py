@@ -272,6 +272,46 @@ def test_data_check_reports_images_per_patient_and_hints_at_undeclared_patients(
     assert not [p for p in report.warnings if p.code == "groups_not_declared"]
 
 
+def test_data_check_takes_the_group_source_the_hint_names_and_then_counts_patients(tmp_path, capsys):
+    from megatron.cli import main
+
+    images = [{"id": i, "file_name": f"case{i // 3:02d}_view{i % 3}.png"} for i in range(12)]
+    coco_folder(tmp_path / "a", images)
+    [hint] = [p for p in check_dataset(tmp_path / "a").warnings if p.code == "groups_not_declared"]
+    assert "--group-pattern" in hint.fix
+    report = check_dataset(tmp_path / "a", group_pattern=r"^(case\d+)_")
+    assert report.patients == {"groups": 4, "images": 12, "min": 3.0, "median": 3.0, "max": 3.0}
+    assert "group_pattern" in report.grouping and not report.warnings
+    # the same from the command line, on a COCO file (most exports carry no patient field) ...
+    assert main(["data", "check", str(tmp_path / "a"), "--group-pattern", r"^(case\d+)_", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["patients"]["groups"] == 4
+    # ... and from a CSV; a file the CSV leaves out is an error naming it
+    (tmp_path / "groups.csv").write_text("file_name,patient_id\n" + "".join(
+        f"{img['file_name']},P{img['id'] // 6}\n" for img in images[:-1]))
+    report = check_dataset(tmp_path / "a", groups_csv=tmp_path / "groups.csv")
+    [missing] = [p for p in report.problems if p.code == "group_missing"]
+    assert "1 of 12" in missing.message and "case03_view2.png" in missing.message
+
+
+def test_a_coco_dataset_groups_patients_by_file_name_through_its_plugin_options(tmp_path):
+    from plugins.datasets.coco import CocoDataset
+
+    images = [{"id": i, "file_name": f"pat{i // 4}/slice{i % 4}.png"} for i in range(8)]
+    ann = coco_folder(tmp_path / "a", images)
+    [task] = CocoDataset(CocoDataset.Options(annotation_file=ann, group_pattern=r"^([^/]+)/")).load()
+    assert [r.group for r in task.records] == ["pat0"] * 4 + ["pat1"] * 4
+    with pytest.raises(ValueError, match="keep one of them"):
+        CocoDataset.Options(annotation_file=ann, group_pattern="x", groups_csv=tmp_path / "g.csv")
+
+
+def test_data_check_refuses_a_coco_only_group_field_on_a_yolo_folder(tmp_path):
+    from dataset_files import make_yolo
+
+    root = make_yolo(tmp_path / "y", {"a": "0 0.5 0.5 0.2 0.2\n"})
+    [problem] = [p for p in check_dataset(root, group_field="patient").problems if p.severity == "error"]
+    assert "--group-field applies to COCO files" in problem.message and "--group-pattern" in problem.fix
+
+
 def test_the_fingerprint_measures_boxes_at_the_input_size_and_warns_below_the_stride_with_the_fix():
     records = [ImageRecord(i, None, 512, 512, [[0, 0, 16, 16]] if i % 2 else [[0, 0, 64, 64]], [0], f"{i}.png",
                            meta={"spacing": [0.5, 0.5]}) for i in range(10)]

@@ -43,6 +43,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--allow-outside-paths", action="store_true", help="PATH: read image paths that leave the image "
                    "folder (absolute, ../, symlinks); by default each is an error (-c: the dataset option "
                    "allow_outside_paths)")
+    c.add_argument("--group-pattern", metavar="REGEX", help="PATH: the patient of each image from "
+                   "its path under the dataset (the regex's first group, e.g. '^([^/]+)/' for one sub-folder per "
+                   "patient), as the dataset option group_pattern")
+    c.add_argument("--groups-csv", metavar="FILE", help="PATH: a CSV of file_name,patient_id, as the "
+                   "dataset option groups_csv")
+    c.add_argument("--group-field", metavar="NAME", help="PATH, COCO: the image-entry field naming the patient "
+                   "(default patient_id), as the dataset option group_field")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.add_argument("--show", type=int, default=30, metavar="N", help="list at most N problems (default 30; --json lists all)")
     c.set_defaults(func=_check)
@@ -68,6 +75,8 @@ def _check(args: argparse.Namespace) -> int:
     console = output_console()
     measure = {k: v for k, v in (("input_size", args.input_size), ("stride", args.stride)) if v is not None}
     measure["allow_outside_paths"] = args.allow_outside_paths
+    measure.update({k: v for k, v in (("group_pattern", args.group_pattern), ("groups_csv", args.groups_csv),
+                                      ("group_field", args.group_field)) if v is not None})
     if args.json:
         report = check_dataset(Path(args.path), args.format, args.image_dir, args.split, **measure)
         print(report_json(report))

@@ -20,7 +20,7 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 
-from megatron.data.coco import ANNOTATION_FILE, default_image_dir, default_task_name, read_coco_task
+from megatron.data.coco import ANNOTATION_FILE, DEFAULT_GROUP_FIELD, default_image_dir, default_task_name, read_coco_task
 from megatron.data.dicom import is_dicom_file
 from megatron.data.fingerprint import DEFAULT_STRIDE, fingerprint, fingerprint_problems
 from megatron.data.folder import read_image_folder
@@ -146,11 +146,14 @@ def _looks_like_coco(path: Path) -> bool:
 
 def check_dataset(path: Path, format: Format | None = None, image_dir: Path | None = None, split: str | None = None,
                   progress: Callable[[int, int], None] | None = None, input_size: int = DEFAULT_INPUT_SIZE,
-                  stride: int = DEFAULT_STRIDE, allow_outside_paths: bool = False) -> CheckReport:
+                  stride: int = DEFAULT_STRIDE, allow_outside_paths: bool = False, group_pattern: str | None = None,
+                  groups_csv: Path | None = None, group_field: str | None = None) -> CheckReport:
     """Validate the dataset at ``path`` and summarise it; opens every image. Never raises on bad data:
     every problem (including an unreadable annotation file) is in ``report.problems``. ``input_size`` and
     ``stride``: what the box-size fingerprint is measured against; ``allow_outside_paths``: image paths leaving
-    the image folder are read (by default each is an error)."""
+    the image folder are read (by default each is an error); ``group_pattern`` / ``groups_csv``
+    (any format) and ``group_field`` (COCO): where the patients come from, as the dataset options of the same
+    names."""
     path = Path(path)
     try:
         if format is None:
@@ -159,15 +162,18 @@ def check_dataset(path: Path, format: Format | None = None, image_dir: Path | No
             fmt, where = "coco", (detect_format(path)[1] if path.is_dir() else path)
         else:
             fmt, where = format, path
+        _refuse_foreign_group_source(fmt, group_pattern, groups_csv, group_field)
+        groups = {"group_pattern": group_pattern, "groups_csv": Path(groups_csv) if groups_csv else None}
         if fmt == "coco":
             task, problems = read_coco_task(where, Path(image_dir) if image_dir else default_image_dir(where),
-                                            name=default_task_name(where), allow_outside_paths=allow_outside_paths)
+                                            name=default_task_name(where), allow_outside_paths=allow_outside_paths,
+                                            group_field=group_field or DEFAULT_GROUP_FIELD, **groups)
         elif fmt in ("dicom", "folder"):
             task, problems = read_image_folder(where, where.resolve().name, dicom_only=fmt == "dicom",
-                                               allow_outside_paths=allow_outside_paths)
+                                               allow_outside_paths=allow_outside_paths, **groups)
         else:
             task, problems = read_yolo_task(where, name=where.resolve().name, split=split,
-                                            allow_outside_paths=allow_outside_paths)
+                                            allow_outside_paths=allow_outside_paths, **groups)
     except DataError as exc:
         message, _, fix = str(exc).partition("; fix: ")
         return CheckReport(path=str(path), format=format or "unknown",
@@ -178,6 +184,16 @@ def check_dataset(path: Path, format: Format | None = None, image_dir: Path | No
     _summarise(task, report, progress)
     _describe_patients_and_boxes(task, report, input_size, stride)
     return report
+
+
+def _refuse_foreign_group_source(fmt: str, group_pattern: str | None, groups_csv: Path | None,
+                                 group_field: str | None) -> None:
+    """A patient field exists only in COCO files; one group source at a time."""
+    if fmt != "coco" and group_field:
+        raise DataError(f"--group-field applies to COCO files; this is a {fmt} dataset; fix: use --group-pattern "
+                        "REGEX or --groups-csv FILE")
+    if sum(x is not None for x in (group_pattern, groups_csv, group_field)) > 1:
+        raise DataError("give one group source: --group-pattern, --groups-csv or --group-field; fix: keep one of them")
 
 
 def _describe_patients_and_boxes(task: Task, report: CheckReport, input_size: int, stride: int) -> None:

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from megatron.data.groups import GROUPING_NONE
+from megatron.data.groups import GROUPING_NONE, assign_file_groups
 from megatron.data.io import write_image
 from megatron.data.paths import OUTSIDE_CODE, check_inside
 from megatron.data.problems import Problem, clean_box
@@ -103,7 +103,8 @@ _IMAGE_REJECTED = ("image_missing_key", "image_bad_size", "image_bad_frame", OUT
 def read_coco_task(annotation_file: Path, image_dir: Path, name: str, modality: str = "",
                    categories: Sequence[str] | None = None, check_files: bool = True,
                    source: str | None = None, group_field: str | None = DEFAULT_GROUP_FIELD,
-                   allow_outside_paths: bool = False) -> tuple[Task, list[Problem]]:
+                   allow_outside_paths: bool = False, group_pattern: str | None = None,
+                   groups_csv: Path | None = None) -> tuple[Task, list[Problem]]:
     """Read one COCO detection dataset as a task.
 
     Raises DataError only when nothing sensible can be read (missing/malformed file, missing top-level
@@ -111,18 +112,23 @@ def read_coco_task(annotation_file: Path, image_dir: Path, name: str, modality: 
     ``check_files`` stats every image file (cheap); pixels are read lazily by ``task.image_loader``.
     ``group_field``: the image-entry field naming the patient (None: every image its own group); present on
     some images only, it is an error counting the others. ``allow_outside_paths``: accept ``file_name`` paths
-    that leave ``image_dir`` (absolute, ``../``, symlinks); by default each is an error.
+    that leave ``image_dir`` (absolute, ``../``, symlinks); by default each is an error. ``group_pattern`` /
+    ``groups_csv``: the patients from the file names instead (most COCO exports carry no patient field; see
+    :func:`megatron.data.groups.assign_file_groups`); either one replaces ``group_field``.
     """
     annotation_file, image_dir = Path(annotation_file), Path(image_dir)
+    by_file = group_pattern is not None or groups_csv is not None
     reading = _CocoReading(str(annotation_file), image_dir, check_files, allow_outside_paths)
     data = reading.top_level(load_json(annotation_file))
     reading.read_categories(data["categories"], categories)
-    reading.read_images(data["images"], group_field)
+    reading.read_images(data["images"], None if by_file else group_field)
     reading.read_annotations(data["annotations"])
     reading.whole_task_problems()
-    task = Task(name=name, categories=[reading.cats[cid] for cid in reading.kept_ids], records=reading.records(),
-                modality=modality, source=source or f"coco:{annotation_file}",
-                grouping=reading.grouping(group_field))
+    records = reading.records()
+    grouping = (assign_file_groups(records, group_pattern, groups_csv, str(annotation_file), reading.problems)
+                if by_file else reading.grouping(group_field))
+    task = Task(name=name, categories=[reading.cats[cid] for cid in reading.kept_ids], records=records,
+                modality=modality, source=source or f"coco:{annotation_file}", grouping=grouping)
     return task, reading.problems
 
 

@@ -218,6 +218,7 @@ def grouping_hints(task: Task) -> list[str]:
             n_keys, key, top = shared
             hints.append(f"{n} images share {n_keys} {what} (e.g. {key!r}: {top} images), which suggests several "
                          "images per patient, but the config gives no group source, so the split treats every "
-                         f"image as its own patient; fix: set group_pattern (e.g. {example}) or groups_csv")
+                         f"image as its own patient; fix: set the dataset option group_pattern (e.g. {example}) or "
+                         f"groups_csv (`megatron data check PATH --group-pattern {example}` checks it first)")
             break
     return hints

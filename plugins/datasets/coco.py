@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from megatron import hookimpl
 from megatron.data.coco import DEFAULT_GROUP_FIELD, default_image_dir, default_task_name, read_coco_task
-from megatron.data.groups import GROUP_FIELD_HELP
+from megatron.data.groups import GROUP_FIELD_HELP, GROUP_PATTERN_HELP, GROUPS_CSV_HELP
 from megatron.data.paths import ALLOW_HELP
 from megatron.data.problems import Problem, raise_for_errors
 from megatron.api.dataset import DatasetOptions, DatasetPlugin
@@ -36,7 +36,16 @@ class CocoDataset(DatasetPlugin):
         categories: list[str] | None = Field(None, description="category names to keep, in label order "
                                              "(default: all, ordered by COCO id)")
         group_field: str | None = Field(DEFAULT_GROUP_FIELD, description=GROUP_FIELD_HELP)
+        group_pattern: str | None = Field(None, description=GROUP_PATTERN_HELP.replace("Default: every image its own patient",
+                                                                                 "When set it replaces group_field"))
+        groups_csv: Path | None = Field(None, description=GROUPS_CSV_HELP + "; when set it replaces group_field")
         allow_outside_paths: bool = Field(False, description=ALLOW_HELP)
+
+        @model_validator(mode="after")
+        def _one_group_source(self):
+            if self.group_pattern is not None and self.groups_csv is not None:
+                raise ValueError("group_pattern and groups_csv are both set; keep one of them")
+            return self
 
     def load_with_problems(self) -> list[tuple[Task, list[Problem]]]:
         o = self.options
@@ -44,7 +53,8 @@ class CocoDataset(DatasetPlugin):
         image_dir = Path(o.image_dir).expanduser() if o.image_dir else default_image_dir(ann)
         return [read_coco_task(ann, image_dir, name=o.name or default_task_name(ann),
                                modality=o.modality, categories=o.categories, group_field=o.group_field,
-                               allow_outside_paths=o.allow_outside_paths)]
+                               allow_outside_paths=o.allow_outside_paths, group_pattern=o.group_pattern,
+                               groups_csv=Path(o.groups_csv).expanduser() if o.groups_csv else None)]
 
     def load(self) -> list[Task]:
         [(task, problems)] = self.load_with_problems()
