@@ -29,7 +29,7 @@ _API_NAMES = frozenset({
     "BASELINE_LEARNER", "DatasetOptions", "DatasetPlugin", "Detector", "DetectorOptions", "LearnerContext",
     "LearnerOptions", "Logger", "LoggerOptions", "MetaLearner", "SimilarityContext", "SimilarityMetric",
     "SimilarityOptions", "check_finite", "iterate_forever", "load_image_checked", "make_optimizer",
-    "optimizer_step", "sample_indices", "to_gray_uint8",
+    "optimizer_step", "sample_indices", "tasks_or_raise", "to_gray_uint8",
 })
 
 

@@ -15,7 +15,7 @@ The data a plugin receives and returns (tasks, records, batches, episodes, detec
 :mod:`megatron.types`; the errors it raises in :mod:`megatron.errors`. Every name here is also importable from
 ``megatron`` itself (``from megatron import MetaLearner``).
 """
-from megatron.api.dataset import DatasetOptions, DatasetPlugin
+from megatron.api.dataset import DatasetOptions, DatasetPlugin, tasks_or_raise
 from megatron.api.detector import Detector, DetectorOptions
 from megatron.api.learner import (
     BASELINE_LEARNER, LearnerContext, LearnerOptions, MetaLearner, check_finite, iterate_forever, make_optimizer,
@@ -30,5 +30,5 @@ __all__ = [
     "BASELINE_LEARNER", "DatasetOptions", "DatasetPlugin", "Detector", "DetectorOptions", "LearnerContext",
     "LearnerOptions", "Logger", "LoggerOptions", "MetaLearner", "SimilarityContext", "SimilarityMetric",
     "SimilarityOptions", "check_finite", "iterate_forever", "load_image_checked", "make_optimizer",
-    "optimizer_step", "sample_indices", "to_gray_uint8",
+    "optimizer_step", "sample_indices", "tasks_or_raise", "to_gray_uint8",
 ]

@@ -9,8 +9,8 @@ from megatron import hookimpl
 from megatron.data.coco import DEFAULT_GROUP_FIELD, default_image_dir, default_task_name, read_coco_task
 from megatron.data.groups import GROUP_FIELD_HELP, GROUP_PATTERN_HELP, GROUPS_CSV_HELP
 from megatron.data.paths import ALLOW_HELP
-from megatron.data.problems import Problem, raise_for_errors
-from megatron.api.dataset import DatasetOptions, DatasetPlugin
+from megatron.data.problems import Problem
+from megatron.api.dataset import DatasetOptions, DatasetPlugin, tasks_or_raise
 from megatron.types import Task
 
 
@@ -57,9 +57,7 @@ class CocoDataset(DatasetPlugin):
                                groups_csv=Path(o.groups_csv).expanduser() if o.groups_csv else None)]
 
     def load(self) -> list[Task]:
-        [(task, problems)] = self.load_with_problems()
-        raise_for_errors(problems, str(Path(self.options.annotation_file).expanduser()))
-        return [task]
+        return tasks_or_raise(self.load_with_problems(), str(Path(self.options.annotation_file).expanduser()))
 
 
 @hookimpl

@@ -14,8 +14,8 @@ from megatron.data.groups import GROUP_BY_HELP, GROUP_FIELD_HELP, GROUPING_NONE,
 from megatron.data.io import DicomImageLoader
 from megatron.data.paths import ALLOW_HELP
 from megatron.errors import DataError
-from megatron.data.problems import Problem, raise_for_errors
-from megatron.api.dataset import DatasetOptions, DatasetPlugin
+from megatron.data.problems import Problem
+from megatron.api.dataset import DatasetOptions, DatasetPlugin, tasks_or_raise
 from megatron.types import Task
 
 
@@ -93,12 +93,7 @@ class DicomDataset(DatasetPlugin):
 
     def load(self) -> list[Task]:
         o = self.options
-        where = str(Path(o.annotation_file or o.root).expanduser())
-        out = []
-        for task, problems in self.load_with_problems():
-            raise_for_errors(problems, where)
-            out.append(task)
-        return out
+        return tasks_or_raise(self.load_with_problems(), str(Path(o.annotation_file or o.root).expanduser()))
 
 
 def _groups_from_headers(task: Task, group_by: DicomGrouping, where: str, problems: list[Problem]) -> str:

@@ -11,8 +11,8 @@ from megatron.data.dicom import DicomDisplay
 from megatron.data.folder import read_image_folder
 from megatron.data.groups import GROUP_BY_HELP, GROUP_PATTERN_HELP, GROUPS_CSV_HELP
 from megatron.data.paths import ALLOW_HELP
-from megatron.data.problems import Problem, raise_for_errors
-from megatron.api.dataset import DatasetOptions, DatasetPlugin
+from megatron.data.problems import Problem
+from megatron.api.dataset import DatasetOptions, DatasetPlugin, tasks_or_raise
 from megatron.types import Task
 
 
@@ -69,11 +69,7 @@ class FolderDataset(DatasetPlugin):
         return [(task, problems)]
 
     def load(self) -> list[Task]:
-        out = []
-        for task, problems in self.load_with_problems():
-            raise_for_errors(problems, str(Path(self.options.root).expanduser()))
-            out.append(task)
-        return out
+        return tasks_or_raise(self.load_with_problems(), str(Path(self.options.root).expanduser()))
 
 
 @hookimpl

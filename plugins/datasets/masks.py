@@ -10,11 +10,11 @@ from PIL import Image
 from pydantic import Field, model_validator
 
 from megatron import hookimpl
-from megatron.api.dataset import DatasetOptions, DatasetPlugin
+from megatron.api.dataset import DatasetOptions, DatasetPlugin, tasks_or_raise
 from megatron.data.dicom import is_dicom_file, read_dataset
 from megatron.data.io import READABLE_SUFFIXES, DicomImageLoader, read_image_size
 from megatron.data.masks import (SegMasks, categories_of, instance_mask_boxes, label_map_boxes, segment_boxes)
-from megatron.data.problems import Problem, raise_for_errors
+from megatron.data.problems import Problem
 from megatron.errors import DataError
 from megatron.types import ImageRecord, Task
 
@@ -82,9 +82,7 @@ class MasksDataset(DatasetPlugin):
         return [(task, problems)]
 
     def load(self) -> list[Task]:
-        [(task, problems)] = self.load_with_problems()
-        raise_for_errors(problems, str(Path(self.options.images).expanduser()))
-        return [task]
+        return tasks_or_raise(self.load_with_problems(), str(Path(self.options.images).expanduser()))
 
     # -- mask images ------------------------------------------------------------------------------------
     def _mask_records(self, root: Path, images: list[Path]):

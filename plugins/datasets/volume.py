@@ -7,8 +7,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from megatron import hookimpl
-from megatron.api.dataset import DatasetOptions, DatasetPlugin
-from megatron.data.problems import Problem, raise_for_errors
+from megatron.api.dataset import DatasetOptions, DatasetPlugin, tasks_or_raise
+from megatron.data.problems import Problem
 from megatron.data.volumes import (AXES, CT_WINDOWS, Intensity, SliceSettings, VolumeAnnotations,
                                    read_volume_task, volume_task_name)
 from megatron.types import Task
@@ -114,9 +114,7 @@ class VolumeDataset(DatasetPlugin):
                                  modality=o.modality, source=f"volume:{root}")]
 
     def load(self) -> list[Task]:
-        [(task, problems)] = self.load_with_problems()
-        raise_for_errors(problems, str(Path(self.options.root).expanduser()))
-        return [task]
+        return tasks_or_raise(self.load_with_problems(), str(Path(self.options.root).expanduser()))
 
 
 @hookimpl

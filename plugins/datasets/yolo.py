@@ -6,11 +6,11 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from megatron import hookimpl
-from megatron.data.problems import Problem, raise_for_errors
+from megatron.data.problems import Problem
 from megatron.data.groups import GROUP_PATTERN_HELP, GROUPS_CSV_HELP
 from megatron.data.paths import ALLOW_HELP
 from megatron.data.yolo import read_yolo_task
-from megatron.api.dataset import DatasetOptions, DatasetPlugin
+from megatron.api.dataset import DatasetOptions, DatasetPlugin, tasks_or_raise
 from megatron.types import Task
 
 
@@ -51,9 +51,7 @@ class YoloDataset(DatasetPlugin):
                                allow_outside_paths=o.allow_outside_paths)]
 
     def load(self) -> list[Task]:
-        [(task, problems)] = self.load_with_problems()
-        raise_for_errors(problems, str(Path(self.options.root).expanduser()))
-        return [task]
+        return tasks_or_raise(self.load_with_problems(), str(Path(self.options.root).expanduser()))
 
 
 @hookimpl
