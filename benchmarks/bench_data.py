@@ -44,7 +44,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -60,6 +59,7 @@ from megatron.data.io import DicomImageLoader, read_image
 from megatron.data.loader import Loader
 from megatron.data.preprocess import Preprocessor
 from megatron.types import ImageRecord, Task
+from peak_memory import PeakMemory  # same folder
 
 OUT = Path(__file__).resolve().parent / "out"
 INPUT_SIZE = 256
@@ -253,54 +253,6 @@ def loader_table(name: str, tasks: list[Task], args, meta_batches: int) -> list[
     return rows
 
 
-class PeakMemory:
-    """Peak memory above the start while the block runs: this process's resident set plus the proportional set
-    size (shared pages split between the processes sharing them) of its child processes, every 20 ms."""
-
-    def __init__(self) -> None:
-        self.peak = 0
-
-    @staticmethod
-    def _children() -> list[int]:
-        pids = []
-        for task in Path("/proc/self/task").iterdir():
-            try:
-                pids += [int(p) for p in (task / "children").read_text().split()]
-            except OSError:
-                pass
-        return pids
-
-    @staticmethod
-    def _kib(path: str, field: str) -> int:
-        try:
-            for line in Path(path).read_text().splitlines():
-                if line.startswith(field):
-                    return int(line.split()[1])
-        except OSError:
-            pass
-        return 0
-
-    def total(self) -> int:
-        own = self._kib("/proc/self/status", "VmRSS:")
-        return 1024 * (own + sum(self._kib(f"/proc/{pid}/smaps_rollup", "Pss:") for pid in self._children()))
-
-    def __enter__(self) -> "PeakMemory":
-        self.base = self.total()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.total() - self.base)
-            time.sleep(MEMORY_SAMPLE_S)
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def memory_probe(folder: Path, kind: str, workers: int, prefetch: int, augment: bool) -> dict:
     """Run in a fresh process (``--memory-probe``): two warm passes (cache on) over the DICOM files in ``folder``
     with the given workers; peak memory (this process + its workers) above the start, and at the start."""
@@ -312,7 +264,7 @@ def memory_probe(folder: Path, kind: str, workers: int, prefetch: int, augment: 
     sampler = EpisodeSampler(SUPPORT, QUERY, pre, seed=0)
     meta_batches = max(1, 2 * len(records) // (META_BATCH * (SUPPORT + QUERY)))
     loader = make_loader(kind, workers, prefetch)
-    with PeakMemory() as mem:
+    with PeakMemory(MEMORY_SAMPLE_S) as mem:
         for _ in sampler.meta_batches([task], META_BATCH, meta_batches, loader=loader):
             pass
     return {"kind": kind, "workers": workers, "peak_mib": mem.peak / 2**20, "start_mib": mem.base / 2**20,

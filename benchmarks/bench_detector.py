@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
-import threading
 import time
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from megatron.types import Batch
+from peak_memory import PeakMemory  # same folder
 
 OUT = Path(__file__).resolve().parent / "out"
 INPUT_SIZE = 256
@@ -53,45 +52,6 @@ def make_batch(n: int, size: int, num_classes: int, device: torch.device, seed: 
         labels.append(torch.randint(0, num_classes, (k,), generator=g))
     meta = [dict(image_id=i, orig_size=(size, size), scale=1.0, pad=(0, 0)) for i in range(n)]
     return Batch(images=images, boxes=boxes, labels=labels, meta=meta).to(device)
-
-
-def _malloc_trim() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the measure is then an upper bound of new growth only
-        pass
-
-
-class PeakRSS:
-    """Peak resident-set growth (bytes) while the block runs, sampled every millisecond (CPU memory)."""
-
-    def __init__(self) -> None:
-        self.peak = 0
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __enter__(self) -> "PeakRSS":
-        _malloc_trim()  # hand freed heap back to the OS, so the growth measured is this step's working set
-        self.base = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss() - self.base)
-            time.sleep(0.001)
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss() - self.base)
 
 
 def bench_model(name: str, det, batch: Batch, steps: int, repeats: int, device: torch.device) -> dict:
@@ -141,7 +101,7 @@ def bench_model(name: str, det, batch: Batch, steps: int, repeats: int, device: 
             memory[m] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
         else:
             opt.zero_grad(set_to_none=True)
-            with PeakRSS() as rss:
+            with PeakMemory(interval_s=0.001, trim=True) as rss:
                 step(fn)
             memory[m] = rss.peak / 2**20
     med = {m: statistics.median(v) for m, v in times.items()}

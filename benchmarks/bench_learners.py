@@ -62,7 +62,8 @@ from rich.table import Table
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_detector import PeakRSS, make_batch  # noqa: E402  (same folder; shared synthetic data + RSS probe)
+from bench_detector import make_batch  # noqa: E402  (same folder; shared synthetic data)
+from peak_memory import PeakMemory  # noqa: E402
 
 from megatron.api.learner import LearnerContext  # noqa: E402
 from megatron.types import Batch, Episode  # noqa: E402
@@ -384,7 +385,7 @@ def main() -> None:
         else:
             for p in det.parameters():  # grads from the previous step would otherwise count as baseline
                 p.grad = None
-            with PeakRSS() as rss:
+            with PeakMemory(interval_s=0.001, trim=True) as rss:
                 run(fn)
             memory[key] = rss.peak / 2**20
         # the weight update this step made, to check that learner and bare loop compute the same thing
