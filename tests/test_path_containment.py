@@ -109,3 +109,30 @@ def test_the_coco_plugin_option_allows_outside_paths(tmp_path, outside_image):
         CocoDataset(CocoDataset.Options(annotation_file=ann)).load()
     [task] = CocoDataset(CocoDataset.Options(annotation_file=ann, allow_outside_paths=True)).load()
     assert len(task) == 2
+
+
+def test_a_symlinked_patient_folder_is_read_and_one_leading_out_is_refused_not_skipped(tmp_path):
+    # hospital exports link patient folders into a study folder; rglob (Python < 3.13) skipped them silently
+    folder = tmp_path / "study"
+    (folder / "pat1").mkdir(parents=True)
+    write_image(folder / "pat1" / "a.png", np.zeros((32, 32), np.uint8))
+    (folder / "archive" / "pat2").mkdir(parents=True)
+    write_image(folder / "archive" / "pat2" / "b.png", np.zeros((32, 32), np.uint8))
+    os.symlink(folder / "archive" / "pat2", folder / "zpat2")  # the same folder twice: its images once
+    os.symlink(folder, folder / "pat1" / "loop")  # a link back up: walked once, no endless recursion
+    task, problems = read_image_folder(folder, "study")
+    assert sorted(r.file_name for r in task.records) == ["archive/pat2/b.png", "pat1/a.png"]
+    assert not [p for p in problems if p.severity == "error"]
+    linked_only = tmp_path / "linked"
+    linked_only.mkdir()
+    os.symlink(folder / "archive" / "pat2", linked_only / "pat2")  # a patient folder reachable only by a link
+    assert [r.file_name for r in read_image_folder(linked_only, "l", allow_outside_paths=True)[0].records] == [
+        "pat2/b.png"]
+    elsewhere = tmp_path / "elsewhere" / "pat3"
+    elsewhere.mkdir(parents=True)
+    write_image(elsewhere / "c.png", np.zeros((32, 32), np.uint8))
+    os.symlink(elsewhere, folder / "pat3")  # a link out of the folder: an error naming it, not a silent skip
+    task, problems = read_image_folder(folder, "study")
+    assert "'pat3/c.png'" in _outside(problems)[0].message
+    task, problems = read_image_folder(folder, "study", allow_outside_paths=True)
+    assert "pat3/c.png" in {r.file_name for r in task.records}

@@ -26,6 +26,7 @@ from megatron.data.fingerprint import DEFAULT_STRIDE, fingerprint, fingerprint_p
 from megatron.data.folder import read_image_folder
 from megatron.data.groups import count_groups, describe_grouping, grouping_hints, images_per_group
 from megatron.data.io import IMAGE_SUFFIXES
+from megatron.data.paths import walk_files
 from megatron.data.problems import Problem
 from megatron.data.split import split_target
 from megatron.data.yolo import read_yolo_task
@@ -125,9 +126,7 @@ def _unannotated_kind(root: Path) -> Format | None:
     """``dicom`` when the folder (recursively) holds DICOM files and no other images, ``folder`` when it holds
     raster images, else None."""
     has_dicom = has_raster = False
-    for p in root.rglob("*"):
-        if any(part.startswith(".") for part in p.relative_to(root).parts) or not p.is_file():
-            continue
+    for p in walk_files(root):
         if p.suffix.lower() in IMAGE_SUFFIXES:
             has_raster = True
             break

@@ -18,7 +18,7 @@ import numpy as np
 from megatron.data.dicom import DEFAULT_DISPLAY, DicomDisplay, is_dicom_file, read_header
 from megatron.data.groups import DICOM_PATIENT_META, GROUPING_NONE, DicomGrouping, assign_file_groups, dicom_group
 from megatron.data.io import IMAGE_SUFFIXES, DicomImageLoader, read_image_size
-from megatron.data.paths import check_inside
+from megatron.data.paths import check_inside, walk_files
 from megatron.data.problems import Problem
 from megatron.errors import DataError
 from megatron.types import ImageRecord, Task
@@ -26,17 +26,6 @@ from megatron.types import ImageRecord, Task
 log = logging.getLogger(__name__)
 
 Frames = Literal["all", "first", "middle"]
-
-
-def _walk(root: Path, recursive: bool) -> list[Path]:
-    files = root.rglob("*") if recursive else root.iterdir()
-    out = []
-    for p in files:
-        rel = p.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts) or not p.is_file():
-            continue
-        out.append(p)
-    return sorted(out, key=lambda p: p.relative_to(root).as_posix())
 
 
 def read_image_folder(root: Path, name: str, modality: str = "", dicom_only: bool = False, recursive: bool = True,
@@ -59,7 +48,7 @@ def read_image_folder(root: Path, name: str, modality: str = "", dicom_only: boo
     problems: list[Problem] = []
     records: list[ImageRecord] = []
     ignored: list[str] = []
-    for path in _walk(root, recursive):
+    for path in walk_files(root, recursive):
         rel = path.relative_to(root).as_posix()
         if not allow_outside_paths and not check_inside(path, root, rel, str(path), "", problems):
             continue

@@ -8,6 +8,7 @@ leaves the folder; readers turn that into an ``image_outside_folder`` error unle
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from megatron.data.problems import Problem
@@ -42,3 +43,24 @@ def check_inside(path: Path, folder: Path, name: str, file: str, record: str, pr
                             f"put the image inside {folder} and name it relative to that folder, or set the "
                             f"dataset option {ALLOW_OPTION}: true if images elsewhere are intended"))
     return False
+
+
+def walk_files(root: Path, recursive: bool = True) -> list[Path]:
+    """Every file under ``root`` (sorted by its path relative to ``root``), symlinked sub-folders followed — a
+    patient folder linked into a dataset is part of it, not silently left out (``Path.rglob`` skips them before
+    Python 3.13) — each real folder once, so a link back up does not loop. Hidden files and folders (``.name``)
+    are skipped. Whether a linked file may be read is the readers' :func:`check_inside`'s call."""
+    root = Path(root)
+    if not recursive:
+        return sorted(p for p in root.iterdir() if not p.name.startswith(".") and p.is_file())
+    seen: set[str] = set()
+    out = []
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        out += [Path(folder) / f for f in files if not f.startswith(".") and os.path.isfile(os.path.join(folder, f))]
+    return sorted(out, key=lambda p: p.relative_to(root).as_posix())

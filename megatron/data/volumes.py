@@ -50,6 +50,7 @@ from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 
 from megatron.data.dicom import codec_message, is_dicom_file, read_dataset
 from megatron.data.masks import categories_of, volume_label_map_boxes
+from megatron.data.paths import walk_files
 from megatron.data.problems import Problem
 from megatron.errors import DataError
 from megatron.types import ImageRecord, Task
@@ -203,7 +204,7 @@ def find_nifti(root: Path) -> list[Path]:
     root = Path(root)
     if root.is_file():
         return [root]
-    return sorted(p for p in root.rglob("*") if p.is_file() and is_nifti(p) and not p.name.startswith("."))
+    return [p for p in walk_files(root) if is_nifti(p)]
 
 
 # ------------------------------------------------------------------------------------- DICOM series
@@ -212,8 +213,8 @@ def find_dicom_series(root: Path, series_uid: list[str] | None) -> list[VolumeSo
     ``series_uid`` choosing between them is an error listing them)."""
     root = Path(root)
     folders: dict[Path, list[Path]] = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and not p.name.startswith(".") and is_dicom_file(p):
+    for p in walk_files(root):
+        if is_dicom_file(p):
             folders.setdefault(p.parent, []).append(p)
     out = []
     for folder, files in folders.items():

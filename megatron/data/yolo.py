@@ -15,7 +15,7 @@ import yaml
 
 from megatron.data.groups import assign_file_groups
 from megatron.data.io import IMAGE_SUFFIXES, read_image_size
-from megatron.data.paths import check_inside
+from megatron.data.paths import check_inside, walk_files
 from megatron.data.problems import Problem, clean_box
 from megatron.errors import DataError
 from megatron.types import ImageRecord, Task
@@ -68,7 +68,7 @@ def read_yolo_task(root: Path, name: str, split: str | None = None, modality: st
     image_dir, label_dir = _layout(root, split)
     names, _ = read_class_names(root)
     problems: list[Problem] = []
-    image_paths = sorted(p for p in image_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    image_paths = [p for p in walk_files(image_dir) if p.suffix.lower() in IMAGE_SUFFIXES]
     _labels_without_images(image_dir, label_dir, image_paths, problems)
     records = []
     for image_id, image_path in enumerate(image_paths, start=1):
@@ -109,7 +109,7 @@ def _layout(root: Path, split: str | None) -> tuple[Path, Path]:
 
 def _labels_without_images(image_dir: Path, label_dir: Path, image_paths: list[Path], problems: list[Problem]) -> None:
     stems = {p.relative_to(image_dir).with_suffix("").as_posix() for p in image_paths}
-    for label_path in sorted(label_dir.rglob("*.txt")):
+    for label_path in (p for p in walk_files(label_dir) if p.suffix == ".txt"):
         if label_path.relative_to(label_dir).with_suffix("").as_posix() not in stems:
             problems.append(Problem("warning", "label_without_image", str(label_path), "",
                                     "label file has no matching image; it is ignored",

@@ -14,6 +14,7 @@ from megatron.api.dataset import DatasetOptions, DatasetPlugin, tasks_or_raise
 from megatron.data.dicom import is_dicom_file, read_dataset
 from megatron.data.io import READABLE_SUFFIXES, DicomImageLoader, read_image_size
 from megatron.data.masks import (SegMasks, categories_of, instance_mask_boxes, label_map_boxes, segment_boxes)
+from megatron.data.paths import walk_files
 from megatron.data.problems import Problem
 from megatron.errors import DataError
 from megatron.types import ImageRecord, Task
@@ -118,7 +119,7 @@ class MasksDataset(DatasetPlugin):
         o = self.options
         seg_root = Path(o.seg).expanduser()
         segs = [SegMasks(p) for p in ([seg_root] if seg_root.is_file() else
-                                      sorted(p for p in seg_root.rglob("*") if p.is_file() and is_dicom_file(p)))]
+                                      [p for p in walk_files(seg_root) if is_dicom_file(p)])]
         if not segs:
             raise DataError(f"no DICOM SEG file in {seg_root}; fix: point `seg` at the SEG object(s)")
         classes = dict(o.classes) if o.classes is not None else {n: lab for s in segs
@@ -143,8 +144,8 @@ class MasksDataset(DatasetPlugin):
 def find_images(root: Path) -> list[Path]:
     if not root.is_dir():
         raise DataError(f"images folder {root} does not exist; fix: check the `images` option")
-    found = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")
-                   and (p.suffix.lower() in READABLE_SUFFIXES or (not p.suffix and is_dicom_file(p))))
+    found = [p for p in walk_files(root)
+             if p.suffix.lower() in READABLE_SUFFIXES or (not p.suffix and is_dicom_file(p))]
     if not found:
         raise DataError(f"images folder {root} holds no image; fix: check the `images` option")
     return found
