@@ -464,3 +464,22 @@ def test_a_cell_the_run_marked_unequal_is_left_out_of_the_verdicts_with_its_reas
     flagged = compute_shortfalls(rows)
     assert len(flagged) == 1 and flagged[0].cause.startswith(reason)
     assert "left out of the verdicts" in flagged[0].cause
+
+
+def test_validation_selection_among_unequal_numbers_of_meta_epochs_is_flagged_and_not_for_the_final_model(tmp_path):
+    from megatron.benchmark.report import Page, control_checks, render_markdown, summarise
+    from megatron.benchmark.rows import Loaded
+
+    def text_for(model: str) -> str:
+        rows = _verdict_rows({"reptile": [0.0] * 5, "maml": [0.0] * 5})
+        for r in rows:
+            r.update(detector="d", target="t", wall_s=None, model=model, compute_budget=3500, compute_spent=3500,
+                     stopped_by="budget", n_epochs={"finetune": 5, "reptile": 2, "maml": 5}[r["learner"]])
+        summary, comparisons = summarise(rows)
+        return section(render_markdown(Page(rows, summary, comparisons, Loaded(rows), [tmp_path], [],
+                                            control_checks(rows))), "Results per setting")
+
+    selected = text_for("selected")
+    assert ("the arms had different numbers of candidates (mean per cell): `finetune` 5, reptile 2. More "
+            "candidates favour their arm") in selected and "maml" not in selected.split("Unequal selection")[1]
+    assert "Unequal selection" not in text_for("final")  # the last model has no candidates to choose among

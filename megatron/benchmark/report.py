@@ -706,6 +706,7 @@ def _results_section(page: Page) -> list[str]:
         lines += _difference_table(page, setting)
         lines += _operating_point_table(page, setting)
         lines += _unequal_compute_lines(page, setting)
+        lines += _unequal_selection_lines(page, setting)
     return lines
 
 
@@ -775,6 +776,27 @@ def _unequal_compute_lines(page: Page, setting: tuple) -> list[str]:
     for (learner, spent, cause), cells in groups.items():
         lines.append(f"> - {learner}, {len(cells)} cell(s): {spent:,.0f} ({cells[0].relative:+.1%}) — {cause}.")
     return lines + [""]
+
+
+def _unequal_selection_lines(page: Page, setting: tuple) -> list[str]:
+    """When the reported model is chosen on validation among a cell's meta-epochs, an arm that ran more
+    meta-epochs in the same compute picks among more candidates (a learner whose outer step costs more runs
+    fewer): the counts, for each learner whose mean differs from the baseline's by half a meta-epoch or more."""
+    per: dict[str, list[int]] = defaultdict(list)
+    for r in page.done:
+        if setting_of(r) == setting and r.get("model") == "selected" and r.get("n_epochs"):
+            per[r["learner"]].append(r["n_epochs"])
+    if BASELINE not in per:
+        return []
+    mean = {learner: sum(v) / len(v) for learner, v in per.items()}
+    differ = {learner: n for learner, n in mean.items() if abs(n - mean[BASELINE]) >= 0.5}
+    if not differ:
+        return []
+    listing = ", ".join(f"{learner} {n:.2g}" for learner, n in sorted(differ.items()))
+    return [f"> **Unequal selection**: the reported model is the best of each cell's meta-epochs on the validation "
+            f"split, and the arms had different numbers of candidates (mean per cell): `finetune` "
+            f"{mean[BASELINE]:.2g}, {listing}. More candidates favour their arm; `megatron report DIR --model final` "
+            "compares the models after the last meta-epoch instead.", ""]
 
 
 def _source_choice_section(page: Page) -> list[str]:
