@@ -11,6 +11,8 @@ import os
 import re
 import secrets
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,13 +22,18 @@ from megatron.errors import MegatronError
 from megatron.safe_globals import safe_load
 
 
-#: how the temporary file of an atomic write is named: ``.<name>.megatron-<pid>-<random>.tmp`` beside the
-#: target, so a write killed half-way leaves only such a file, which :func:`remove_stale_tmp_files` recognises
-#: by this exact pattern (and its writer's PID) and nothing else: a user's ``.draft.v2.tmp`` is never touched
+#: how the temporary file of an atomic write is named: ``.<name>.megatron-<host>-<pid>-<random>.tmp`` beside
+#: the target (``<host>``: :func:`host_token`), so a write killed half-way leaves only such a file, which
+#: :func:`remove_stale_tmp_files` recognises by this exact pattern (and its writer) and nothing else: a user's
+#: ``.draft.v2.tmp`` is never touched. Names without ``<host>-`` were written by megatron before 0.1.1.
 TMP_PREFIX = "."
 TMP_MARK = ".megatron-"
 TMP_SUFFIX = ".tmp"
-TMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.megatron-(?P<pid>[0-9]+)-(?P<rand>[0-9a-f]{8})\.tmp$")
+TMP_PATTERN = re.compile(
+    r"^\.(?P<name>.+)\.megatron-(?:(?P<host>[0-9a-f]{8})-)?(?P<pid>[0-9]+)-(?P<rand>[0-9a-f]{8})\.tmp$")
+#: a file another machine is writing (a cache or run folder on a shared file system: SLURM array jobs) cannot be
+#: judged by its PID here; it counts as abandoned only when untouched this long
+OTHER_HOST_STALE_S = 7 * 24 * 3600
 
 #: the errnos of a write refused for lack of room: no space, over the file-size limit (``ulimit -f``), over quota
 _NO_ROOM = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
@@ -52,9 +59,32 @@ def file_mode() -> int:
     return 0o666 & ~mask
 
 
+def host_token() -> str:
+    """8 hex digits naming this machine (a hash of its host name) in the names of files a process is writing,
+    so a process on another machine sharing the folder never takes them for a dead local writer's."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def writer_token() -> str:
+    """``<host>-<pid>``: who is writing a temporary file, across the machines that share a folder."""
+    return f"{host_token()}-{os.getpid()}"
+
+
+def writer_gone(host: str | None, pid: int, path: Path) -> bool:
+    """Whether the writer of ``path`` (``host`` as :func:`host_token`; None: this machine, an old name) is gone:
+    on this machine its process no longer runs; on another machine (unknowable here) the file is untouched for
+    :data:`OTHER_HOST_STALE_S`."""
+    if host is None or host == host_token():
+        return not process_alive(pid)
+    try:
+        return time.time() - path.stat().st_mtime > OTHER_HOST_STALE_S
+    except OSError:
+        return False
+
+
 def tmp_name(target: str | Path) -> str:
     """The name of a new temporary file for an atomic write of ``target`` (see :data:`TMP_PATTERN`)."""
-    return f"{TMP_PREFIX}{Path(target).name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}"
+    return f"{TMP_PREFIX}{Path(target).name}{TMP_MARK}{writer_token()}-{secrets.token_hex(4)}{TMP_SUFFIX}"
 
 
 def _create_tmp(path: Path) -> tuple[int, Path]:
@@ -138,7 +168,7 @@ def out_of_room_message(exc: BaseException, path: str | Path | None, what: str =
 
 def remove_stale_tmp_files(folder: str | Path, recursive: bool = True) -> list[Path]:
     """Delete the temporary files megatron's atomic writes left in ``folder`` when killed half-way: only names
-    matching :data:`TMP_PATTERN` whose writing process is gone (a live writer's file is left alone); returns
+    matching :data:`TMP_PATTERN` whose writer is gone (:func:`writer_gone`; a live writer's file is left alone); returns
     what was removed. A run calls it only on the folder it owns (its run directory, the stage-1 cache)."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -147,7 +177,8 @@ def remove_stale_tmp_files(folder: str | Path, recursive: bool = True) -> list[P
     removed = []
     for tmp in candidates:
         match = TMP_PATTERN.match(tmp.name)
-        if match is None or tmp.is_symlink() or not tmp.is_file() or process_alive(int(match["pid"])):
+        if match is None or tmp.is_symlink() or not tmp.is_file() or not writer_gone(match["host"], int(match["pid"]),
+                                                                                      tmp):
             continue
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

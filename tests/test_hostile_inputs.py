@@ -12,6 +12,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -120,10 +121,28 @@ def test_cleanup_removes_only_megatrons_temp_files_whose_writer_is_gone(tmp_path
     assert all(p.exists() for p in theirs) and not any(p.exists() for p in ours)
 
 
-def test_megatrons_temp_names_carry_its_mark_and_pid():
+def test_megatrons_temp_names_carry_its_mark_host_and_pid():
+    from megatron.atomic_io import host_token
+
     name = tmp_name("run.json")
     match = TMP_PATTERN.match(name)
     assert match and match["name"] == "run.json" and int(match["pid"]) == os.getpid()
+    assert match["host"] == host_token()
+
+
+def test_a_temp_file_another_machine_is_writing_into_a_shared_folder_is_left_alone(tmp_path):
+    # SLURM array jobs on several nodes share a run or cache folder: a PID from another node says nothing here
+    from megatron.atomic_io import OTHER_HOST_STALE_S, remove_stale_tmp_files
+
+    other, dead = "0badc0de", dead_pid()
+    writing = tmp_path / f".run.json.megatron-{other}-{dead}-0123abcd.tmp"
+    abandoned = tmp_path / f".cell.json.megatron-{other}-{dead}-89abcdef.tmp"
+    for p in (writing, abandoned):
+        p.write_bytes(b"x")
+    old = time.time() - OTHER_HOST_STALE_S - 60
+    os.utime(abandoned, (old, old))
+    assert remove_stale_tmp_files(tmp_path) == [abandoned]
+    assert writing.exists()
 
 
 def test_a_run_into_a_folder_of_user_files_stops_before_any_work(tmp_path):
@@ -234,6 +253,54 @@ def test_stale_partial_checkpoints_of_killed_stage1_runs_are_removed(tmp_path):
         p.write_bytes(b"half")
     assert stage1.remove_stale_partials(folder) == [stale]
     assert live.exists() and not stale.exists()
+    other_host = folder / f"tiny-0123456789abcdef.partial-0badc0de-{dead_pid()}.pth"  # a node sharing the cache
+    other_host.write_bytes(b"half")
+    assert stage1.remove_stale_partials(folder) == [] and other_host.exists()
+
+
+def test_a_stage1_that_finishes_second_keeps_the_first_processes_checkpoint(tmp_path, monkeypatch):
+    # two array jobs train the same entry at once: the second must not swap the file under the first's checksum
+    from megatron.atomic_io import write_checksum
+    from megatron.config import ExperimentConfig
+
+    cfg = ExperimentConfig.model_validate({"data": {"cache_dir": str(tmp_path)}})
+    key = "fedcba9876543210" * 4
+    path = stage1.stage1_cache_dir(cfg) / f"{cfg.detector.name}-{key[:16]}.pth"
+
+    def pretrain_while_another_finishes(sub_cfg, pm, out, settings, progress=False, checksum=False):
+        path.write_bytes(b"the first process's checkpoint")
+        digest = write_checksum(path)
+        path.with_suffix(".json").write_text(json.dumps({"cache_key": key, "complete": True, "sha256": digest,
+                                                         "epochs": 3}))
+        Path(out).write_bytes(b"this process's checkpoint")
+        return types.SimpleNamespace(epochs=3, steps=9, losses=[1.0])
+
+    monkeypatch.setattr(stage1, "pretrain", pretrain_while_another_finishes)
+    entry = stage1.stage1_checkpoint(cfg, None, [], progress=False, cache_key=(key, {}))
+    assert entry["reused"] is True and path.read_bytes() == b"the first process's checkpoint"
+    assert entry["sha256"] == sha256_of(path) and not list(path.parent.glob("*.partial-*"))
+
+
+def test_a_cache_entry_another_process_is_finishing_is_not_moved_aside_as_corrupt(tmp_path, monkeypatch):
+    # between its rename and its description, another process's fresh entry looks incomplete: reading it as
+    # corrupt would move a good checkpoint away under the process that is still writing it
+    from megatron.config import ExperimentConfig
+
+    cfg = ExperimentConfig.model_validate({"data": {"cache_dir": str(tmp_path)}})
+    folder = stage1.stage1_cache_dir(cfg)
+    folder.mkdir(parents=True)
+    key = "0123456789abcdef" * 4
+    path = folder / f"{cfg.detector.name}-{key[:16]}.pth"
+    path.write_bytes(b"just renamed")  # its .json not written yet
+    trained = []
+    monkeypatch.setattr(stage1, "_train_into_cache", lambda *a, **k: trained.append(1) or {"checkpoint": str(path)})
+    entry = stage1.stage1_checkpoint(cfg, None, [], progress=False, cache_key=(key, {}))
+    assert trained and "replaced" not in entry  # a copy trained; nothing moved aside
+    assert path.read_bytes() == b"just renamed" and not list(folder.glob("*.corrupt-*"))
+    old = time.time() - stage1.IN_PROGRESS_S - 60
+    os.utime(path, (old, old))  # the same state an hour on: an interrupted write, moved aside as before
+    entry = stage1.stage1_checkpoint(cfg, None, [], progress=False, cache_key=(key, {}))
+    assert "is missing" in entry["replaced"] and list(folder.glob("*.corrupt-*"))
 
 
 # --- 3. checkpoints: an allow-list of what weights files hold ----------------------------------------------

@@ -45,8 +45,8 @@ from megatron.training.progress import progress_bars
 from megatron.training.weights import save_detector_checkpoint
 from megatron import __version__
 from megatron.config import validate_plugin_options
-from megatron.atomic_io import (atomic_write_text, checksum_path, process_alive, remove_stale_tmp_files, sha256_of,
-                                storage_errors, write_checksum)
+from megatron.atomic_io import (atomic_write_text, checksum_path, remove_stale_tmp_files, sha256_of, storage_errors,
+                                write_checksum, writer_gone, writer_token)
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +259,10 @@ _DEFAULT_TASK_LOADER = Task.__dataclass_fields__["image_loader"].default
 #: below this many bytes of source image files, the key hashes their content (cheap); above, size + mtime
 CONTENT_HASH_LIMIT = 256 * 1024 * 1024
 #: the name of a stage-1 checkpoint being trained by process ``pid`` (renamed under its key when complete)
-PARTIAL_PATTERN = re.compile(r"^(?P<stem>.+)\.partial-(?P<pid>[0-9]+)\.pth$")
+PARTIAL_PATTERN = re.compile(r"^(?P<stem>.+)\.partial-(?:(?P<host>[0-9a-f]{8})-)?(?P<pid>[0-9]+)\.pth$")
+#: an incomplete cache entry younger than this is taken for another process finishing its write (the rename
+#: comes before the checksum and the description), not for a corrupt one to move aside
+IN_PROGRESS_S = 600  # (a process that finds a finished entry after training keeps it instead of replacing it)
 
 
 def _source_fingerprint(tasks: list[Task]) -> str:
@@ -400,7 +403,11 @@ def stage1_checkpoint(cfg: ExperimentConfig, pm, sources: list[Task], progress: 
                 "epochs": info.get("epochs"), "wall_s": 0.0, "trained_wall_s": info.get("wall_s"),
                 "losses": info.get("losses")}
     replaced = None
-    if problem is not None:
+    if problem is not None and not info_path.exists() and _recently_written(path):
+        # another run (a benchmark worker, an array job on another node) is between its rename and its description
+        log.info("stage 1: the cache entry %s is being written by another process (%s); training a copy", path,
+                 problem)
+    elif problem is not None:
         moved = _move_aside(path, info_path)
         replaced = f"{problem}; moved aside to {', '.join(str(m) for m in moved)}"
         log.warning("stage 1: the cached checkpoint %s is not usable: %s; training stage 1 again", path, replaced)
@@ -412,7 +419,7 @@ def _train_into_cache(cfg: ExperimentConfig, pm, sources: list[Task], progress: 
                       key: str, inputs: dict[str, Any]) -> dict[str, Any]:
     # per process: two runs that need the same checkpoint at once (benchmark workers) each train their own copy and
     # the first rename wins; a reader only ever sees a complete file under the key
-    partial = path.with_name(f"{path.stem}.partial-{os.getpid()}.pth")
+    partial = path.with_name(f"{path.stem}.partial-{writer_token()}.pth")
     started = time.perf_counter()
     # the sources this run uses (after selection), and stage 1's own seed
     sub_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"sources": [t.name for t in sources]}),
@@ -420,6 +427,11 @@ def _train_into_cache(cfg: ExperimentConfig, pm, sources: list[Task], progress: 
     try:
         result = pretrain(sub_cfg, pm, partial, stage1_settings(cfg), progress=progress, checksum=False)
         wall = round(time.perf_counter() - started, 3)
+        finished, _ = _verified_entry(path, info_path, key)
+        if finished is not None:  # another process finished the same entry meanwhile: keep its file, drop ours
+            log.info("stage 1: another process cached %s while this one trained; using that checkpoint", path)
+            return {"checkpoint": str(path), "cache_key": key, "sha256": finished["sha256"], "reused": True,
+                    "epochs": finished.get("epochs"), "wall_s": wall, "losses": finished.get("losses")}
         with storage_errors(path, "write the stage-1 checkpoint"):
             partial.replace(path)  # the finished checkpoint appears under its key only when complete
             digest = write_checksum(path)
@@ -462,6 +474,16 @@ def _verified_entry(path: Path, info_path: Path, key: str) -> tuple[dict[str, An
     return info, None
 
 
+def _recently_written(*paths: Path) -> bool:
+    """Whether any of ``paths`` was modified within the last :data:`IN_PROGRESS_S` seconds."""
+    now = time.time()
+    for p in paths:
+        with contextlib.suppress(OSError):
+            if now - p.stat().st_mtime < IN_PROGRESS_S:
+                return True
+    return False
+
+
 def _move_aside(*paths: Path) -> list[Path]:
     """Rename each existing file to ``<name>.corrupt-<time>`` (kept for inspection, never served again)."""
     stamp = time.strftime("%Y%m%dT%H%M%S")
@@ -475,13 +497,14 @@ def _move_aside(*paths: Path) -> list[Path]:
 
 
 def remove_stale_partials(folder: Path) -> list[Path]:
-    """Delete the ``.partial-<pid>.pth`` checkpoints (and their temp files) of stage-1 trainings whose process is
-    gone (killed); a live process's partial is left alone. Returns what was removed."""
+    """Delete the ``.partial-<host>-<pid>.pth`` checkpoints (and their temp files) of stage-1 trainings whose
+    process is gone (killed; another machine's only when untouched for a week, see
+    :func:`megatron.atomic_io.writer_gone`); a live process's partial is left alone. Returns what was removed."""
     removed = []
     for p in folder.glob("*.partial-*.pth*"):
         base = p.name[:p.name.index(".pth") + len(".pth")]
         match = PARTIAL_PATTERN.match(base)
-        if match is None or not p.is_file() or process_alive(int(match["pid"])):
+        if match is None or not p.is_file() or not writer_gone(match["host"], int(match["pid"]), p):
             continue
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
