@@ -107,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
 def _print_dry_run(console, plan, shard: tuple[int, int]) -> None:
     from rich.table import Table  # with the console: CLI start-up time
 
+    from megatron.runtime.console import print_full_width
+
 
     table = Table(title=f"{len(plan.cells)} cells; budget: {plan.budget_note}")
     for col in ("#", "cell", "sources"):
