@@ -8,7 +8,7 @@ finished seeds are skipped, so the script resumes where it stopped. It prints an
 and sample standard deviation over seeds.
 
     python benchmarks/bench_seed_spread.py [--learner finetune] [--seeds 0,1,2,3,4] [--out benchmarks/out/spread]
-        [--set KEY=VALUE ...] [-c CONFIG]
+        [--set KEY=VALUE ...] [-c CONFIG] [--quick]
 
 The question it answers: is the spread (sd) small against the differences the tool is meant to detect
 (the method reports +8.7 and +9.1 mAP50 points)? The issue's bar: sd <= 5 points for the baseline.
@@ -38,10 +38,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "spread"))
     ap.add_argument("-c", "--config", default=None)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--quick", action="store_true", help="a smoke run (`make bench`): seeds 0,1, one meta-epoch, "
+                    "one stage-1 epoch, a small suite, into <out>-quick; its spread means nothing")
     args = ap.parse_args(argv)
+    overrides = parse_set_options(args.set)
+    if args.quick:
+        args.seeds, args.out = "0,1", args.out + "-quick"
+        overrides = {"training.meta_epochs": 1, "training.pretrain_epochs": 1, "training.finetune_epochs": 2,
+                     "data.datasets": [{"plugin": "medsynth", "options": {"images_per_task": 20, "target_images": 60,
+                                                                          "image_size": 96}}], **overrides}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    overrides = parse_set_options(args.set)
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         run_dir = out / f"{args.learner}-seed{seed}"

@@ -255,3 +255,38 @@ def test_runs_start_from_detector_checkpoint(tmp_path):
     with pytest.raises(megatron.errors.MegatronError, match="missing.pt"):
         run_experiment(tiny_config(tmp_path, **{"detector.checkpoint": str(tmp_path / "missing.pt")}),
                        run_dir=tmp_path / "w", pm=make_pm(), progress=False)
+
+
+def test_every_learner_fine_tunes_from_the_same_new_target_head_at_each_meta_epoch(tmp_path, monkeypatch):
+    # the target's classifier is re-initialised for its classes before fine-tuning; drawn from the global RNG,
+    # it differed between learners (each had advanced the stream by its own source training), adding noise
+    # that pairing by seed cannot remove
+    import tiny_detector
+
+    heads = []
+    original = tiny_detector.TinyDetector.set_num_classes
+
+    def recording(self, num_classes):
+        original(self, num_classes)
+        heads.append(self.head["cls"].weight.detach().clone())
+
+    class RandomOps:  # a learner whose steps draw from torch's global RNG (dropout, samplers) as the real ones do
+        @hookimpl
+        def megatron_meta_step_end(self, learner, meta_epoch, step, stats):
+            if "half" in str(learner):
+                torch.rand(3)
+
+    monkeypatch.setattr(tiny_detector.TinyDetector, "set_num_classes", recording)
+    one_class_sources = {"plugin": "blobs", "options": {"images_per_task": 16, "classes": 1,
+                                                        "tasks": ["alpha", "beta", "gamma"]}}
+    two_class_target = {"plugin": "blobs", "options": {"images_per_task": 16, "classes": 2, "tasks": ["target"]}}
+    cfg = tiny_config(tmp_path, **{"training.meta_epochs": 2,
+                                   "data.datasets": [one_class_sources, two_class_target]})
+    run_experiment(cfg, run_dir=tmp_path / "h", pm=make_pm(RandomOps()), progress=False,
+                   learners=["joint_test", "joint_test_half"])
+    # the first learner's two meta-epochs, then the second's (at half the cost per step it runs more of them)
+    assert len(heads) > 4
+    first_learner, second_learner = heads[:2], heads[2:]
+    for e in range(2):
+        assert torch.equal(first_learner[e], second_learner[e])  # the same head at the same meta-epoch
+    assert not torch.equal(first_learner[0], first_learner[1])  # a fresh draw each meta-epoch
