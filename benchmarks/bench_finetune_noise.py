@@ -310,6 +310,33 @@ def write(path: Path, results: dict[str, Any], n: int, digest: str) -> dict[str,
     return doc
 
 
+#: the rows of the results README's table: (summary key, what it varies)
+TABLE_ROWS = (
+    ("stream", "(a) fine-tuning stream e = 0..4 only (split 0)"),
+    ("split", "(b) target split of seeds 0..4 (stream 0)"),
+    ("head", "new classifier's random start only (split 0, stream 0)"),
+    ("bnpass", "precise-BN pass only (stream 0's weights)"),
+    ("variant:lr3e-4", "`training.finetune_lr: 3e-4`, streams 0..4"),
+    ("variant:ema0.99", "`training.finetune_ema: 0.99`, streams 0..4"),
+    ("variant:ft20", "`training.finetune_epochs: 20`, streams 0..4"),
+    ("variant-split:ft20", "`training.finetune_epochs: 20`, splits 0..3 (stream 0)"),
+)
+
+
+def readme_table(results: dict[str, Any]) -> str:
+    """The results README's table, from ``results.json``'s summary (a test compares the two)."""
+    lines = ["| condition | held-out mAP50 per measurement | mean | sd | bootstrap sd (mean) |", "|---|---|---|---|---|"]
+    for key, what in TABLE_ROWS:
+        row = results["summary"].get(key)
+        if row is None:
+            continue
+        values = ", ".join(f"{v:.1f}" for v in row["heldout_mAP50"])
+        boot = f"{row['mean_bootstrap_sd']:.1f}" if row.get("mean_bootstrap_sd") is not None else "–"
+        sd = f"{row['sd']:.1f}" if row.get("sd") is not None else "–"
+        lines.append(f"| {what} | {values} | {row['mean']:.1f} | {sd} | {boot} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--groups", default="base,repeat,stream,split,head")

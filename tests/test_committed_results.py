@@ -281,3 +281,20 @@ def test_no_result_record_is_hidden_from_git_by_an_ignore_rule():
     ignored = subprocess.run(["git", "ls-files", "--others", "--ignored", "--exclude-standard", "--", str(RESULTS)],
                              cwd=root, capture_output=True, text=True, check=True).stdout.split()
     assert ignored == [], f"result records that git ignores (fix .gitignore so they are committed): {ignored}"
+
+
+def test_the_fine_tuning_noise_readme_states_what_its_records_hold():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_finetune_noise",
+                                                  ROOT / "benchmarks" / "bench_finetune_noise.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    folder = RESULTS / "finetune_noise"
+    results = json.loads((folder / "results.json").read_text())
+    assert bench.readme_table(results) in (folder / "README.md").read_text()
+    for key, row in results["summary"].items():  # every summary is the mean and sd of its own measurements
+        values = row["heldout_mAP50"]
+        assert row["mean"] == pytest.approx(statistics.mean(values), abs=0.01)
+        if len(values) > 1:
+            assert row["sd"] == pytest.approx(statistics.stdev(values), abs=0.01)
