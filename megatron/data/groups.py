@@ -50,6 +50,14 @@ GROUP_FIELD_HELP = ("the COCO image-entry field naming the patient (present on e
                     "is then its own patient); null: ignore it")
 
 
+def one_group_source(options):
+    """A dataset options model's validator body: ``group_pattern`` and ``groups_csv`` are two answers to one
+    question, so both set is an error (pydantic reports it under the options). Returns ``options``."""
+    if getattr(options, "group_pattern", None) is not None and getattr(options, "groups_csv", None) is not None:
+        raise ValueError("group_pattern and groups_csv are both set; keep one of them")
+    return options
+
+
 # -- where groups come from ---------------------------------------------------------------------------------
 
 def compile_group_pattern(pattern: str, where: str) -> re.Pattern:

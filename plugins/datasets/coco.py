@@ -7,7 +7,7 @@ from pydantic import Field, model_validator
 
 from megatron import hookimpl
 from megatron.data.coco import DEFAULT_GROUP_FIELD, default_image_dir, default_task_name, read_coco_task
-from megatron.data.groups import GROUP_FIELD_HELP, GROUP_PATTERN_HELP, GROUPS_CSV_HELP
+from megatron.data.groups import GROUP_FIELD_HELP, GROUP_PATTERN_HELP, GROUPS_CSV_HELP, one_group_source
 from megatron.data.paths import ALLOW_HELP
 from megatron.data.problems import Problem
 from megatron.api.dataset import DatasetOptions, DatasetPlugin, tasks_or_raise
@@ -41,11 +41,7 @@ class CocoDataset(DatasetPlugin):
         groups_csv: Path | None = Field(None, description=GROUPS_CSV_HELP + "; when set it replaces group_field")
         allow_outside_paths: bool = Field(False, description=ALLOW_HELP)
 
-        @model_validator(mode="after")
-        def _one_group_source(self):
-            if self.group_pattern is not None and self.groups_csv is not None:
-                raise ValueError("group_pattern and groups_csv are both set; keep one of them")
-            return self
+        _one_group_source = model_validator(mode="after")(one_group_source)
 
     def load_with_problems(self) -> list[tuple[Task, list[Problem]]]:
         o = self.options

@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 from megatron import hookimpl
 from megatron.data.dicom import DicomDisplay
 from megatron.data.folder import read_image_folder
-from megatron.data.groups import GROUP_BY_HELP, GROUP_PATTERN_HELP, GROUPS_CSV_HELP
+from megatron.data.groups import GROUP_BY_HELP, GROUP_PATTERN_HELP, GROUPS_CSV_HELP, one_group_source
 from megatron.data.paths import ALLOW_HELP
 from megatron.data.problems import Problem
 from megatron.api.dataset import DatasetOptions, DatasetPlugin, tasks_or_raise
@@ -53,9 +53,7 @@ class FolderDataset(DatasetPlugin):
         def _window(self):
             if not isinstance(self.window, str) and not self.window[1] >= 1:
                 raise ValueError(f"window width {self.window[1]:g} must be >= 1 ([center, width])")
-            if self.group_pattern is not None and self.groups_csv is not None:
-                raise ValueError("group_pattern and groups_csv are both set; keep one of them")
-            return self
+            return one_group_source(self)
 
     def load_with_problems(self) -> list[tuple[Task, list[Problem]]]:
         o = self.options
