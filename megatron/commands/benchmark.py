@@ -77,9 +77,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron.runtime.console import output_console, print_full_width
-
     from megatron.benchmark.grid import expand_grid, load_benchmark_config, parse_shard, run_benchmark
+    from megatron.runtime.console import output_console, print_full_width
 
     console = output_console()
     base_overrides = parse_set_options(args.set)

@@ -26,9 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from megatron.runtime.console import output_console
-
     from megatron import get_plugin_manager
+    from megatron.runtime.console import output_console
     from megatron.docs import find_plugin, page_problem, write_page
 
     pm = get_plugin_manager()

@@ -38,10 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from megatron.runtime.console import output_console, print_full_width
     from rich.table import Table
 
     from megatron import get_plugin_manager
+    from megatron.runtime.console import output_console, print_full_width
     from megatron.training.pretrain import pretrain, stage1_settings
 
     from megatron.training.run_loggers import active_loggers, call_logger_hook, log_scalars, validate_loggers, with_cli_loggers

@@ -27,9 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron.runtime.console import output_console
-
     from megatron.benchmark.report import build_report
+    from megatron.runtime.console import output_console
 
     if len(args.dirs) > 1 and not args.out:
         raise ConfigError("megatron report: with several directories give --out (where the merged report goes)")

@@ -219,11 +219,11 @@ def write_plots(result: dict[str, Any], metrics: dict, out: Path, seed: int) -> 
 
 
 def _run(args: argparse.Namespace) -> int:
-    from megatron.runtime.console import output_console, print_full_width
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     from megatron import get_plugin_manager
+    from megatron.runtime.console import output_console, print_full_width
     from megatron.atomic_io import atomic_write_json
 
     from megatron.errors import ConfigError
