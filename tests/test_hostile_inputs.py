@@ -204,6 +204,25 @@ def test_the_stage1_key_ignores_the_target_and_follows_the_source_pixels(tmp_pat
     assert key_of(cfg, pm) != stat_key
 
 
+def test_the_stage1_key_follows_what_the_sources_hold_not_where_they_sit(tmp_path, monkeypatch):
+    # a cluster's nodes mount the data at different paths; a moved dataset is the same data
+    import shutil
+
+    pm = make_pm()
+    key = key_of(two_source_config(tmp_path), pm)
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    for name in ("src_a", "src_b"):
+        shutil.copytree(tmp_path / name, moved / name)
+    datasets = [{"plugin": "coco", "options": {"annotation_file": str(moved / n / "annotations.json"), "name": n}}
+                for n in ("src_a", "src_b")]
+    datasets.append({"plugin": "blobs", "options": {"tasks": ["target"], "images_per_task": 16}})
+    at_other_path = tiny_config(tmp_path, **{"data.datasets": datasets, "data.sources": ["src_a", "src_b"]})
+    assert key_of(at_other_path, pm) == key
+    monkeypatch.setattr(stage1, "CONTENT_HASH_LIMIT", 0)  # keyed by size + mtime: the location counts again
+    assert key_of(at_other_path, pm) != key_of(two_source_config(tmp_path), pm)
+
+
 def stage1_setup(tmp_path: Path):
     cfg = tiny_config(tmp_path, **{"training.pretrain_epochs": 1})
     pm = make_pm()

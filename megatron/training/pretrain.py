@@ -266,9 +266,10 @@ IN_PROGRESS_S = 600  # (a process that finds a finished entry after training kee
 
 
 def _source_fingerprint(tasks: list[Task]) -> str:
-    """A hash of what the source tasks hold: names, categories, where they came from, every image's record
-    (id, file, size, boxes, labels) and its file: content when all files together are under
-    :data:`CONTENT_HASH_LIMIT`, else size and modification time (so a file replaced under the same name counts)."""
+    """A hash of what the source tasks hold: names, categories, where they came from (only the plugin's name when
+    every file is content-hashed), every image's record (id, file, size, boxes, labels) and its file: content when
+    all files together are under :data:`CONTENT_HASH_LIMIT`, else size and modification time (so a file replaced
+    under the same name counts)."""
     files = sorted({Path(r.path) for t in tasks for r in t.records if r.path is not None})
     stats = {}
     for f in files:
@@ -281,7 +282,11 @@ def _source_fingerprint(tasks: list[Task]) -> str:
     h = hashlib.sha256()
     h.update(b"content" if by_content else b"stat")
     for task in tasks:
-        h.update(repr((task.name, list(task.categories), task.modality, task.source, loader_identity(task),
+        # where the files sit is no part of what they hold: with every file content-hashed, the origin's plugin
+        # name stands for it, so a dataset mounted elsewhere (another node of a cluster) or a moved cache reuses
+        hashed = by_content and all(r.path is not None for r in task.records)
+        origin = task.source.split(":", 1)[0] if hashed else task.source
+        h.update(repr((task.name, list(task.categories), task.modality, origin, loader_identity(task),
                        len(task))).encode())
         for r in task.records:
             h.update(repr((r.image_id, r.file_name, r.width, r.height, r.frame)).encode())
