@@ -215,3 +215,10 @@ def test_megatron_docs_writes_and_checks_the_page_of_a_third_party_plugin(tmp_pa
 
 
 
+
+
+def test_docs_check_of_a_built_in_plugin_reads_its_registry_docs_page(capsys):
+    from megatron.cli import main
+
+    assert main(["docs", "coco", "--check"]) == 0  # was: "docs/dataset/coco.md: missing page" from any folder
+    assert "registry_docs/plugins/datasets/coco.md is up to date" in capsys.readouterr().out

@@ -19,8 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("name", metavar="NAME", help="plugin name, as `megatron plugins` lists it (e.g. meta-sgd)")
     p.add_argument("--kind", help="plugin kind, when NAME is used by several (dataset, detector, learner, "
                    "similarity, logger)")
-    p.add_argument("--out", metavar="DIR", default="docs",
-                   help="folder for the page: DIR/<kind>/<NAME>.md (default: docs)")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help="folder for the page: DIR/<kind>/<NAME>.md (default: docs; a built-in plugin's page is its "
+                   "registry_docs/plugins/ page)")
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 if the page is missing or stale")
     p.set_defaults(func=_run)
 
@@ -28,11 +29,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from megatron import get_plugin_manager
     from megatron.runtime.console import output_console
-    from megatron.docs import find_plugin, page_problem, write_page
+    from megatron.docs import find_plugin, page_problem, plugin_page_path, write_page
 
     pm = get_plugin_manager()
     kind, cls = find_plugin(pm, args.name, args.kind)
-    page = Path(args.out) / kind / f"{args.name}.md"
+    info = pm.info.get(pm.registers[kind].owner(args.name))
+    if args.out is None and info is not None and info.builtin:
+        page = plugin_page_path(kind, args.name)  # where the built-in pages live (python -m megatron.docs)
+    else:
+        page = Path(args.out or "docs") / kind / f"{args.name}.md"
     console = output_console()
     if args.check:
         problem = page_problem(cls, page, kind, args.name)
