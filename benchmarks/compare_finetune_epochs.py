@@ -140,6 +140,19 @@ def _cell(iv: stats.Interval, signed: bool) -> str:
     return f"{iv.mean:{sign}.1f} [{iv.low:{sign}.1f}, {iv.high:{sign}.1f}]"
 
 
+def _default_mark(epochs: int) -> str:
+    from megatron.config import TrainingConfig
+
+    return " (the default)" if TrainingConfig().finetune_epochs == epochs else ""
+
+
+def ordered(a: dict[int, dict], b: dict[int, dict]) -> tuple[dict[int, dict], dict[int, dict]]:
+    """The two sets, shorter fine-tuning first (whichever of them is the default run's)."""
+    if _epochs(a) == _epochs(b):
+        raise ReportError(f"both sets of runs fine-tune for {_epochs(a)} epochs: nothing to compare")
+    return (a, b) if _epochs(a) < _epochs(b) else (b, a)
+
+
 def readme_block(short: dict[int, dict], long: dict[int, dict], margin: float = MARGIN) -> str:
     """The generated part of the folder's README, with its markers."""
     rows = compare(short, long, margin)
@@ -149,7 +162,8 @@ def readme_block(short: dict[int, dict], long: dict[int, dict], margin: float = 
              f"Seeds {seeds}; held-out mAP50 (140 images), mean [95 % interval]; a difference's verdict is Holm-corrected "
              f"over the {sum(len(r['verdicts']) for r in rows)} paired comparisons of the table, equivalence margin "
              f"±{margin:g} points.", "",
-             f"| | F = {f_short} (the default) | F = {f_long} | F = {f_long} − F = {f_short} (paired) |",
+             f"| | F = {f_short}{_default_mark(f_short)} | F = {f_long}{_default_mark(f_long)} | "
+             f"F = {f_long} − F = {f_short} (paired) |",
              "|---|---|---|---|"]
     for row in rows:
         v = row["verdicts"]
@@ -180,15 +194,16 @@ def replace_block(text: str, block: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("runs", nargs="?", help="a folder of seed<S>/ run directories (F = 20) to copy the records from")
-    ap.add_argument("--reference", default=str(REFERENCE), help="the default run's committed folder (F = 10)")
+    ap.add_argument("runs", nargs="?", help="a folder of seed<S>/ run directories (the other length) to copy the "
+                    "records from")
+    ap.add_argument("--reference", default=str(REFERENCE), help="the default run's committed folder")
     ap.add_argument("--out", default=str(FOLDER))
     ap.add_argument("--margin", type=float, default=MARGIN)
     args = ap.parse_args(argv)
     out = Path(args.out)
     if args.runs:
         print(f"{collect(Path(args.runs), out)} record(s) copied into {out / RUNS_DIR}")
-    block = readme_block(load_records(Path(args.reference)), load_records(out), args.margin)
+    block = readme_block(*ordered(load_records(Path(args.reference)), load_records(out)), args.margin)
     readme = out / "README.md"
     text = readme.read_text() if readme.exists() else f"# Fine-tuning epochs in the default run\n\n{BLOCK_START}\n{BLOCK_END}\n"
     atomic_write_text(readme, replace_block(text, block))
