@@ -268,6 +268,9 @@ def test_the_default_run_texts_are_made_from_hand_made_records(tmp_path):
     assert f"`reptile` 40.0 (sd {sd:.1f}; 30.0–50.0)" in " ".join(text.split())
     assert "chosen on validation 41.0" in " ".join(text.split())
     assert "A single run lands anywhere in that spread" in " ".join(text.split())
+    # reptile - finetune per seed: -10, -2, -9, -1, +2 points
+    assert ("`reptile` − `finetune` (final model) was -10.0, -2.0, -9.0, -1.0, +2.0 points (mean -4.0; `reptile` "
+            "above in 1 of 5 seeds)") in " ".join(text.split())
     table = (out / "README.md").read_text()
     assert "| reptile | 30.0, 40.0, 35.0, 45.0, 50.0 | 40.0 (sd" in table and "Test CPU" in table
     assert default_run.folder_readme(out) == table

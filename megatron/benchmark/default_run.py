@@ -104,6 +104,18 @@ def load_seed_spread(folder: Path) -> list[Spread]:
     return out
 
 
+def _paired_words(spreads: list[Spread]) -> str:
+    """The first learner minus the baseline (the last), seed by seed, final model; empty for one learner."""
+    if len(spreads) < 2 or spreads[0].seeds != spreads[-1].seeds:
+        return ""
+    meta, base = spreads[0], spreads[-1]
+    diffs = [a - b for a, b in zip(meta.final, base.final)]
+    above = sum(d > 0 for d in diffs)
+    return (f" Paired by seed, `{meta.learner}` − `{base.learner}` (final model) was "
+            f"{', '.join(f'{d:+.1f}' for d in diffs)} points (mean {statistics.mean(diffs):+.1f}; "
+            f"`{meta.learner}` above in {above} of {len(diffs)} seeds).")
+
+
 def readme_block(default_run: Path, seed_spread: Path, root: Path | None = None) -> str:
     """The README's paragraph on what ``make run`` gives, with its markers; folders named relative to ``root``
     (default: the current directory)."""
@@ -124,7 +136,7 @@ def readme_block(default_run: Path, seed_spread: Path, root: Path | None = None)
                 f"(`{name(default_run)}/`, {v.get('cpu', '?')}, {v.get('threads', '?')} torch thread(s)), the "
                 f"held-out mAP50 of the final model was: {'; '.join(parts)}. A single run lands anywhere in that "
                 "spread: one seed is one draw, and floating-point results differ between CPUs, so do not expect "
-                "these numbers to the decimal.")
+                "these numbers to the decimal." + _paired_words(spreads))
     else:
         old = load_seed_spread(seed_spread)
         quoted = "; ".join(f"`{s.learner}` {_words(s.final_stats())}" for s in old)
