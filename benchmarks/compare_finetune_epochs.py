@@ -102,8 +102,8 @@ def _epochs(records: dict[int, dict]) -> int:
 
 def compare(short: dict[int, dict], long: dict[int, dict], margin: float = MARGIN) -> list[dict]:
     """The table's rows: each learner's level at both lengths with the paired change, and the paired
-    meta-learner - baseline difference at both lengths with its change (the interaction). Every verdict is Holm-corrected over all the paired
-    comparisons of the table (both tests, as the report does)."""
+    meta-learner - baseline difference at both lengths with its change (the interaction). Every verdict is
+    Holm-corrected over all the paired comparisons of the table (both tests, as the report does)."""
     problems = pairing_problems(short, long)
     if problems:
         raise ReportError("the two sets of runs are not pairs: " + "; ".join(problems))
@@ -142,6 +142,11 @@ def _cell(iv: stats.Interval, signed: bool) -> str:
     return f"{iv.mean:{sign}.1f} [{iv.low:{sign}.1f}, {iv.high:{sign}.1f}]"
 
 
+def _held_out(*sets: dict[int, dict]) -> str:
+    sizes = sorted({r.get("eval_images") for records in sets for r in records.values()}, key=str)
+    return " or ".join(str(n) for n in sizes)
+
+
 def _default_mark(epochs: int) -> str:
     from megatron.config import TrainingConfig
 
@@ -161,7 +166,8 @@ def readme_block(short: dict[int, dict], long: dict[int, dict], margin: float = 
     f_short, f_long = _epochs(short), _epochs(long)
     seeds = ", ".join(str(s) for s in sorted(short))
     lines = [BLOCK_START,
-             f"Seeds {seeds}; held-out mAP50 (140 images), mean [95 % interval]; a difference's verdict is Holm-corrected "
+             f"Seeds {seeds}; held-out mAP50 ({_held_out(short, long)} images), mean [95 % interval]; a difference's "
+             "verdict is Holm-corrected "
              f"over the {sum(len(r['verdicts']) for r in rows)} paired comparisons of the table, equivalence margin "
              f"±{margin:g} points.", "",
              f"| | F = {f_short}{_default_mark(f_short)} | F = {f_long}{_default_mark(f_long)} | "
@@ -172,18 +178,21 @@ def readme_block(short: dict[int, dict], long: dict[int, dict], margin: float = 
         cells = [_cell(row[key], signed=key in v) + (f", {v[key]}" if key in v else "")
                  for key in ("short", "long", "change")]
         lines.append(f"| {row['what']} | {' | '.join(cells)} |")
-    per_seed = []
+    def series(values: dict[int, float]) -> str:
+        sd = f"{statistics.stdev(values.values()):.1f}" if len(values) > 1 else "–"
+        return f"{', '.join(f'{values[s]:.1f}' for s in sorted(values))} | {sd}"
+
+    lines += ["", "Per seed (held-out mAP50, seeds in order), with the image passes each arm was charged and the time "
+              "its meta-epochs took (source training, fine-tuning and evaluation, from the records):", "",
+              "| run | final model | sd | chosen on validation | sd | image passes | meta-epochs' time per run |",
+              "|---|---|---|---|---|---|---|"]
     for name, records in ((f"F = {f_short}", short), (f"F = {f_long}", long)):
         for learner in records[min(records)]["learners"]:
-            values = _values(records, learner, "final")
-            sd = f"{statistics.stdev(values.values()):.1f}" if len(values) > 1 else "–"
-            per_seed.append(f"| {learner}, {name} | " + ", ".join(f"{values[s]:.1f}" for s in sorted(values))
-                            + f" | {sd} |")
-    lines += ["", "Final model, per seed:", "", "| run | held-out mAP50, seeds in order | sd |", "|---|---|---|",
-              *per_seed]
-    walls = [r["wall_s"] for r in long.values() if r.get("wall_s") is not None]
-    if walls:
-        lines += ["", f"Wall time per F = {f_long} run: {min(walls):,.0f} – {max(walls):,.0f} s."]
+            passes = sorted({r["learners"][learner]["compute"]["spent"] for r in records.values()})
+            secs = [sum(e["wall_s"] for e in r["learners"][learner]["epochs"]) for r in records.values()]
+            lines.append(f"| {learner}, {name} | {series(_values(records, learner, 'final'))} | "
+                         f"{series(_values(records, learner, 'best'))} | {', '.join(f'{p:,}' for p in passes)} | "
+                         f"{min(secs):,.0f}–{max(secs):,.0f} s |")
     return "\n".join(lines + [BLOCK_END])
 
 
@@ -207,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{collect(Path(args.runs), out)} record(s) copied into {out / RUNS_DIR}")
     block = readme_block(*ordered(load_records(Path(args.reference)), load_records(out)), args.margin)
     readme = out / "README.md"
-    text = readme.read_text() if readme.exists() else f"# Fine-tuning epochs in the default run\n\n{BLOCK_START}\n{BLOCK_END}\n"
+    new = f"# Fine-tuning epochs in the default run\n\n{BLOCK_START}\n{BLOCK_END}\n"
+    text = readme.read_text() if readme.exists() else new
     atomic_write_text(readme, replace_block(text, block))
     print(block)
     return 0

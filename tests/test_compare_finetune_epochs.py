@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import re
+import statistics
 from pathlib import Path
 
 import pytest
@@ -17,8 +19,10 @@ _spec.loader.exec_module(cfe)
 
 
 def _record(seed, epochs, reptile, finetune, sha="abc", lr=1e-3):
-    learner = lambda v: {"final": {"mAP50": v}, "best": {"mAP50": v}}  # noqa: E731
+    learner = lambda v: {"final": {"mAP50": v}, "best": {"mAP50": v},  # noqa: E731
+                         "compute": {"spent": 200 * epochs}, "epochs": [{"wall_s": 2.0 * epochs}] * 4}
     return {"status": "complete", "seed": seed, "megatron_version": "0.1.0", "pretrain": {"sha256": sha},
+            "eval_images": 140,
             "config": {"seed": seed, "training": {"finetune_epochs": epochs, "finetune_lr": lr},
                        "output": {"dir": f"/runs/f{epochs}", "name": f"seed{seed}"}},
             "learners": {"reptile": learner(reptile), "finetune": learner(finetune)}}
@@ -49,7 +53,11 @@ def test_each_row_gets_the_verdict_its_paired_seeds_give():
     block = cfe.readme_block(short, long)
     assert "| F = 10" in block and "| F = 20" in block
     assert cfe.ordered(long, short) == (short, long)
-    assert "over the 10 paired comparisons" in block
+    assert "over the 10 paired comparisons" in block and "held-out mAP50 (140 images)" in block
+    long_base = [100 * (BASE_10[s] + 0.30 + NOISE[s]) for s in range(5)]
+    row = f"| finetune, F = 20 | {', '.join(f'{v:.1f}' for v in long_base)} | {statistics.stdev(long_base):.1f} |"
+    assert row in block
+    assert "| 4,000 | 160–160 s |" in block  # passes and the sum of the meta-epochs' wall times
 
 
 def test_runs_that_differ_in_more_than_the_fine_tuning_length_are_refused():
@@ -75,4 +83,9 @@ def test_an_unfinished_run_is_named(tmp_path):
 
 def test_the_committed_readme_is_what_its_records_give():
     block = cfe.readme_block(*cfe.ordered(cfe.load_records(cfe.REFERENCE), cfe.load_records(cfe.FOLDER)))
-    assert block in (cfe.FOLDER / "README.md").read_text()
+    text = (cfe.FOLDER / "README.md").read_text()
+    assert block in text
+    # the prose around the table states only intervals the table gives
+    prose = " ".join(text.replace(block, "").replace("−", "-").split())
+    stated = re.findall(r"[+-]?\d+\.\d \[[+-]?\d+\.\d, [+-]?\d+\.\d\]", prose)
+    assert stated and [s for s in stated if s not in block] == []

@@ -24,8 +24,8 @@ it on the validation and held-out splits; and the `finetune` transfer-learning b
 checkpoint at the same compute. The adapted models are kept in RUN_DIR/models/ (`megatron predict`).
 
 With no config it runs the built-in medsynth suite (6 source modalities, the EIT-like target, K = 20 shots) at
-CPU size (YOLOX-tiny, 128 px): measured about 6 minutes on an idle 2-core CPU with a cold cache, less with a
-warm one (README, "what to expect"). A config file scales it up (examples/configs/gpu.yaml has the method's
+CPU size (YOLOX-tiny, 128 px): measured 8 min 41 s on an idle 2-core CPU with stage 1 cached, about 14 min
+with a cold cache (README, "what to expect"). A config file scales it up (examples/configs/gpu.yaml has the method's
 full settings).
 
 Meta-epochs, as the method counts them: one meta-epoch = M source epochs (training.source_epochs; an epoch
