@@ -78,10 +78,11 @@ class TrainingConfig(_Model):
     `megatron run --learner reptile --detector yolox` on a 2-core CPU (YOLOX-tiny at 128 px, the built-in suite at
     60 images per source task): measured times and numbers are in the README's "what to expect". The
     fine-tuning recipe (cosine decay after a warm-up, precise BatchNorm statistics) is what makes the answer
-    stable from seed to seed (benchmarks/bench_seed_spread.py), and F = 20 is long enough for the transfer-learning
-    baseline to finish learning the target: at F = 10 it gained about 30 mAP50 points from ten more epochs, so a
-    meta-learner could win against a baseline cut short (benchmarks/results/finetune_epochs/). Second-order MAML costs several times more per
-    step than Reptile (cap it with --budget).
+    stable from seed to seed (benchmarks/bench_seed_spread.py). F = 20 because at F = 10 the transfer-learning
+    baseline had not finished learning the target: ten more epochs gained it about 34 mAP50 points, so a
+    meta-learner could win against a baseline cut short (benchmarks/results/finetune_epochs/; lengths beyond 20
+    are not measured in whole runs). Second-order MAML costs several times more per step than Reptile (cap it
+    with --budget).
     """
 
     meta_epochs: int = Field(4, ge=1, description="meta-epochs (each: source training, target fine-tuning, evaluation)")
