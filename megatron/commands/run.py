@@ -34,8 +34,7 @@ training.steps_per_epoch) + F fine-tuning epochs on the target pool (training.fi
 evaluation on the validation and held-out splits. It is worth M + F baseline epochs: the method's M = 10,
 F = 5 makes 20 meta-epochs about 300 baseline epochs. The CPU defaults are 4 meta-epochs of M = 1, F = 20
 (84 baseline-equivalent epochs; F = 10 left the baseline unfinished: benchmarks/results/finetune_epochs/);
-second-order MAML costs several times more per outer step than Reptile (use
---budget to cap it).
+second-order MAML costs several times more per outer step than Reptile (use --budget to cap it).
 
 Compute is counted in image passes (forward + backward). By default the learner runs its meta-epochs and
 the baseline then trains until it has spent the same; --budget N instead trains every learner until N.
