@@ -25,7 +25,6 @@ they wrote).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -34,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from megatron.atomic_io import atomic_write_text  # noqa: E402
-from megatron.benchmark import stats  # noqa: E402
+from megatron.benchmark import default_run, stats  # noqa: E402
 from megatron.benchmark.default_run import RUNS_DIR, collect  # noqa: E402
 from megatron.benchmark.rows import POINTS, ReportError  # noqa: E402
 from megatron.training.run_files import RECORD_FILE  # noqa: E402
@@ -52,12 +51,7 @@ VIEWS = (("final", "final model"), ("best", "chosen on validation"))
 
 def load_records(folder: Path) -> dict[int, dict]:
     """seed -> complete run record, from ``folder/runs/seed*/run.json``."""
-    out = {}
-    for path in sorted((Path(folder) / RUNS_DIR).glob(f"seed*/{RECORD_FILE}")):
-        rec = json.loads(path.read_text())
-        if rec.get("status") != "complete":
-            raise ReportError(f"{path}: the run is not complete (status {rec.get('status')!r}); re-run that seed")
-        out[rec["seed"]] = rec
+    out = {rec["seed"]: rec for rec in default_run.load_records(folder)}
     if not out:
         raise ReportError(f"{folder}: no run records under {RUNS_DIR}/seed*/{RECORD_FILE}")
     return out
@@ -106,7 +100,8 @@ def compare(short: dict[int, dict], long: dict[int, dict], margin: float = MARGI
     Holm-corrected over all the paired comparisons of the table (both tests, as the report does)."""
     problems = pairing_problems(short, long)
     if problems:
-        raise ReportError("the two sets of runs are not pairs: " + "; ".join(problems))
+        raise ReportError("the two sets of runs are not pairs: " + "; ".join(problems) + ". Make both with the same "
+                          "code, seeds and stage-1 cache, only --set training.finetune_epochs differing")
     learners = list(short[min(short)]["learners"])  # the meta-learner first, the baseline last
     meta, base = learners[0], learners[-1]
     rows, diffs = [], []
@@ -196,13 +191,6 @@ def readme_block(short: dict[int, dict], long: dict[int, dict], margin: float = 
     return "\n".join(lines + [BLOCK_END])
 
 
-def replace_block(text: str, block: str) -> str:
-    start, end = text.find(BLOCK_START), text.find(BLOCK_END)
-    if start < 0 or end < start:
-        raise ReportError(f"the README has no generated block (markers {BLOCK_START!r} … {BLOCK_END!r})")
-    return text[:start] + block + text[end + len(BLOCK_END):]
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="?", help="a folder of seed<S>/ run directories (the other length) to copy the "
@@ -218,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     readme = out / "README.md"
     new = f"# Fine-tuning epochs in the default run\n\n{BLOCK_START}\n{BLOCK_END}\n"
     text = readme.read_text() if readme.exists() else new
-    atomic_write_text(readme, replace_block(text, block))
+    atomic_write_text(readme, default_run.replace_block(text, block, (BLOCK_START, BLOCK_END)))
     print(block)
     return 0
 

@@ -71,6 +71,7 @@ def test_runs_that_differ_in_more_than_the_fine_tuning_length_are_refused():
     assert "seed 2: the configs differ in training.finetune_lr" in text
     assert "seed 3: different stage-1 checkpoints" in text
     assert "the seeds differ" in text
+    assert "only --set training.finetune_epochs differing" in text  # the fix
 
 
 def test_an_unfinished_run_is_named(tmp_path):

@@ -214,9 +214,6 @@ def test_megatron_docs_writes_and_checks_the_page_of_a_third_party_plugin(tmp_pa
     assert "no plugin named 'no-such-plugin'" in capsys.readouterr().err
 
 
-
-
-
 def test_docs_check_of_a_built_in_plugin_reads_its_registry_docs_page(capsys):
     from megatron.cli import main
 

@@ -71,16 +71,22 @@ def _words(stats: tuple) -> str:
     return f"{mean:.1f} (sd {sd:.1f}; {low:.1f}–{high:.1f})" if sd is not None else f"{mean:.1f}"
 
 
-def load_spreads(folder: Path) -> tuple[list[Spread], list[dict]]:
-    """Per learner the final and validation-chosen held-out mAP50 of every seed's record under ``folder/runs``,
-    and the records themselves (for versions and machine)."""
+def load_records(folder: Path) -> list[dict]:
+    """Every seed's complete run record under ``folder/runs/seed*/run.json``, in seed order; an unfinished run is
+    an error naming its file."""
     records = []
     for path in sorted((Path(folder) / RUNS_DIR).glob(f"seed*/{RECORD_FILE}")):
         rec = json.loads(path.read_text())
         if rec.get("status") != "complete":
             raise ReportError(f"{path}: the run is not complete (status {rec.get('status')!r}); re-run that seed")
         records.append(rec)
-    records.sort(key=lambda r: r["seed"])
+    return sorted(records, key=lambda r: r["seed"])
+
+
+def load_spreads(folder: Path) -> tuple[list[Spread], list[dict]]:
+    """Per learner the final and validation-chosen held-out mAP50 of every seed's record under ``folder/runs``,
+    and the records themselves (for versions and machine)."""
+    records = load_records(folder)
     learners: dict[str, list[tuple[int, float, float | None]]] = {}
     for rec in records:
         for name, lrec in rec["learners"].items():
@@ -178,13 +184,14 @@ def folder_readme(default_run: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def replace_block(readme_text: str, block: str) -> str:
-    """``readme_text`` with its generated paragraph (between the markers) replaced by ``block``."""
-    start, end = readme_text.find(BLOCK_START), readme_text.find(BLOCK_END)
+def replace_block(readme_text: str, block: str, markers: tuple[str, str] = (BLOCK_START, BLOCK_END)) -> str:
+    """``readme_text`` with its generated paragraph (between the two ``markers``) replaced by ``block``."""
+    first, last = markers
+    start, end = readme_text.find(first), readme_text.find(last)
     if start < 0 or end < start:
-        raise ReportError(f"the README has no generated default-run paragraph (markers {BLOCK_START!r} … "
-                          f"{BLOCK_END!r}); put the two markers where it goes")
-    return readme_text[:start] + block + readme_text[end + len(BLOCK_END):]
+        raise ReportError(f"the README has no generated paragraph (markers {first!r} … {last!r}); put the two "
+                          "markers where it goes")
+    return readme_text[:start] + block + readme_text[end + len(last):]
 
 
 def collect(runs: Path, out: Path) -> int:

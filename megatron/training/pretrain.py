@@ -284,6 +284,7 @@ def _source_fingerprint(tasks: list[Task]) -> str:
     for task in tasks:
         # where the files sit is no part of what they hold: with every file content-hashed, the origin's plugin
         # name stands for it, so a dataset mounted elsewhere (another node of a cluster) or a moved cache reuses
+        # the cached stage 1
         hashed = by_content and all(r.path is not None for r in task.records)
         origin = task.source.split(":", 1)[0] if hashed else task.source
         h.update(repr((task.name, list(task.categories), task.modality, origin, loader_identity(task),
