@@ -24,7 +24,7 @@ it on the validation and held-out splits; and the `finetune` transfer-learning b
 checkpoint at the same compute. The adapted models are kept in RUN_DIR/models/ (`megatron predict`).
 
 With no config it runs the built-in medsynth suite (6 source modalities, the EIT-like target, K = 20 shots) at
-CPU size (YOLOX-tiny, 128 px): measured 8 min 41 s on an idle 2-core CPU with stage 1 cached, about 14 min
+CPU size (YOLOX-tiny, 128 px): measured 8 min 41 s on an idle 2-core CPU with stage 1 cached, 14 min 37 s
 with a cold cache (README, "what to expect"). A config file scales it up (examples/configs/gpu.yaml has the method's
 full settings).
 
